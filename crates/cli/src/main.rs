@@ -1,1 +1,71 @@
-fn main() {}
+//! The `medledger` binary: argument parsing, configuration, tracing and the runtime for the
+//! subcommands. Library crates do the work; this crate wires them to files and terminals.
+
+mod bench;
+mod deid_cmd;
+mod demo;
+mod files;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "medledger",
+    version,
+    about = "Share medical images between hospitals, patients and researchers on a permissioned ledger",
+    long_about = None
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// De-identify DICOM files (PS3.15 Annex E Basic Profile and options) into a folder.
+    Deid(deid_cmd::DeidArgs),
+    /// Manage de-identification keys.
+    #[command(subcommand)]
+    Key(deid_cmd::KeyCommand),
+    /// Run the main job: the whole system on this machine, step by step.
+    Demo(demo::DemoArgs),
+    /// Measure throughput (run in release builds).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MEDLEDGER_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Deid(args) => deid_cmd::run(args),
+        Command::Key(cmd) => deid_cmd::run_key(cmd).map(|()| ExitCode::SUCCESS),
+        Command::Demo(args) => demo::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Bench(cmd) => bench::run(cmd).map(|()| ExitCode::SUCCESS),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// medledger's own folder for keys and state: `$MEDLEDGER_HOME`, else `~/.medledger`.
+pub fn medledger_home() -> PathBuf {
+    if let Some(p) = std::env::var_os("MEDLEDGER_HOME") {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    home.join(".medledger")
+}

@@ -4,6 +4,9 @@
 //! Test-only: nothing in a shipped code path may depend on this crate except the demo's
 //! synthetic study generator.
 
+pub mod planted;
+pub mod synth;
+
 use std::path::{Path, PathBuf};
 
 /// Environment variable that points at the folder of real DICOM test files.
@@ -61,7 +64,11 @@ pub fn manifest() -> Vec<ManifestEntry> {
     let dir = test_data_dir();
     let text = std::fs::read_to_string(dir.join("MANIFEST.tsv")).expect("read MANIFEST.tsv");
     let mut lines = text.lines();
-    let header: Vec<&str> = lines.next().expect("MANIFEST.tsv header").split('\t').collect();
+    let header: Vec<&str> = lines
+        .next()
+        .expect("MANIFEST.tsv header")
+        .split('\t')
+        .collect();
     let col = |name: &str| {
         header
             .iter()
@@ -93,5 +100,5 @@ pub fn manifest() -> Vec<ManifestEntry> {
 
 /// The 64-slice chest CT series of the test data.
 pub fn chest_ct_series_dir() -> PathBuf {
-    test_data_dir().join("series_lung-pet-ct-dx/Lung_Dx-A0001")
+    test_data_dir().join("series_lung-pet-ct-dx/Lung_Dx-A0001/chest_5mm")
 }

@@ -1,0 +1,107 @@
+//! A walk over element headers, before the real parser runs, that rejects an element
+//! declaring more bytes than the input holds.
+//!
+//! dicom-rs allocates a declared value length before reading it, so a corrupt or hostile
+//! length of 3 GB costs 3 GB of memory and seconds of zero-filling before the read fails.
+//! This walk reads headers only (never values) and stops, accepting, as soon as it is unsure
+//! where the next header is: it may miss a bad length, but never rejects a well-formed file.
+
+/// Value representations whose explicit-VR header has a 4-byte length.
+fn long_length_vr(vr: [u8; 2]) -> bool {
+    matches!(
+        &vr,
+        b"OB" | b"OD" | b"OF" | b"OL" | b"OV" | b"OW" | b"SQ" | b"SV" | b"UC" | b"UN" | b"UR"
+            | b"UT" | b"UV"
+    )
+}
+
+const UNDEFINED: u32 = 0xFFFF_FFFF;
+
+/// Checks the headers of a data set encoded with `explicit` VR and `big_endian` byte order.
+/// Returns a message naming the first element whose length runs past the end.
+pub fn check_lengths(data: &[u8], explicit: bool, big_endian: bool) -> Result<(), String> {
+    let u16_at = |p: usize| {
+        let b = [data[p], data[p + 1]];
+        if big_endian {
+            u16::from_be_bytes(b)
+        } else {
+            u16::from_le_bytes(b)
+        }
+    };
+    let u32_at = |p: usize| {
+        let b = [data[p], data[p + 1], data[p + 2], data[p + 3]];
+        if big_endian {
+            u32::from_be_bytes(b)
+        } else {
+            u32::from_le_bytes(b)
+        }
+    };
+    let mut pos = 0usize;
+    while pos + 8 <= data.len() {
+        let (group, element) = (u16_at(pos), u16_at(pos + 2));
+        let (header, length) = if group == 0xFFFE {
+            // Items and delimiters: tag and a 4-byte length, no VR, in every syntax.
+            (8, u32_at(pos + 4))
+        } else if explicit {
+            let vr = [data[pos + 4], data[pos + 5]];
+            if !(vr[0].is_ascii_uppercase() && vr[1].is_ascii_uppercase()) {
+                return Ok(()); // lost: leave the verdict to the parser
+            }
+            if long_length_vr(vr) {
+                if pos + 12 > data.len() {
+                    break;
+                }
+                if &vr == b"UN" && u32_at(pos + 8) == UNDEFINED {
+                    // An undefined-length UN holds an implicit VR sequence (CP-246). The
+                    // DICOM reader used here takes the first item tag for a length and
+                    // allocates gigabytes before failing: refuse it now, clearly.
+                    return Err(format!(
+                        "element ({group:04X},{element:04X}) is an undefined-length UN sequence (CP-246), which this reader cannot decode; re-encode the file with its sequences given their VR (e.g. dcmconv +ti)"
+                    ));
+                }
+                (12, u32_at(pos + 8))
+            } else {
+                (8, u32::from(u16_at(pos + 6)))
+            }
+        } else {
+            (8, u32_at(pos + 4))
+        };
+        pos += header;
+        if length == UNDEFINED {
+            // A sequence, an item or encapsulated pixel data: its contents are headers too.
+            continue;
+        }
+        let remaining = data.len() - pos;
+        if length as usize > remaining {
+            return Err(format!(
+                "element ({group:04X},{element:04X}) declares {length} bytes but only {remaining} remain: the file is truncated or corrupt"
+            ));
+        }
+        pos += length as usize;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_well_formed_and_rejects_overlong() {
+        // (0010,0010) PN "DOE^J " then (7FE0,0010) OW of 4 bytes, explicit little endian.
+        let mut ok = vec![0x10, 0x00, 0x10, 0x00, b'P', b'N', 6, 0];
+        ok.extend_from_slice(b"DOE^J ");
+        ok.extend_from_slice(&[0xE0, 0x7F, 0x10, 0x00, b'O', b'W', 0, 0, 4, 0, 0, 0, 1, 2, 3, 4]);
+        assert!(check_lengths(&ok, true, false).is_ok());
+        let mut bad = ok.clone();
+        bad[8 + 6 + 8] = 0xFF; // pixel data length 0x...FF04
+        bad[8 + 6 + 10] = 0x10;
+        let err = check_lengths(&bad, true, false).unwrap_err();
+        assert!(err.contains("(7FE0,0010)"), "{err}");
+        // Implicit: (0008,0018) with length 1,000,000.
+        let implicit = [0x08, 0x00, 0x18, 0x00, 0x40, 0x42, 0x0F, 0x00, b'1', b'2'];
+        assert!(check_lengths(&implicit, false, false).is_err());
+        // Lost sync (no VR letters) is not a verdict.
+        assert!(check_lengths(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], true, false).is_ok());
+    }
+}

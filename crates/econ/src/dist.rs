@@ -1,0 +1,357 @@
+//! Probability distributions for probabilistic sensitivity analysis.
+//!
+//! The samplers are written here rather than taken from a distributions crate
+//! so that a seed gives the same draws on every machine and every version of
+//! our dependencies: the only external source of randomness is the ChaCha
+//! stream, whose output is fixed by its specification.
+//!
+//! Parameters may be given directly (alpha/beta, shape/scale, ...) or as a mean
+//! and standard deviation, converted by the method of moments.
+
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+/// A distribution as written in a model file:
+/// `dist = { type = "beta", mean = 0.2, sd = 0.05 }`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DistSpec {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub mean: Option<f64>,
+    pub sd: Option<f64>,
+    pub alpha: Option<f64>,
+    pub beta: Option<f64>,
+    pub shape: Option<f64>,
+    pub scale: Option<f64>,
+    pub rate: Option<f64>,
+    pub meanlog: Option<f64>,
+    pub sdlog: Option<f64>,
+    pub min: Option<f64>,
+    pub max: Option<f64>,
+    pub mode: Option<f64>,
+}
+
+/// A resolved univariate distribution.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum Dist {
+    Fixed,
+    Normal { mean: f64, sd: f64 },
+    LogNormal { meanlog: f64, sdlog: f64 },
+    Beta { alpha: f64, beta: f64 },
+    Gamma { shape: f64, scale: f64 },
+    Uniform { min: f64, max: f64 },
+    Triangular { min: f64, mode: f64, max: f64 },
+}
+
+impl DistSpec {
+    /// Resolves the written form; the error says which fields are missing or
+    /// inconsistent.
+    pub fn resolve(&self) -> Result<Dist, String> {
+        let need = |v: Option<f64>, name: &str| -> Result<f64, String> {
+            v.ok_or_else(|| format!("a {} distribution needs `{name}`", self.kind))
+        };
+        let positive = |v: f64, name: &str| -> Result<f64, String> {
+            if v > 0.0 && v.is_finite() {
+                Ok(v)
+            } else {
+                Err(format!("`{name}` must be a positive number, got {v}"))
+            }
+        };
+        let d = match self.kind.to_ascii_lowercase().as_str() {
+            "fixed" | "none" | "constant" => Dist::Fixed,
+            "normal" => Dist::Normal {
+                mean: need(self.mean, "mean")?,
+                sd: positive(need(self.sd, "sd")?, "sd")?,
+            },
+            "lognormal" | "log-normal" => match (self.meanlog, self.sdlog) {
+                (Some(ml), Some(sl)) => Dist::LogNormal { meanlog: ml, sdlog: positive(sl, "sdlog")? },
+                _ => {
+                    let m = positive(need(self.mean, "mean (or meanlog and sdlog)")?, "mean")?;
+                    let s = positive(need(self.sd, "sd (or meanlog and sdlog)")?, "sd")?;
+                    // Moments of the log-normal: the mean and SD are those of
+                    // the parameter itself, not of its logarithm.
+                    let sdlog2 = (1.0 + (s * s) / (m * m)).ln();
+                    Dist::LogNormal { meanlog: m.ln() - sdlog2 / 2.0, sdlog: sdlog2.sqrt() }
+                }
+            },
+            "beta" => match (self.alpha, self.beta) {
+                (Some(a), Some(b)) => Dist::Beta { alpha: positive(a, "alpha")?, beta: positive(b, "beta")? },
+                _ => {
+                    let m = need(self.mean, "mean (or alpha and beta)")?;
+                    let s = positive(need(self.sd, "sd (or alpha and beta)")?, "sd")?;
+                    if !(0.0 < m && m < 1.0) {
+                        return Err(format!("a beta mean must lie strictly between 0 and 1, got {m}"));
+                    }
+                    let var = s * s;
+                    if var >= m * (1.0 - m) {
+                        return Err(format!(
+                            "sd {s} is too large for a beta with mean {m}: the variance must be below mean*(1-mean) = {}",
+                            m * (1.0 - m)
+                        ));
+                    }
+                    let common = m * (1.0 - m) / var - 1.0;
+                    Dist::Beta { alpha: m * common, beta: (1.0 - m) * common }
+                }
+            },
+            "gamma" => match (self.shape, self.scale, self.rate) {
+                (Some(k), Some(th), None) => Dist::Gamma { shape: positive(k, "shape")?, scale: positive(th, "scale")? },
+                (Some(k), None, Some(r)) => {
+                    Dist::Gamma { shape: positive(k, "shape")?, scale: 1.0 / positive(r, "rate")? }
+                }
+                _ => {
+                    let m = positive(need(self.mean, "mean (or shape and scale)")?, "mean")?;
+                    let s = positive(need(self.sd, "sd (or shape and scale)")?, "sd")?;
+                    Dist::Gamma { shape: (m * m) / (s * s), scale: (s * s) / m }
+                }
+            },
+            "uniform" => {
+                let (lo, hi) = (need(self.min, "min")?, need(self.max, "max")?);
+                if lo >= hi {
+                    return Err(format!("uniform needs min < max, got {lo} and {hi}"));
+                }
+                Dist::Uniform { min: lo, max: hi }
+            }
+            "triangular" => {
+                let (lo, mo, hi) = (need(self.min, "min")?, need(self.mode, "mode")?, need(self.max, "max")?);
+                if !(lo <= mo && mo <= hi && lo < hi) {
+                    return Err(format!("triangular needs min <= mode <= max and min < max, got {lo}, {mo}, {hi}"));
+                }
+                Dist::Triangular { min: lo, mode: mo, max: hi }
+            }
+            other => {
+                return Err(format!(
+                    "unknown distribution type `{other}`; use normal, lognormal, beta, gamma, uniform, triangular or fixed (dirichlet goes under [dirichlet.NAME])"
+                ));
+            }
+        };
+        Ok(d)
+    }
+}
+
+impl Dist {
+    pub fn mean(&self) -> Option<f64> {
+        Some(match *self {
+            Dist::Fixed => return None,
+            Dist::Normal { mean, .. } => mean,
+            Dist::LogNormal { meanlog, sdlog } => (meanlog + sdlog * sdlog / 2.0).exp(),
+            Dist::Beta { alpha, beta } => alpha / (alpha + beta),
+            Dist::Gamma { shape, scale } => shape * scale,
+            Dist::Uniform { min, max } => (min + max) / 2.0,
+            Dist::Triangular { min, mode, max } => (min + mode + max) / 3.0,
+        })
+    }
+
+    pub fn sd(&self) -> Option<f64> {
+        Some(match *self {
+            Dist::Fixed => return None,
+            Dist::Normal { sd, .. } => sd,
+            Dist::LogNormal { meanlog, sdlog } => {
+                let s2 = sdlog * sdlog;
+                ((s2.exp() - 1.0) * (2.0 * meanlog + s2).exp()).sqrt()
+            }
+            Dist::Beta { alpha, beta } => {
+                let n = alpha + beta;
+                (alpha * beta / (n * n * (n + 1.0))).sqrt()
+            }
+            Dist::Gamma { shape, scale } => shape.sqrt() * scale,
+            Dist::Uniform { min, max } => (max - min) / 12f64.sqrt(),
+            Dist::Triangular { min, mode, max } => {
+                ((min * min + mode * mode + max * max - min * mode - min * max - mode * max) / 18.0).sqrt()
+            }
+        })
+    }
+
+    /// One-line description for reports, e.g. `Beta(α=12.0, β=48.0)`.
+    pub fn describe(&self) -> String {
+        match *self {
+            Dist::Fixed => "fixed".into(),
+            Dist::Normal { mean, sd } => format!("Normal(mean={}, sd={})", g(mean), g(sd)),
+            Dist::LogNormal { meanlog, sdlog } => format!("LogNormal(meanlog={}, sdlog={})", g(meanlog), g(sdlog)),
+            Dist::Beta { alpha, beta } => format!("Beta(α={}, β={})", g(alpha), g(beta)),
+            Dist::Gamma { shape, scale } => format!("Gamma(shape={}, scale={})", g(shape), g(scale)),
+            Dist::Uniform { min, max } => format!("Uniform({}, {})", g(min), g(max)),
+            Dist::Triangular { min, mode, max } => format!("Triangular({}, {}, {})", g(min), g(mode), g(max)),
+        }
+    }
+
+    /// Draws one value; `base` is returned for a fixed parameter.
+    #[inline]
+    pub fn sample<R: Rng + ?Sized>(&self, base: f64, rng: &mut R) -> f64 {
+        match *self {
+            Dist::Fixed => base,
+            Dist::Normal { mean, sd } => mean + sd * std_normal(rng),
+            Dist::LogNormal { meanlog, sdlog } => (meanlog + sdlog * std_normal(rng)).exp(),
+            Dist::Beta { alpha, beta } => {
+                let x = gamma(alpha, rng);
+                let y = gamma(beta, rng);
+                x / (x + y)
+            }
+            Dist::Gamma { shape, scale } => gamma(shape, rng) * scale,
+            Dist::Uniform { min, max } => min + (max - min) * unit(rng),
+            Dist::Triangular { min, mode, max } => {
+                let u = unit(rng);
+                let f = (mode - min) / (max - min);
+                if u < f {
+                    min + ((max - min) * (mode - min) * u).sqrt()
+                } else {
+                    max - ((max - min) * (max - mode) * (1.0 - u)).sqrt()
+                }
+            }
+        }
+    }
+}
+
+fn g(v: f64) -> String {
+    crate::report::fmt_num(v, 4)
+}
+
+/// Uniform on [0, 1).
+#[inline]
+fn unit<R: Rng + ?Sized>(rng: &mut R) -> f64 {
+    rng.r#gen::<f64>()
+}
+
+/// Standard normal by the Box–Muller transform (one of the pair is used, so
+/// every draw consumes exactly two uniforms and streams stay aligned).
+#[inline]
+pub fn std_normal<R: Rng + ?Sized>(rng: &mut R) -> f64 {
+    let u1 = 1.0 - unit(rng); // (0, 1]: keeps ln finite
+    let u2 = unit(rng);
+    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+}
+
+/// Gamma(shape, 1) by Marsaglia and Tsang (2000); shapes below one use the
+/// boost `G(a) = G(a + 1) * U^(1/a)`.
+pub fn gamma<R: Rng + ?Sized>(shape: f64, rng: &mut R) -> f64 {
+    if shape < 1.0 {
+        let u = 1.0 - unit(rng);
+        return gamma(shape + 1.0, rng) * u.powf(1.0 / shape);
+    }
+    let d = shape - 1.0 / 3.0;
+    let c = 1.0 / (9.0 * d).sqrt();
+    loop {
+        let mut x;
+        let mut v;
+        loop {
+            x = std_normal(rng);
+            v = 1.0 + c * x;
+            if v > 0.0 {
+                break;
+            }
+        }
+        v = v * v * v;
+        let u = unit(rng);
+        let x2 = x * x;
+        if u < 1.0 - 0.0331 * x2 * x2 {
+            return d * v;
+        }
+        if u.max(f64::MIN_POSITIVE).ln() < 0.5 * x2 + d * (1.0 - v + v.ln()) {
+            return d * v;
+        }
+    }
+}
+
+/// Dirichlet draw into `out` (same length as `alpha`).
+pub fn dirichlet<R: Rng + ?Sized>(alpha: &[f64], rng: &mut R, out: &mut [f64]) {
+    let mut sum = 0.0;
+    for (o, &a) in out.iter_mut().zip(alpha) {
+        *o = gamma(a, rng);
+        sum += *o;
+    }
+    for o in out.iter_mut() {
+        *o /= sum;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+
+    fn spec(kind: &str) -> DistSpec {
+        DistSpec { kind: kind.into(), ..Default::default() }
+    }
+
+    #[test]
+    fn method_of_moments_round_trips() {
+        let cases = [
+            DistSpec { mean: Some(0.3), sd: Some(0.05), ..spec("beta") },
+            DistSpec { mean: Some(1701.0), sd: Some(400.0), ..spec("gamma") },
+            DistSpec { mean: Some(0.509), sd: Some(0.09), ..spec("lognormal") },
+        ];
+        for c in cases {
+            let d = c.resolve().unwrap();
+            assert!((d.mean().unwrap() - c.mean.unwrap()).abs() < 1e-9, "{d:?}");
+            assert!((d.sd().unwrap() - c.sd.unwrap()).abs() < 1e-9, "{d:?}");
+        }
+    }
+
+    #[test]
+    fn impossible_moments_are_rejected_with_reason() {
+        let e = DistSpec { mean: Some(0.5), sd: Some(0.6), ..spec("beta") }.resolve().unwrap_err();
+        assert!(e.contains("too large"), "{e}");
+        let e = spec("weibull").resolve().unwrap_err();
+        assert!(e.contains("unknown distribution"), "{e}");
+        let e = spec("normal").resolve().unwrap_err();
+        assert!(e.contains("needs `mean`"), "{e}");
+    }
+
+    #[test]
+    fn sample_moments_match() {
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let dists = [
+            Dist::Normal { mean: 2.0, sd: 0.5 },
+            Dist::Beta { alpha: 2.0, beta: 5.0 },
+            Dist::Gamma { shape: 0.5, scale: 3.0 },
+            Dist::Gamma { shape: 16.1, scale: 1.0 },
+            Dist::LogNormal { meanlog: -0.7, sdlog: 0.2 },
+            Dist::Uniform { min: 1.0, max: 3.0 },
+            Dist::Triangular { min: 0.0, mode: 1.0, max: 4.0 },
+        ];
+        let n = 200_000;
+        for d in dists {
+            let xs: Vec<f64> = (0..n).map(|_| d.sample(0.0, &mut rng)).collect();
+            let m = xs.iter().sum::<f64>() / n as f64;
+            let v = xs.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / (n - 1) as f64;
+            let (em, es) = (d.mean().unwrap(), d.sd().unwrap());
+            assert!((m - em).abs() < 4.0 * es / (n as f64).sqrt() + 1e-12, "{d:?}: mean {m} vs {em}");
+            assert!((v.sqrt() - es).abs() / es < 0.02, "{d:?}: sd {} vs {es}", v.sqrt());
+        }
+    }
+
+    #[test]
+    fn dirichlet_rows_sum_to_one_with_expected_means() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let alpha = [1251.0, 350.0, 116.0, 17.0];
+        let mut acc = [0.0; 4];
+        let mut out = [0.0; 4];
+        for _ in 0..20_000 {
+            dirichlet(&alpha, &mut rng, &mut out);
+            assert!((out.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+            for (a, o) in acc.iter_mut().zip(out) {
+                *a += o;
+            }
+        }
+        let total: f64 = alpha.iter().sum();
+        for (a, al) in acc.iter().zip(alpha) {
+            assert!((a / 20_000.0 - al / total).abs() < 2e-3);
+        }
+    }
+
+    #[test]
+    fn same_seed_same_draws() {
+        let d = Dist::Gamma { shape: 2.0, scale: 1.0 };
+        let a: Vec<f64> = {
+            let mut r = ChaCha8Rng::seed_from_u64(42);
+            (0..5).map(|_| d.sample(0.0, &mut r)).collect()
+        };
+        let b: Vec<f64> = {
+            let mut r = ChaCha8Rng::seed_from_u64(42);
+            (0..5).map(|_| d.sample(0.0, &mut r)).collect()
+        };
+        assert_eq!(a, b);
+    }
+}

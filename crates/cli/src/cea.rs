@@ -55,7 +55,14 @@ pub enum CeaCommand {
 
 pub fn run(cmd: CeaCommand) -> Result<()> {
     match cmd {
-        CeaCommand::Run { model, out, measurements, seed, psa_iterations, no_psa } => {
+        CeaCommand::Run {
+            model,
+            out,
+            measurements,
+            seed,
+            psa_iterations,
+            no_psa,
+        } => {
             let mut m = load(&model)?;
             let applied = match &measurements {
                 Some(p) => m.apply_measurements(p)?,
@@ -65,31 +72,51 @@ pub fn run(cmd: CeaCommand) -> Result<()> {
                 println!("measurement {key} -> {param} = {value}");
             }
             let out = out.unwrap_or_else(|| {
-                let stem = model.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+                let stem = model
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "model".into());
                 PathBuf::from("cea-report").join(stem)
             });
             let iterations = psa_iterations.unwrap_or(m.settings.psa_iterations);
             let will_psa = !no_psa && !psa::sampled_params(&m).is_empty();
-            let bar = if will_psa { ProgressBar::new(iterations as u64) } else { ProgressBar::hidden() };
+            let bar = if will_psa {
+                ProgressBar::new(iterations as u64)
+            } else {
+                ProgressBar::hidden()
+            };
             bar.set_style(
-                ProgressStyle::with_template("PSA {bar:40.cyan/blue} {pos}/{len} iterations ({eta} left)")
-                    .expect("static template")
-                    .progress_chars("=> "),
+                ProgressStyle::with_template(
+                    "PSA {bar:40.cyan/blue} {pos}/{len} iterations ({eta} left)",
+                )
+                .expect("static template")
+                .progress_chars("=> "),
             );
-            let opts = AnalysisOptions { psa_iterations, seed, skip_psa: no_psa, skip_owsa: false };
-            let mut analysis = medledger_econ::run_analysis(&m, &opts, &|done| bar.set_position(done as u64))
-                .with_context(|| format!("analysing {}", model.display()))?;
+            let opts = AnalysisOptions {
+                psa_iterations,
+                seed,
+                skip_psa: no_psa,
+                skip_owsa: false,
+            };
+            let mut analysis =
+                medledger_econ::run_analysis(&m, &opts, &|done| bar.set_position(done as u64))
+                    .with_context(|| format!("analysing {}", model.display()))?;
             bar.finish_and_clear();
             analysis.measurements = applied;
             let files = report::write_report(&m, &analysis, &out)?;
             print_summary(&m, &analysis);
             println!("report: {}", files.html.display());
-            println!("{} files written to {}", files.files.len(), files.dir.display());
+            println!(
+                "{} files written to {}",
+                files.files.len(),
+                files.dir.display()
+            );
             Ok(())
         }
         CeaCommand::Validate { model } => {
             let m = load(&model)?;
-            let runs = engine::base_case(&m).with_context(|| format!("evaluating {}", model.display()))?;
+            let runs =
+                engine::base_case(&m).with_context(|| format!("evaluating {}", model.display()))?;
             let outcomes: Vec<_> = runs.into_iter().map(|r| r.outcome).collect();
             let strategies = medledger_econ::analysis::summarise(&m, &outcomes);
             let icer = medledger_econ::analysis::icer_table(&m, &strategies);
@@ -109,12 +136,19 @@ pub fn run(cmd: CeaCommand) -> Result<()> {
                     m.meta.effect_label,
                     report::fmt_num(r.effect, 6),
                     r.status.code(),
-                    r.icer.map(|v| report::fmt_num(v, 2)).unwrap_or_else(|| "-".into())
+                    r.icer
+                        .map(|v| report::fmt_num(v, 2))
+                        .unwrap_or_else(|| "-".into())
                 );
             }
             Ok(())
         }
-        CeaCommand::Bench { model, iterations, seed, repeat } => {
+        CeaCommand::Bench {
+            model,
+            iterations,
+            seed,
+            repeat,
+        } => {
             let m = load(&model)?;
             let seed = seed.unwrap_or(m.settings.seed);
             let mut best = f64::INFINITY;
@@ -128,8 +162,16 @@ pub fn run(cmd: CeaCommand) -> Result<()> {
             let r = result.expect("at least one repetition");
             println!(
                 "{{\"iterations\": {iterations}, \"seconds\": {best:.6}, \"mean_cost\": [{}], \"mean_effect\": [{}]}}",
-                r.cost_summary.iter().map(|s| format!("{:.4}", s.mean)).collect::<Vec<_>>().join(", "),
-                r.effect_summary.iter().map(|s| format!("{:.6}", s.mean)).collect::<Vec<_>>().join(", ")
+                r.cost_summary
+                    .iter()
+                    .map(|s| format!("{:.4}", s.mean))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                r.effect_summary
+                    .iter()
+                    .map(|s| format!("{:.6}", s.mean))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             );
             Ok(())
         }
@@ -154,17 +196,22 @@ fn print_summary(m: &Model, a: &medledger_econ::Analysis) {
             r.icer.map(report::fmt_money).unwrap_or_else(|| "-".into())
         );
     }
-    if let Some(p) = &a.psa {
-        if let Some(pt) = p.ceac.iter().min_by(|x, y| (x.wtp - a.wtp).abs().total_cmp(&(y.wtp - a.wtp).abs())) {
-            println!(
-                "  PSA ({} iterations): at {} {} the most cost-effective is {} (probability {:.1}%), EVPI {} per person",
-                p.iterations,
-                m.meta.currency,
-                report::fmt_money(pt.wtp),
-                m.strategies[pt.frontier].name,
-                pt.frontier_probability * 100.0,
-                report::fmt_money(pt.evpi)
-            );
-        }
+    // The CEAC point closest to the model's willingness to pay.
+    let point = a.psa.as_ref().and_then(|p| {
+        p.ceac
+            .iter()
+            .min_by(|x, y| (x.wtp - a.wtp).abs().total_cmp(&(y.wtp - a.wtp).abs()))
+            .map(|pt| (p, pt))
+    });
+    if let Some((p, pt)) = point {
+        println!(
+            "  PSA ({} iterations): at {} {} the most cost-effective is {} (probability {:.1}%), EVPI {} per person",
+            p.iterations,
+            m.meta.currency,
+            report::fmt_money(pt.wtp),
+            m.strategies[pt.frontier].name,
+            pt.frontier_probability * 100.0,
+            report::fmt_money(pt.evpi)
+        );
     }
 }

@@ -198,7 +198,12 @@ impl Context<'_> {
                 continue;
             }
             let dates_kept = self.options.contains(DeidOption::RetainLongitudinalFullDates);
-            if matches!(vr, VR::DA | VR::DT) && !dates_kept {
+            // A date an option retains (a device's calibration date under Retain Device
+            // Identity) is not a needle: the user chose to keep it.
+            if matches!(vr, VR::DA | VR::DT)
+                && !dates_kept
+                && self.action_for(tag) != Some(Action::Keep)
+            {
                 for v in strings_of(elem).unwrap_or_default() {
                     let v = v.trim();
                     if v.len() >= 8 && v.as_bytes()[..8].iter().all(u8::is_ascii_digit) {
@@ -212,9 +217,7 @@ impl Context<'_> {
                 && self.action_for(tag) == Some(Action::ReplaceUid)
             {
                 for v in strings_of(elem).unwrap_or_default() {
-                    if !is_well_known_uid(&v) {
-                        self.needles.add_uid(&v);
-                    }
+                    self.needles.add_uid(&v);
                 }
             }
         }
@@ -485,7 +488,9 @@ impl Context<'_> {
             .iter()
             .map(|v| {
                 let v = v.trim_matches(|c: char| c == ' ' || c == '\0');
-                if v.is_empty() || is_well_known_uid(v) {
+                // Every UID of an attribute the profile replaces names an instance, even one
+                // written (against the standard) under the 1.2.840.10008 root.
+                if v.is_empty() {
                     v.to_string()
                 } else {
                     self.key.replace_uid(v)
@@ -627,6 +632,72 @@ impl Context<'_> {
     }
 }
 
+/// Standard attributes that arrived with VR UN (explicit VR files written by tools that did
+/// not know them) get their dictionary VR back, so that their values are seen as the text
+/// they are: a Patient's Name sent as UN is still a name, to remove and to search for.
+/// Binary and sequence VRs stay UN; the scan still searches their bytes.
+pub fn normalize_un(obj: &mut InMemDicomObject) {
+    use dicom_core::dictionary::{DataDictionary, DataDictionaryEntry, VirtualVr};
+    let un_tags: Vec<Tag> = obj
+        .iter()
+        .filter(|e| e.vr() == VR::UN && e.tag().group() % 2 == 0)
+        .map(|e| e.tag())
+        .collect();
+    for tag in un_tags {
+        let Some(VirtualVr::Exact(vr)) = dicom_dictionary_std::StandardDataDictionary
+            .by_tag(tag)
+            .map(|entry| entry.vr())
+        else {
+            continue;
+        };
+        let string_vr = matches!(
+            vr,
+            VR::AE | VR::AS | VR::CS | VR::DA | VR::DS | VR::DT | VR::IS | VR::LO | VR::LT
+                | VR::PN | VR::SH | VR::ST | VR::TM | VR::UC | VR::UI | VR::UR | VR::UT
+        );
+        if !string_vr {
+            continue;
+        }
+        let Some(bytes) = obj.get(tag).and_then(|e| e.to_bytes().ok()).map(|b| b.into_owned())
+        else {
+            continue;
+        };
+        let text = String::from_utf8_lossy(&bytes);
+        let values: Vec<String> = text
+            .trim_end_matches(['\0', ' '])
+            .split('\\')
+            .map(|v| v.trim_end_matches(['\0', ' ']).to_string())
+            .collect();
+        obj.put(with_strings(tag, vr, values));
+    }
+    // Items of sequences too.
+    let seq_tags: Vec<Tag> = obj
+        .iter()
+        .filter(|e| matches!(e.value(), Value::Sequence(_)))
+        .map(|e| e.tag())
+        .collect();
+    for tag in seq_tags {
+        if let Some(elem) = obj.take(tag) {
+            let (header, value) = elem.into_parts();
+            if let Value::Sequence(seq) = value {
+                let items: Vec<InMemDicomObject> = seq
+                    .into_items()
+                    .into_iter()
+                    .map(|mut item| {
+                        normalize_un(&mut item);
+                        item
+                    })
+                    .collect();
+                obj.put(DataElement::new(
+                    header.tag,
+                    VR::SQ,
+                    DataSetSequence::new(items, Length::UNDEFINED),
+                ));
+            }
+        }
+    }
+}
+
 /// Attributes of the Code Sequence macro: codes identify concepts, not people, so a strict
 /// (dummy) sequence keeps them and stays meaningful.
 fn is_code_attribute(tag: Tag) -> bool {
@@ -641,11 +712,4 @@ fn is_code_attribute(tag: Tag) -> bool {
             | (0x0040, 0xA040)
             | (0x0040, 0xA010)
     )
-}
-
-/// UIDs defined by the standard (SOP classes, transfer syntaxes, coding schemes, ...) name
-/// no instance and must never be replaced.
-pub fn is_well_known_uid(uid: &str) -> bool {
-    let u = uid.trim_matches(|c: char| c == ' ' || c == '\0');
-    u.starts_with("1.2.840.10008.")
 }

@@ -34,7 +34,7 @@ use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-pub use engine::{ActionCounts, DUMMY_TEXT, is_well_known_uid};
+pub use engine::{ActionCounts, DUMMY_TEXT, normalize_un};
 pub use key::{DeidKey, KeyFormatError, patient_identity};
 pub use options::{DeidOption, OptionSet};
 pub use pixel::{PixelRules, Region};
@@ -179,7 +179,8 @@ impl Deidentifier {
     /// De-identifies one Part 10 file (or a bare data set without file meta, whose encoding
     /// is then detected).
     pub fn deidentify(&self, input: &[u8]) -> Result<Deidentified, DeidError> {
-        let (ts_uid, obj) = read_instance(input)?;
+        let (ts_uid, mut obj) = read_instance(input)?;
+        normalize_un(&mut obj);
         self.deidentify_object(input, &ts_uid, obj)
     }
 
@@ -264,16 +265,12 @@ impl Deidentifier {
                             frames: outcome.frames,
                         });
                     }
-                    Err(e) if at_risk.is_some() => {
+                    // The rule says this kind of image has text in those regions: if they
+                    // cannot be blanked, the instance cannot be released.
+                    Err(e) => {
                         return Err(DeidError::Quarantined(Quarantine::BurnedInAnnotation {
                             why: format!("pixel rule `{}` matched but {e}", rule.name),
                         }));
-                    }
-                    Err(e) => {
-                        return Err(DeidError::Encode(format!(
-                            "Clean Pixel Data: rule `{}` matched but {e}",
-                            rule.name
-                        )));
                     }
                 }
             }
@@ -452,7 +449,7 @@ pub fn read_instance(input: &[u8]) -> Result<(String, InMemDicomObject), DeidErr
         None
     };
     let Some(at) = meta_at else {
-        return read_bare_dataset(input, None);
+        return read_bare_dataset(input, None, false);
     };
     let meta = scan_meta_group(&input[at + 4..]);
     if let Some((end, Some(ts))) = &meta {
@@ -474,7 +471,7 @@ pub fn read_instance(input: &[u8]) -> Result<(String, InMemDicomObject), DeidErr
             // The meta group is readable by hand though dicom-rs refused it: read the data
             // set that follows it.
             Some((end, ts)) if matches!(e, dicom_object::ReadError::ParseMetaDataSet { .. }) => {
-                read_bare_dataset(&input[at + 4 + end..], ts.as_deref())
+                read_bare_dataset(&input[at + 4 + end..], ts.as_deref(), true)
             }
             _ => Err(DeidError::Parse(describe_read_error(&e))),
         },
@@ -529,7 +526,11 @@ fn prescan_dataset(data: &[u8], ts: &str) -> Result<(), DeidError> {
     prescan::check_lengths(data, explicit, big_endian).map_err(DeidError::Parse)
 }
 
-fn read_bare_dataset(input: &[u8], ts_hint: Option<&str>) -> Result<(String, InMemDicomObject), DeidError> {
+fn read_bare_dataset(
+    input: &[u8],
+    ts_hint: Option<&str>,
+    after_meta: bool,
+) -> Result<(String, InMemDicomObject), DeidError> {
     if input.len() < 8 {
         return Err(DeidError::Parse(
             "too short to be DICOM (no 'DICM' marker and no data set)".into(),
@@ -544,7 +545,7 @@ fn read_bare_dataset(input: &[u8], ts_hint: Option<&str>) -> Result<(String, InM
     } else {
         u16::from_le_bytes([input[0], input[1]])
     };
-    if ts_hint.is_none() && !(0x0002..=0x0010).contains(&first_group) {
+    if !after_meta && !(0x0002..=0x0010).contains(&first_group) {
         return Err(DeidError::Parse(
             "no 'DICM' file meta header, and the bytes do not start like a DICOM data set".into(),
         ));
@@ -554,14 +555,10 @@ fn read_bare_dataset(input: &[u8], ts_hint: Option<&str>) -> Result<(String, InM
         (true, false) => &["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"],
         (false, _) => &["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"],
     };
-    let hinted;
-    let candidates: &[&str] = match ts_hint {
-        Some(ts) => {
-            hinted = [ts];
-            &hinted
-        }
-        None => detected,
-    };
+    // The declared transfer syntax first, then what the bytes look like: files whose meta
+    // group is broken are often wrong about the encoding too.
+    let candidates: Vec<&str> = ts_hint.into_iter().chain(detected.iter().copied()).collect();
+    let mut first_readable = None;
     let mut last_err = String::new();
     for uid in candidates {
         let Some(ts) = TransferSyntaxRegistry.get(uid) else {
@@ -576,9 +573,19 @@ fn read_bare_dataset(input: &[u8], ts_hint: Option<&str>) -> Result<(String, InM
             Ok(obj) if obj.get(tags::SOP_CLASS_UID).is_some() => {
                 return Ok((uid.to_string(), obj));
             }
-            Ok(_) => last_err = "no SOP Class UID found".into(),
+            // After a file meta group a data set without SOP Class UID may be a fragment;
+            // without one, it is more likely a misreading.
+            Ok(obj) => {
+                if after_meta && first_readable.is_none() {
+                    first_readable = Some((uid.to_string(), obj));
+                }
+                last_err = "no SOP Class UID found".into();
+            }
             Err(e) => last_err = describe_read_error(&e),
         }
+    }
+    if let Some(found) = first_readable {
+        return Ok(found);
     }
     Err(DeidError::Parse(format!(
         "no usable file meta header, and the bytes are not a readable data set ({last_err})"

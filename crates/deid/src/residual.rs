@@ -81,12 +81,15 @@ impl fmt::Debug for Needles {
 
 impl Needles {
     /// Adds a value if it is specific enough to be searched for without flagging ordinary
-    /// text: at least 3 characters, at least 5 when all digits (short numbers occur
-    /// everywhere), not a placeholder word.
+    /// text: at least 3 characters (2 outside ASCII), at least 5 when all digits (short
+    /// numbers occur everywhere), not a placeholder word.
     pub fn add(&mut self, value: &str, kind: IdentifierKind) {
         let v = value.trim_matches(|c: char| c.is_whitespace() || c == '\0' || c == '^' || c == '=');
         let n = v.chars().count();
-        if n < 3 {
+        // Names written in ideographs or Hangul are often two characters long: as specific
+        // as a much longer Latin name.
+        let min = if v.is_ascii() { 3 } else { 2 };
+        if n < min {
             return;
         }
         if v.bytes().all(|b| b.is_ascii_digit() || b == b'.' || b == b'-') && n < 5 {
@@ -96,9 +99,13 @@ impl Needles {
         if STOP_WORDS.contains(&upper.as_str()) {
             return;
         }
-        if self.seen.insert(upper.clone()) {
-            self.values.push((upper, kind));
-            self.matcher = None;
+        // ASCII letters match in any case; other letters are searched as written and in
+        // upper and lower case (case mapping can change their length, e.g. ß to SS).
+        for form in [v.to_string(), upper, v.to_lowercase()] {
+            if self.seen.insert(form.clone()) {
+                self.values.push((form, kind));
+                self.matcher = None;
+            }
         }
     }
 

@@ -66,6 +66,8 @@ pub struct Owsa {
 pub struct TwoWay {
     pub x: String,
     pub y: String,
+    pub focal: usize,
+    pub reference: usize,
     pub xs: Vec<f64>,
     pub ys: Vec<f64>,
     /// `inmb[iy][ix]`: incremental NMB of the focal strategy vs the reference.
@@ -170,7 +172,9 @@ fn best(ce: &[(f64, f64)], wtp: f64) -> usize {
 
 /// One-way sensitivity analysis over every parameter with a `range`.
 pub fn owsa(model: &Model, base: &[StrategySummary]) -> Result<Option<Owsa>> {
-    let params: Vec<usize> = (0..model.params.len()).filter(|&i| model.params[i].range.is_some()).collect();
+    let params: Vec<usize> = (0..model.params.len())
+        .filter(|&i| model.params[i].range.is_some())
+        .collect();
     if params.is_empty() || model.strategies.len() < 2 {
         return Ok(None);
     }
@@ -207,13 +211,28 @@ pub fn owsa(model: &Model, base: &[StrategySummary]) -> Result<Option<Owsa>> {
             high_results: high,
         });
     }
-    rows.sort_by(|a, b| b.swing().total_cmp(&a.swing()).then(a.parameter.cmp(&b.parameter)));
-    Ok(Some(Owsa { focal, reference, wtp, base_inmb, base_icer, rows }))
+    rows.sort_by(|a, b| {
+        b.swing()
+            .total_cmp(&a.swing())
+            .then(a.parameter.cmp(&b.parameter))
+    });
+    Ok(Some(Owsa {
+        focal,
+        reference,
+        wtp,
+        base_inmb,
+        base_icer,
+        rows,
+    }))
 }
 
 fn context(e: EconError, param: &str, value: f64) -> EconError {
     match e {
-        EconError::Evaluation { strategy, cycle, message } => EconError::Evaluation {
+        EconError::Evaluation {
+            strategy,
+            cycle,
+            message,
+        } => EconError::Evaluation {
             strategy,
             cycle,
             message: format!("one-way analysis with {param} = {value}: {message}"),
@@ -231,8 +250,12 @@ pub fn two_way(model: &Model, base: &[StrategySummary]) -> Result<Vec<TwoWay>> {
     let mut out = Vec::new();
     for spec in &model.two_way {
         let grid = |k: usize| -> Vec<f64> {
-            let (lo, hi) = model.params[k].range.expect("checked when the model was built");
-            (0..spec.steps).map(|i| lo + (hi - lo) * i as f64 / (spec.steps - 1) as f64).collect()
+            let (lo, hi) = model.params[k]
+                .range
+                .expect("checked when the model was built");
+            (0..spec.steps)
+                .map(|i| lo + (hi - lo) * i as f64 / (spec.steps - 1) as f64)
+                .collect()
         };
         let xs = grid(spec.x);
         let ys = grid(spec.y);
@@ -255,6 +278,8 @@ pub fn two_way(model: &Model, base: &[StrategySummary]) -> Result<Vec<TwoWay>> {
         out.push(TwoWay {
             x: model.params[spec.x].name.clone(),
             y: model.params[spec.y].name.clone(),
+            focal,
+            reference,
             xs,
             ys,
             inmb,
@@ -289,13 +314,25 @@ pub fn scenarios(model: &Model) -> Result<Vec<ScenarioResult>> {
 }
 
 /// Everything a report needs.
-pub fn run_analysis(model: &Model, opts: &AnalysisOptions, progress: &(dyn Fn(usize) + Sync)) -> Result<Analysis> {
+pub fn run_analysis(
+    model: &Model,
+    opts: &AnalysisOptions,
+    progress: &(dyn Fn(usize) + Sync),
+) -> Result<Analysis> {
     let runs = crate::engine::base_case(model)?;
     let outcomes: Vec<Outcome> = runs.iter().map(|r| r.outcome.clone()).collect();
     let strategies = summarise(model, &outcomes);
     let icer = icer_table(model, &strategies);
-    let owsa = if opts.skip_owsa { None } else { owsa(model, &strategies)? };
-    let two_way = if opts.skip_owsa { Vec::new() } else { two_way(model, &strategies)? };
+    let owsa = if opts.skip_owsa {
+        None
+    } else {
+        owsa(model, &strategies)?
+    };
+    let two_way = if opts.skip_owsa {
+        Vec::new()
+    } else {
+        two_way(model, &strategies)?
+    };
     let scenarios = scenarios(model)?;
     let has_uncertainty = !psa::sampled_params(model).is_empty();
     let psa = if opts.skip_psa || !has_uncertainty {

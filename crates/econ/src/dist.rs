@@ -66,23 +66,34 @@ impl DistSpec {
                 sd: positive(need(self.sd, "sd")?, "sd")?,
             },
             "lognormal" | "log-normal" => match (self.meanlog, self.sdlog) {
-                (Some(ml), Some(sl)) => Dist::LogNormal { meanlog: ml, sdlog: positive(sl, "sdlog")? },
+                (Some(ml), Some(sl)) => Dist::LogNormal {
+                    meanlog: ml,
+                    sdlog: positive(sl, "sdlog")?,
+                },
                 _ => {
                     let m = positive(need(self.mean, "mean (or meanlog and sdlog)")?, "mean")?;
                     let s = positive(need(self.sd, "sd (or meanlog and sdlog)")?, "sd")?;
                     // Moments of the log-normal: the mean and SD are those of
                     // the parameter itself, not of its logarithm.
                     let sdlog2 = (1.0 + (s * s) / (m * m)).ln();
-                    Dist::LogNormal { meanlog: m.ln() - sdlog2 / 2.0, sdlog: sdlog2.sqrt() }
+                    Dist::LogNormal {
+                        meanlog: m.ln() - sdlog2 / 2.0,
+                        sdlog: sdlog2.sqrt(),
+                    }
                 }
             },
             "beta" => match (self.alpha, self.beta) {
-                (Some(a), Some(b)) => Dist::Beta { alpha: positive(a, "alpha")?, beta: positive(b, "beta")? },
+                (Some(a), Some(b)) => Dist::Beta {
+                    alpha: positive(a, "alpha")?,
+                    beta: positive(b, "beta")?,
+                },
                 _ => {
                     let m = need(self.mean, "mean (or alpha and beta)")?;
                     let s = positive(need(self.sd, "sd (or alpha and beta)")?, "sd")?;
                     if !(0.0 < m && m < 1.0) {
-                        return Err(format!("a beta mean must lie strictly between 0 and 1, got {m}"));
+                        return Err(format!(
+                            "a beta mean must lie strictly between 0 and 1, got {m}"
+                        ));
                     }
                     let var = s * s;
                     if var >= m * (1.0 - m) {
@@ -92,18 +103,28 @@ impl DistSpec {
                         ));
                     }
                     let common = m * (1.0 - m) / var - 1.0;
-                    Dist::Beta { alpha: m * common, beta: (1.0 - m) * common }
+                    Dist::Beta {
+                        alpha: m * common,
+                        beta: (1.0 - m) * common,
+                    }
                 }
             },
             "gamma" => match (self.shape, self.scale, self.rate) {
-                (Some(k), Some(th), None) => Dist::Gamma { shape: positive(k, "shape")?, scale: positive(th, "scale")? },
-                (Some(k), None, Some(r)) => {
-                    Dist::Gamma { shape: positive(k, "shape")?, scale: 1.0 / positive(r, "rate")? }
-                }
+                (Some(k), Some(th), None) => Dist::Gamma {
+                    shape: positive(k, "shape")?,
+                    scale: positive(th, "scale")?,
+                },
+                (Some(k), None, Some(r)) => Dist::Gamma {
+                    shape: positive(k, "shape")?,
+                    scale: 1.0 / positive(r, "rate")?,
+                },
                 _ => {
                     let m = positive(need(self.mean, "mean (or shape and scale)")?, "mean")?;
                     let s = positive(need(self.sd, "sd (or shape and scale)")?, "sd")?;
-                    Dist::Gamma { shape: (m * m) / (s * s), scale: (s * s) / m }
+                    Dist::Gamma {
+                        shape: (m * m) / (s * s),
+                        scale: (s * s) / m,
+                    }
                 }
             },
             "uniform" => {
@@ -114,11 +135,21 @@ impl DistSpec {
                 Dist::Uniform { min: lo, max: hi }
             }
             "triangular" => {
-                let (lo, mo, hi) = (need(self.min, "min")?, need(self.mode, "mode")?, need(self.max, "max")?);
+                let (lo, mo, hi) = (
+                    need(self.min, "min")?,
+                    need(self.mode, "mode")?,
+                    need(self.max, "max")?,
+                );
                 if !(lo <= mo && mo <= hi && lo < hi) {
-                    return Err(format!("triangular needs min <= mode <= max and min < max, got {lo}, {mo}, {hi}"));
+                    return Err(format!(
+                        "triangular needs min <= mode <= max and min < max, got {lo}, {mo}, {hi}"
+                    ));
                 }
-                Dist::Triangular { min: lo, mode: mo, max: hi }
+                Dist::Triangular {
+                    min: lo,
+                    mode: mo,
+                    max: hi,
+                }
             }
             other => {
                 return Err(format!(
@@ -158,7 +189,8 @@ impl Dist {
             Dist::Gamma { shape, scale } => shape.sqrt() * scale,
             Dist::Uniform { min, max } => (max - min) / 12f64.sqrt(),
             Dist::Triangular { min, mode, max } => {
-                ((min * min + mode * mode + max * max - min * mode - min * max - mode * max) / 18.0).sqrt()
+                ((min * min + mode * mode + max * max - min * mode - min * max - mode * max) / 18.0)
+                    .sqrt()
             }
         })
     }
@@ -168,11 +200,17 @@ impl Dist {
         match *self {
             Dist::Fixed => "fixed".into(),
             Dist::Normal { mean, sd } => format!("Normal(mean={}, sd={})", g(mean), g(sd)),
-            Dist::LogNormal { meanlog, sdlog } => format!("LogNormal(meanlog={}, sdlog={})", g(meanlog), g(sdlog)),
+            Dist::LogNormal { meanlog, sdlog } => {
+                format!("LogNormal(meanlog={}, sdlog={})", g(meanlog), g(sdlog))
+            }
             Dist::Beta { alpha, beta } => format!("Beta(α={}, β={})", g(alpha), g(beta)),
-            Dist::Gamma { shape, scale } => format!("Gamma(shape={}, scale={})", g(shape), g(scale)),
+            Dist::Gamma { shape, scale } => {
+                format!("Gamma(shape={}, scale={})", g(shape), g(scale))
+            }
             Dist::Uniform { min, max } => format!("Uniform({}, {})", g(min), g(max)),
-            Dist::Triangular { min, mode, max } => format!("Triangular({}, {}, {})", g(min), g(mode), g(max)),
+            Dist::Triangular { min, mode, max } => {
+                format!("Triangular({}, {}, {})", g(min), g(mode), g(max))
+            }
         }
     }
 
@@ -272,15 +310,30 @@ mod tests {
     use rand_chacha::ChaCha8Rng;
 
     fn spec(kind: &str) -> DistSpec {
-        DistSpec { kind: kind.into(), ..Default::default() }
+        DistSpec {
+            kind: kind.into(),
+            ..Default::default()
+        }
     }
 
     #[test]
     fn method_of_moments_round_trips() {
         let cases = [
-            DistSpec { mean: Some(0.3), sd: Some(0.05), ..spec("beta") },
-            DistSpec { mean: Some(1701.0), sd: Some(400.0), ..spec("gamma") },
-            DistSpec { mean: Some(0.509), sd: Some(0.09), ..spec("lognormal") },
+            DistSpec {
+                mean: Some(0.3),
+                sd: Some(0.05),
+                ..spec("beta")
+            },
+            DistSpec {
+                mean: Some(1701.0),
+                sd: Some(400.0),
+                ..spec("gamma")
+            },
+            DistSpec {
+                mean: Some(0.509),
+                sd: Some(0.09),
+                ..spec("lognormal")
+            },
         ];
         for c in cases {
             let d = c.resolve().unwrap();
@@ -291,7 +344,13 @@ mod tests {
 
     #[test]
     fn impossible_moments_are_rejected_with_reason() {
-        let e = DistSpec { mean: Some(0.5), sd: Some(0.6), ..spec("beta") }.resolve().unwrap_err();
+        let e = DistSpec {
+            mean: Some(0.5),
+            sd: Some(0.6),
+            ..spec("beta")
+        }
+        .resolve()
+        .unwrap_err();
         assert!(e.contains("too large"), "{e}");
         let e = spec("weibull").resolve().unwrap_err();
         assert!(e.contains("unknown distribution"), "{e}");
@@ -304,12 +363,28 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(7);
         let dists = [
             Dist::Normal { mean: 2.0, sd: 0.5 },
-            Dist::Beta { alpha: 2.0, beta: 5.0 },
-            Dist::Gamma { shape: 0.5, scale: 3.0 },
-            Dist::Gamma { shape: 16.1, scale: 1.0 },
-            Dist::LogNormal { meanlog: -0.7, sdlog: 0.2 },
+            Dist::Beta {
+                alpha: 2.0,
+                beta: 5.0,
+            },
+            Dist::Gamma {
+                shape: 0.5,
+                scale: 3.0,
+            },
+            Dist::Gamma {
+                shape: 16.1,
+                scale: 1.0,
+            },
+            Dist::LogNormal {
+                meanlog: -0.7,
+                sdlog: 0.2,
+            },
             Dist::Uniform { min: 1.0, max: 3.0 },
-            Dist::Triangular { min: 0.0, mode: 1.0, max: 4.0 },
+            Dist::Triangular {
+                min: 0.0,
+                mode: 1.0,
+                max: 4.0,
+            },
         ];
         let n = 200_000;
         for d in dists {
@@ -317,8 +392,15 @@ mod tests {
             let m = xs.iter().sum::<f64>() / n as f64;
             let v = xs.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / (n - 1) as f64;
             let (em, es) = (d.mean().unwrap(), d.sd().unwrap());
-            assert!((m - em).abs() < 4.0 * es / (n as f64).sqrt() + 1e-12, "{d:?}: mean {m} vs {em}");
-            assert!((v.sqrt() - es).abs() / es < 0.02, "{d:?}: sd {} vs {es}", v.sqrt());
+            assert!(
+                (m - em).abs() < 4.0 * es / (n as f64).sqrt() + 1e-12,
+                "{d:?}: mean {m} vs {em}"
+            );
+            assert!(
+                (v.sqrt() - es).abs() / es < 0.02,
+                "{d:?}: sd {} vs {es}",
+                v.sqrt()
+            );
         }
     }
 
@@ -343,7 +425,10 @@ mod tests {
 
     #[test]
     fn same_seed_same_draws() {
-        let d = Dist::Gamma { shape: 2.0, scale: 1.0 };
+        let d = Dist::Gamma {
+            shape: 2.0,
+            scale: 1.0,
+        };
         let a: Vec<f64> = {
             let mut r = ChaCha8Rng::seed_from_u64(42);
             (0..5).map(|_| d.sample(0.0, &mut r)).collect()

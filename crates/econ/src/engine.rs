@@ -14,7 +14,8 @@ use serde::Serialize;
 
 use crate::error::{EconError, Result};
 use crate::model::{
-    Compiled, Counting, DiscountKind, Effect, Entry, Markov, Model, NodeKind, Payoffs, Strategy, Structure, Tree,
+    Compiled, Counting, DiscountKind, Effect, Entry, Markov, Model, NodeKind, Payoffs, Strategy,
+    Structure, Tree,
 };
 
 /// Tolerance on probabilities: rows must sum to one within this, entries may
@@ -88,6 +89,17 @@ pub struct Evaluator {
     tqaly: Vec<f64>,
     toutc: Vec<f64>,
     first_vals: Vec<f64>,
+    /// Scratch stack for expression evaluation.
+    stack: Vec<f64>,
+    /// Values of the dynamic expressions in the previous cycle.
+    dyn_prev: Vec<f64>,
+    /// Discount factors by cycle (index t, 1..=n) for costs and effects, and
+    /// by trace point (index k) for Simpson's rule; computed once because
+    /// `powf` would otherwise dominate the PSA inner loop.
+    disc_cost: Vec<f64>,
+    disc_effect: Vec<f64>,
+    point_cost: Vec<f64>,
+    point_effect: Vec<f64>,
 }
 
 impl Evaluator {
@@ -107,30 +119,49 @@ impl Evaluator {
             tqaly: vec![0.0; nt],
             toutc: vec![0.0; nt * no],
             first_vals: Vec::new(),
+            dyn_prev: Vec::new(),
+            stack: Vec::with_capacity(32),
+            disc_cost: discount_table(model, model.settings.discount_costs, false),
+            disc_effect: discount_table(model, model.settings.discount_effects, false),
+            point_cost: discount_table(model, model.settings.discount_costs, true),
+            point_effect: discount_table(model, model.settings.discount_effects, true),
         }
     }
 
     /// Evaluates every strategy with parameter values `params`.
-    pub fn run_all(&mut self, model: &Model, params: &[f64], detail: bool) -> Result<Vec<StrategyRun>> {
-        (0..model.strategies.len()).map(|s| self.run(model, s, params, detail)).collect()
+    pub fn run_all(
+        &mut self,
+        model: &Model,
+        params: &[f64],
+        detail: bool,
+    ) -> Result<Vec<StrategyRun>> {
+        (0..model.strategies.len())
+            .map(|s| self.run(model, s, params, detail))
+            .collect()
     }
 
     /// Evaluates strategy `s`; `detail` asks for the trace / tree paths.
-    pub fn run(&mut self, model: &Model, s: usize, params: &[f64], detail: bool) -> Result<StrategyRun> {
+    pub fn run(
+        &mut self,
+        model: &Model,
+        s: usize,
+        params: &[f64],
+        detail: bool,
+    ) -> Result<StrategyRun> {
         let strategy = &model.strategies[s];
         self.slots[..params.len()].copy_from_slice(params);
         let cs = model.cycle_slot();
         self.slots[cs] = 0.0;
         self.slots[cs + 1] = 0.0;
         for (slot, p) in &strategy.static_exprs {
-            self.slots[*slot] = p.eval(&self.slots, &model.tables);
+            self.slots[*slot] = p.eval_in(&self.slots, &model.tables, &mut self.stack);
         }
         match &model.structure {
             Structure::Markov(mk) => self.run_markov(model, mk, strategy, detail),
             Structure::Tree(tr) => {
                 // Tree expressions see cycle = 0; dynamic ones are evaluated once.
                 for (slot, p) in &strategy.dynamic_exprs {
-                    self.slots[*slot] = p.eval(&self.slots, &model.tables);
+                    self.slots[*slot] = p.eval_in(&self.slots, &model.tables, &mut self.stack);
                 }
                 self.run_tree(model, tr, strategy, detail)
             }
@@ -138,11 +169,24 @@ impl Evaluator {
     }
 
     #[inline]
-    fn val(&self, c: &Compiled, model: &Model) -> f64 {
+    fn val(&mut self, c: &Compiled, model: &Model) -> f64 {
+        c.program
+            .eval_in(&self.slots, &model.tables, &mut self.stack)
+    }
+
+    /// Evaluation for decision trees, which are small and evaluated through
+    /// shared references while rolling back.
+    fn tval(&self, c: &Compiled, model: &Model) -> f64 {
         c.program.eval(&self.slots, &model.tables)
     }
 
-    fn fill_matrix(&mut self, model: &Model, mk: &Markov, strategy: &Strategy, cycle: usize) -> Result<()> {
+    fn fill_matrix(
+        &mut self,
+        model: &Model,
+        mk: &Markov,
+        strategy: &Strategy,
+        cycle: usize,
+    ) -> Result<()> {
         let n = mk.states.len();
         for i in 0..n {
             let mut sum = 0.0;
@@ -155,7 +199,9 @@ impl Evaluator {
                         0.0
                     }
                     Entry::Expr(c) => {
-                        let v = c.program.eval(&self.slots, &model.tables);
+                        let v = c
+                            .program
+                            .eval_in(&self.slots, &model.tables, &mut self.stack);
                         if !(-PROB_TOL..=1.0 + PROB_TOL).contains(&v) {
                             return Err(EconError::Evaluation {
                                 strategy: strategy.name.clone(),
@@ -222,29 +268,31 @@ impl Evaluator {
         }
     }
 
-    fn run_markov(&mut self, model: &Model, mk: &Markov, strategy: &Strategy, detail: bool) -> Result<StrategyRun> {
+    fn run_markov(
+        &mut self,
+        model: &Model,
+        mk: &Markov,
+        strategy: &Strategy,
+        detail: bool,
+    ) -> Result<StrategyRun> {
         let set = &model.settings;
         let n = mk.states.len();
         let no = model.outcomes.len();
         let len = set.cycle_length;
         let cs = model.cycle_slot();
-        let dc = 1.0 / (1.0 + set.discount_costs);
-        let de = 1.0 / (1.0 + set.discount_effects);
-        let out_rate = |k: usize| match model.outcomes[k].discount {
-            DiscountKind::None => 1.0,
-            DiscountKind::Costs => dc,
-            DiscountKind::Effects => de,
-        };
 
         self.prev.copy_from_slice(&mk.initial);
-        let mut out = Outcome { outcomes: vec![0.0; no], ..Default::default() };
+        let mut out = Outcome {
+            outcomes: vec![0.0; no],
+            ..Default::default()
+        };
         let mut trace = detail.then(|| Trace {
             membership: vec![mk.initial.clone()],
             ..Default::default()
         });
 
-        let mut need_matrix = true;
-        let mut need_values = true;
+        self.dyn_prev.clear();
+        self.dyn_prev.resize(strategy.dynamic_exprs.len(), f64::NAN);
         let simpson = set.counting == Counting::Simpson;
         let (wp, wn) = match set.counting {
             Counting::Beginning => (1.0, 0.0),
@@ -256,16 +304,23 @@ impl Evaluator {
         for t in 1..=set.cycles {
             self.slots[cs] = t as f64;
             self.slots[cs + 1] = t as f64 * len;
-            for (slot, p) in &strategy.dynamic_exprs {
-                self.slots[*slot] = p.eval(&self.slots, &model.tables);
+            // Most time-dependent expressions settle after a few cycles
+            // (`if(cycle <= 2, rr, 1)`); matrices and values that read cycle
+            // only through them are recomputed only when one changed.
+            let mut changed = false;
+            for (k, (slot, p)) in strategy.dynamic_exprs.iter().enumerate() {
+                let v = p.eval_in(&self.slots, &model.tables, &mut self.stack);
+                self.slots[*slot] = v;
+                if v.to_bits() != self.dyn_prev[k].to_bits() {
+                    changed = true;
+                    self.dyn_prev[k] = v;
+                }
             }
-            if need_matrix {
+            if t == 1 || (strategy.matrix_dynamic && (changed || strategy.matrix_reads_time)) {
                 self.fill_matrix(model, mk, strategy, t)?;
-                need_matrix = strategy.matrix_dynamic;
             }
-            if need_values {
+            if t == 1 || (strategy.values_dynamic && (changed || strategy.values_read_time)) {
                 self.fill_values(model, mk);
-                need_values = strategy.values_dynamic;
             }
             // next = prev · P
             for j in 0..n {
@@ -277,14 +332,18 @@ impl Evaluator {
                     continue;
                 }
                 let row = &self.matrix[i * n..(i + 1) * n];
-                for j in 0..n {
-                    self.next[j] += pi * row[j];
+                for (nj, pj) in self.next.iter_mut().zip(row) {
+                    *nj += pi * pj;
                 }
             }
 
-            let xc = set.discount_timing.exponent(t, len);
-            let fc = dc.powf(xc);
-            let fe = de.powf(xc);
+            let fc = self.disc_cost[t];
+            let fe = self.disc_effect[t];
+            let out_factor = |k: usize| match model.outcomes[k].discount {
+                DiscountKind::None => 1.0,
+                DiscountKind::Costs => fc,
+                DiscountKind::Effects => fe,
+            };
 
             // Transition payoffs happen once per cycle, whatever the counting.
             let mut c_t = 0.0;
@@ -295,7 +354,7 @@ impl Evaluator {
                 q_t += flow * self.tqaly[k];
                 for o in 0..no {
                     let v = flow * self.toutc[k * no + o];
-                    out.outcomes[o] += v * out_rate(o).powf(xc);
+                    out.outcomes[o] += v * out_factor(o);
                 }
             }
             let mut ly_t = 0.0;
@@ -320,7 +379,7 @@ impl Evaluator {
                     }
                     for o in 0..no {
                         let v = occ * self.outc[s * no + o];
-                        out.outcomes[o] += v * out_rate(o).powf(xc);
+                        out.outcomes[o] += v * out_factor(o);
                     }
                 }
                 c_t += oc;
@@ -350,7 +409,11 @@ impl Evaluator {
             }
             std::mem::swap(&mut self.prev, &mut self.next);
         }
-        Ok(StrategyRun { outcome: out, trace, paths: None })
+        Ok(StrategyRun {
+            outcome: out,
+            trace,
+            paths: None,
+        })
     }
 
     /// Simpson's rule: adds the weighted state payoffs of trace point `k`
@@ -376,9 +439,8 @@ impl Evaluator {
         } else {
             2.0 / 3.0
         };
-        let x = k as f64 * len;
-        let fc = (1.0 + set.discount_costs).powf(-x);
-        let fe = (1.0 + set.discount_effects).powf(-x);
+        let fc = self.point_cost[k];
+        let fe = self.point_effect[k];
         let (mut c, mut q, mut ly) = (0.0, 0.0, 0.0);
         if self.first_vals.len() != no {
             self.first_vals = vec![0.0; no];
@@ -424,20 +486,39 @@ impl Evaluator {
         }
     }
 
-    fn run_tree(&mut self, model: &Model, tree: &Tree, strategy: &Strategy, detail: bool) -> Result<StrategyRun> {
+    fn run_tree(
+        &mut self,
+        model: &Model,
+        tree: &Tree,
+        strategy: &Strategy,
+        detail: bool,
+    ) -> Result<StrategyRun> {
         let mut paths = detail.then(Vec::new);
         let mut prefix = Vec::new();
         let acc = Acc::zero(model.outcomes.len());
-        let out = self.roll_back(model, tree, strategy, strategy.tree_root, acc, 1.0, &mut prefix, paths.as_mut())?;
-        Ok(StrategyRun { outcome: out, trace: None, paths })
+        let out = self.roll_back(
+            model,
+            tree,
+            strategy,
+            strategy.tree_root,
+            acc,
+            1.0,
+            &mut prefix,
+            paths.as_mut(),
+        )?;
+        Ok(StrategyRun {
+            outcome: out,
+            trace: None,
+            paths,
+        })
     }
 
     fn payoffs(&self, model: &Model, p: &Payoffs) -> Acc {
         Acc {
-            cost: self.val(&p.cost, model),
-            qalys: self.val(&p.qaly, model),
-            life_years: self.val(&p.life_years, model),
-            outcomes: p.outcomes.iter().map(|c| self.val(c, model)).collect(),
+            cost: self.tval(&p.cost, model),
+            qalys: self.tval(&p.qaly, model),
+            life_years: self.tval(&p.life_years, model),
+            outcomes: p.outcomes.iter().map(|c| self.tval(c, model)).collect(),
         }
     }
 
@@ -461,7 +542,7 @@ impl Evaluator {
         prefix.push(nd.id.clone());
         let result = match nd.kind {
             NodeKind::Terminal => {
-                if let Some(p) = paths.as_deref_mut() {
+                if let Some(p) = paths {
                     p.push(TreePath {
                         nodes: prefix.clone(),
                         probability: prob,
@@ -478,7 +559,7 @@ impl Evaluator {
                 let mut comp = None;
                 for (bi, b) in nd.branches.iter().enumerate() {
                     let p = match &b.p {
-                        Entry::Expr(c) => self.val(c, model),
+                        Entry::Expr(c) => self.tval(c, model),
                         Entry::Complement => {
                             comp = Some(bi);
                             0.0
@@ -489,7 +570,10 @@ impl Evaluator {
                         return Err(EconError::Evaluation {
                             strategy: strategy.name.clone(),
                             cycle: None,
-                            message: format!("node `{}` branch `{}`: probability {p} is outside [0, 1]", nd.id, b.label),
+                            message: format!(
+                                "node `{}` branch `{}`: probability {p} is outside [0, 1]",
+                                nd.id, b.label
+                            ),
                         });
                     }
                     sum += p;
@@ -500,7 +584,10 @@ impl Evaluator {
                         return Err(EconError::Evaluation {
                             strategy: strategy.name.clone(),
                             cycle: None,
-                            message: format!("node `{}`: branch probabilities add up to {sum} > 1, leaving a negative complement", nd.id),
+                            message: format!(
+                                "node `{}`: branch probabilities add up to {sum} > 1, leaving a negative complement",
+                                nd.id
+                            ),
                         });
                     }
                     probs[c] = (1.0 - sum).max(0.0);
@@ -508,13 +595,28 @@ impl Evaluator {
                     return Err(EconError::Evaluation {
                         strategy: strategy.name.clone(),
                         cycle: None,
-                        message: format!("node `{}`: branch probabilities add up to {sum}, not 1; make one branch \"C\"", nd.id),
+                        message: format!(
+                            "node `{}`: branch probabilities add up to {sum}, not 1; make one branch \"C\"",
+                            nd.id
+                        ),
                     });
                 }
-                let mut total = Outcome { outcomes: vec![0.0; model.outcomes.len()], ..Default::default() };
+                let mut total = Outcome {
+                    outcomes: vec![0.0; model.outcomes.len()],
+                    ..Default::default()
+                };
                 for (b, p) in nd.branches.iter().zip(probs) {
                     let bacc = acc.plus(&self.payoffs(model, &b.payoffs));
-                    let sub = self.roll_back(model, tree, strategy, b.to, bacc, prob * p, prefix, paths.as_deref_mut())?;
+                    let sub = self.roll_back(
+                        model,
+                        tree,
+                        strategy,
+                        b.to,
+                        bacc,
+                        prob * p,
+                        prefix,
+                        paths.as_deref_mut(),
+                    )?;
                     total.add_scaled(&sub, p);
                 }
                 total
@@ -526,14 +628,23 @@ impl Evaluator {
                 for b in &nd.branches {
                     let bacc = acc.plus(&self.payoffs(model, &b.payoffs));
                     let mut sub_paths = paths.is_some().then(Vec::new);
-                    let sub = self.roll_back(model, tree, strategy, b.to, bacc, prob, prefix, sub_paths.as_mut())?;
+                    let sub = self.roll_back(
+                        model,
+                        tree,
+                        strategy,
+                        b.to,
+                        bacc,
+                        prob,
+                        prefix,
+                        sub_paths.as_mut(),
+                    )?;
                     let nmb = model.settings.wtp * sub.effect(model.meta.effect) - sub.cost;
                     if best.as_ref().is_none_or(|(v, _, _)| nmb > *v) {
                         best = Some((nmb, sub, sub_paths.unwrap_or_default()));
                     }
                 }
                 let (_, o, bp) = best.expect("decision node has branches");
-                if let Some(p) = paths.as_deref_mut() {
+                if let Some(p) = paths {
                     p.extend(bp);
                 }
                 o
@@ -554,14 +665,24 @@ struct Acc {
 
 impl Acc {
     fn zero(n: usize) -> Self {
-        Acc { cost: 0.0, qalys: 0.0, life_years: 0.0, outcomes: vec![0.0; n] }
+        Acc {
+            cost: 0.0,
+            qalys: 0.0,
+            life_years: 0.0,
+            outcomes: vec![0.0; n],
+        }
     }
     fn plus(&self, o: &Acc) -> Acc {
         Acc {
             cost: self.cost + o.cost,
             qalys: self.qalys + o.qalys,
             life_years: self.life_years + o.life_years,
-            outcomes: self.outcomes.iter().zip(&o.outcomes).map(|(a, b)| a + b).collect(),
+            outcomes: self
+                .outcomes
+                .iter()
+                .zip(&o.outcomes)
+                .map(|(a, b)| a + b)
+                .collect(),
         }
     }
     fn to_outcome(&self) -> Outcome {
@@ -591,6 +712,20 @@ impl Outcome {
             *a += w * b;
         }
     }
+}
+
+fn discount_table(model: &Model, rate: f64, by_point: bool) -> Vec<f64> {
+    let s = &model.settings;
+    (0..=s.cycles)
+        .map(|t| {
+            let x = if by_point {
+                t as f64 * s.cycle_length
+            } else {
+                s.discount_timing.exponent(t, s.cycle_length)
+            };
+            (1.0 + rate).powf(-x)
+        })
+        .collect()
 }
 
 /// Convenience: base-case runs with traces / paths.

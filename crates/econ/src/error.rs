@@ -13,17 +13,27 @@ pub enum EconError {
     /// A probability or value went out of bounds while the model ran (for
     /// example a complement entry became negative for a sampled parameter set).
     #[error("strategy `{strategy}`{at}: {message}", at = cycle.map(|c| format!(", cycle {c}")).unwrap_or_default())]
-    Evaluation { strategy: String, cycle: Option<usize>, message: String },
+    Evaluation {
+        strategy: String,
+        cycle: Option<usize>,
+        message: String,
+    },
 
     /// An analysis was asked for something the model cannot provide.
     #[error("{0}")]
     Analysis(String),
 
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 
     #[error("cannot write {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 
     #[error("measurements file {path}: {message}")]
     Measurements { path: PathBuf, message: String },

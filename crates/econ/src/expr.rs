@@ -31,10 +31,17 @@ impl std::error::Error for ExprError {}
 #[derive(Debug, Clone, PartialEq)]
 pub enum Ast {
     Num(f64),
-    Var { name: String, column: usize },
+    Var {
+        name: String,
+        column: usize,
+    },
     Unary(UnOp, Box<Ast>),
     Binary(BinOp, Box<Ast>, Box<Ast>),
-    Call { name: String, args: Vec<Ast>, column: usize },
+    Call {
+        name: String,
+        args: Vec<Ast>,
+        column: usize,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,7 +128,8 @@ fn lex(src: &str) -> Result<Vec<(Tok, usize)>, ExprError> {
             i += 1;
             continue;
         }
-        if c.is_ascii_digit() || (c == '.' && chars.get(i + 1).is_some_and(|d| d.is_ascii_digit())) {
+        if c.is_ascii_digit() || (c == '.' && chars.get(i + 1).is_some_and(|d| d.is_ascii_digit()))
+        {
             let start = i;
             while i < chars.len() && (chars[i].is_ascii_digit() || chars[i] == '.') {
                 i += 1;
@@ -294,7 +302,11 @@ impl Parser {
                     } else {
                         self.next();
                     }
-                    Ast::Call { name, args, column: col }
+                    Ast::Call {
+                        name,
+                        args,
+                        column: col,
+                    }
                 } else {
                     Ast::Var { name, column: col }
                 }
@@ -321,11 +333,7 @@ impl Parser {
                 });
             }
         };
-        loop {
-            let op = match self.peek() {
-                Tok::Op(op) => *op,
-                _ => break,
-            };
+        while let Tok::Op(op) = self.peek() {
             let Some((lbp, rbp, bin)) = infix(op) else {
                 break;
             };
@@ -435,11 +443,13 @@ pub struct Program {
     ops: Vec<Op>,
 }
 
-const MAX_STACK: usize = 48;
+const MAX_STACK: usize = 32;
 
 impl Program {
     pub fn constant(v: f64) -> Self {
-        Program { ops: vec![Op::Const(v)] }
+        Program {
+            ops: vec![Op::Const(v)],
+        }
     }
 
     /// The value if the program reads no slot.
@@ -450,37 +460,44 @@ impl Program {
         }
     }
 
-    #[inline]
+    /// Evaluates the program. Allocates nothing; for hot loops prefer
+    /// [`Program::eval_in`] with a reused stack.
     pub fn eval(&self, slots: &[f64], tables: &[Table]) -> f64 {
         if let [Op::Const(v)] = self.ops.as_slice() {
             return *v;
         }
-        let mut st = [0.0f64; MAX_STACK];
-        let mut sp = 0usize;
+        let mut stack = Vec::with_capacity(MAX_STACK);
+        self.eval_in(slots, tables, &mut stack)
+    }
+
+    /// Evaluates with `stack` as scratch space (cleared first), so the PSA
+    /// inner loop neither allocates nor zeroes a stack per evaluation.
+    #[inline]
+    pub fn eval_in(&self, slots: &[f64], tables: &[Table], st: &mut Vec<f64>) -> f64 {
+        match self.ops.as_slice() {
+            [Op::Const(v)] => return *v,
+            [Op::Load(i)] => return slots[*i as usize],
+            _ => {}
+        }
+        st.clear();
         macro_rules! bin {
             ($f:expr) => {{
-                sp -= 1;
-                let b = st[sp];
-                let a = st[sp - 1];
-                st[sp - 1] = $f(a, b);
+                let b = st.pop().unwrap_or(f64::NAN);
+                let a = st.last_mut().expect("compiled programs are balanced");
+                *a = $f(*a, b);
             }};
         }
         macro_rules! un {
             ($f:expr) => {{
-                st[sp - 1] = $f(st[sp - 1]);
+                let a = st.last_mut().expect("compiled programs are balanced");
+                *a = $f(*a);
             }};
         }
         let truth = |b: bool| if b { 1.0 } else { 0.0 };
         for op in &self.ops {
             match *op {
-                Op::Const(v) => {
-                    st[sp] = v;
-                    sp += 1;
-                }
-                Op::Load(i) => {
-                    st[sp] = slots[i as usize];
-                    sp += 1;
-                }
+                Op::Const(v) => st.push(v),
+                Op::Load(i) => st.push(slots[i as usize]),
                 Op::Neg => un!(|a: f64| -a),
                 Op::Not => un!(|a: f64| truth(a == 0.0)),
                 Op::Add => bin!(|a, b| a + b),
@@ -507,16 +524,17 @@ impl Program {
                 Op::Min => bin!(f64::min),
                 Op::Max => bin!(f64::max),
                 Op::If => {
-                    sp -= 2;
-                    let (c, a, b) = (st[sp - 1], st[sp], st[sp + 1]);
-                    st[sp - 1] = if c != 0.0 { a } else { b };
+                    let b = st.pop().unwrap_or(f64::NAN);
+                    let a = st.pop().unwrap_or(f64::NAN);
+                    let c = st.last_mut().expect("compiled programs are balanced");
+                    *c = if *c != 0.0 { a } else { b };
                 }
                 Op::RateToProb => bin!(|r: f64, t: f64| 1.0 - (-r * t).exp()),
                 Op::ProbToRate => bin!(|p: f64, t: f64| -(1.0 - p).ln() / t),
                 Op::Lookup(t, how) => un!(|x| tables[t as usize].get(x, how)),
             }
         }
-        st[0]
+        st.first().copied().unwrap_or(f64::NAN)
     }
 }
 
@@ -675,26 +693,42 @@ fn emit(ast: &Ast, r: &dyn Resolver, ops: &mut Vec<Op>) -> Result<(), ExprError>
                         Some(t) => emit(t, r, ops)?,
                         None => ops.push(Op::Const(1.0)),
                     }
-                    ops.push(if name == "rate_to_prob" { Op::RateToProb } else { Op::ProbToRate });
+                    ops.push(if name == "rate_to_prob" {
+                        Op::RateToProb
+                    } else {
+                        Op::ProbToRate
+                    });
                 }
                 "lookup" | "interp" => {
                     if args.len() != 2 {
                         return Err(arity_err("2 (table, value)"));
                     }
-                    let Ast::Var { name: tname, column: tcol } = &args[0] else {
+                    let Ast::Var {
+                        name: tname,
+                        column: tcol,
+                    } = &args[0]
+                    else {
                         return Err(ExprError {
                             column: *column,
-                            message: format!("the first argument of `{name}` must be a table name from [tables]"),
+                            message: format!(
+                                "the first argument of `{name}` must be a table name from [tables]"
+                            ),
                         });
                     };
                     let Some(t) = r.table(tname) else {
                         return Err(ExprError {
                             column: *tcol,
-                            message: format!("unknown table `{tname}`; declare it under [tables.{tname}]"),
+                            message: format!(
+                                "unknown table `{tname}`; declare it under [tables.{tname}]"
+                            ),
                         });
                     };
                     emit(&args[1], r, ops)?;
-                    let how = if name == "lookup" { Interpolation::Step } else { Interpolation::Linear };
+                    let how = if name == "lookup" {
+                        Interpolation::Step
+                    } else {
+                        Interpolation::Linear
+                    };
                     ops.push(Op::Lookup(t as u32, how));
                 }
                 _ => {
@@ -742,7 +776,10 @@ fn suggest(name: &str, known: &[String]) -> String {
         .iter()
         .filter(|k| {
             let kl = k.to_lowercase();
-            kl == lower || kl.contains(&lower) || lower.contains(&kl) || edit_distance(&kl, &lower) <= 2
+            kl == lower
+                || kl.contains(&lower)
+                || lower.contains(&kl)
+                || edit_distance(&kl, &lower) <= 2
         })
         .take(3)
         .collect();
@@ -792,7 +829,9 @@ mod tests {
             y: vec![1.0, 2.0, 3.0],
             interpolation: Interpolation::Step,
         }];
-        compile(&parse(src).unwrap(), &R).unwrap().eval(slots, &tables)
+        compile(&parse(src).unwrap(), &R)
+            .unwrap()
+            .eval(slots, &tables)
     }
 
     #[test]

@@ -57,7 +57,10 @@ pub struct IcerRow {
 /// strongly dominated ones, each group by increasing cost.
 pub fn incremental(names: &[String], cost: &[f64], effect: &[f64]) -> Vec<IcerRow> {
     let n = names.len();
-    assert!(cost.len() == n && effect.len() == n, "one cost and one effect per strategy");
+    assert!(
+        cost.len() == n && effect.len() == n,
+        "one cost and one effect per strategy"
+    );
     let mut status = vec![Status::NonDominated; n];
     let mut dom_by: Vec<Vec<usize>> = vec![Vec::new(); n];
 
@@ -68,7 +71,9 @@ pub fn incremental(names: &[String], cost: &[f64], effect: &[f64]) -> Vec<IcerRo
                 continue;
             }
             let same = cost[j] == cost[i] && effect[j] == effect[i];
-            let dominates = cost[j] <= cost[i] && effect[j] >= effect[i] && (cost[j] < cost[i] || effect[j] > effect[i]);
+            let dominates = cost[j] <= cost[i]
+                && effect[j] >= effect[i]
+                && (cost[j] < cost[i] || effect[j] > effect[i]);
             if dominates || (same && j < i) {
                 status[i] = Status::Dominated;
                 dom_by[i] = vec![j];
@@ -78,8 +83,14 @@ pub fn incremental(names: &[String], cost: &[f64], effect: &[f64]) -> Vec<IcerRo
     }
 
     // Extended dominance on the rest, ordered by effect.
-    let mut front: Vec<usize> = (0..n).filter(|&i| status[i] == Status::NonDominated).collect();
-    front.sort_by(|&a, &b| effect[a].total_cmp(&effect[b]).then(cost[a].total_cmp(&cost[b])));
+    let mut front: Vec<usize> = (0..n)
+        .filter(|&i| status[i] == Status::NonDominated)
+        .collect();
+    front.sort_by(|&a, &b| {
+        effect[a]
+            .total_cmp(&effect[b])
+            .then(cost[a].total_cmp(&cost[b]))
+    });
     loop {
         let mut removed = false;
         if front.len() >= 3 {
@@ -162,7 +173,10 @@ pub fn nhb(cost: f64, effect: f64, wtp: f64) -> f64 {
 pub fn best_by_nmb(cost: &[f64], effect: &[f64], wtp: f64) -> usize {
     let mut best = 0;
     for i in 1..cost.len() {
-        let (a, b) = (nmb(cost[i], effect[i], wtp), nmb(cost[best], effect[best], wtp));
+        let (a, b) = (
+            nmb(cost[i], effect[i], wtp),
+            nmb(cost[best], effect[best], wtp),
+        );
         if a > b || (a == b && cost[i] < cost[best]) {
             best = i;
         }

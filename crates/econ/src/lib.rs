@@ -23,7 +23,6 @@ pub mod psa;
 pub mod report;
 pub mod svg;
 
-
 pub use analysis::{Analysis, AnalysisOptions, run_analysis};
 pub use error::{EconError, Result};
 pub use model::Model;

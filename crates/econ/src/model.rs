@@ -115,7 +115,7 @@ enum RawGrid {
 #[serde(untagged)]
 enum RawParam {
     Bare(f64),
-    Full(RawParamFull),
+    Full(Box<RawParamFull>),
 }
 
 #[derive(Debug, Deserialize)]
@@ -544,6 +544,11 @@ pub struct Strategy {
     pub matrix: Vec<Entry>,
     pub matrix_dynamic: bool,
     pub values_dynamic: bool,
+    /// Whether matrix entries / state values read `cycle` or `time` directly
+    /// (if not, they change only when a dynamic expression's value changes,
+    /// which the evaluator checks before recomputing them).
+    pub matrix_reads_time: bool,
+    pub values_read_time: bool,
     pub tree_root: usize,
     /// The expression text this strategy uses for each overridden name.
     pub overrides: Vec<(String, String)>,
@@ -635,7 +640,10 @@ impl Model {
 
     /// Reads and compiles a model file.
     pub fn from_path(path: &Path) -> Result<Model> {
-        let text = std::fs::read_to_string(path).map_err(|e| EconError::Read { path: path.to_owned(), source: e })?;
+        let text = std::fs::read_to_string(path).map_err(|e| EconError::Read {
+            path: path.to_owned(),
+            source: e,
+        })?;
         let mut m = Model::from_toml_named(&text, &path.display().to_string())?;
         m.source_path = Some(path.to_owned());
         Ok(m)
@@ -648,7 +656,10 @@ impl Model {
                 Some(span) => locate(name, text, span.start),
                 None => name.to_string(),
             };
-            EconError::Model { location, message: e.message().trim().to_string() }
+            EconError::Model {
+                location,
+                message: e.message().trim().to_string(),
+            }
         })?;
         Builder { file: name, text }.build(raw)
     }
@@ -663,11 +674,15 @@ impl Model {
     /// flattened with dots). Only keys mapped under `[measurements]` are used;
     /// returns the (key, parameter, value) triples applied.
     pub fn apply_measurements(&mut self, path: &Path) -> Result<Vec<(String, String, f64)>> {
-        let text = std::fs::read_to_string(path).map_err(|e| EconError::Read { path: path.to_owned(), source: e })?;
-        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| EconError::Measurements {
+        let text = std::fs::read_to_string(path).map_err(|e| EconError::Read {
             path: path.to_owned(),
-            message: format!("not valid JSON: {e}"),
+            source: e,
         })?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| EconError::Measurements {
+                path: path.to_owned(),
+                message: format!("not valid JSON: {e}"),
+            })?;
         let mut flat = BTreeMap::new();
         flatten(&json, String::new(), &mut flat);
         let mut applied = Vec::new();
@@ -710,13 +725,27 @@ fn recentre(p: &mut Parameter, value: f64) {
             p.range = Some((lo * k, hi * k));
         }
         p.dist = match p.dist {
-            Dist::Normal { mean, sd } => Dist::Normal { mean: mean * k, sd: sd * k.abs() },
-            Dist::Gamma { shape, scale } if k > 0.0 => Dist::Gamma { shape, scale: scale * k },
-            Dist::LogNormal { meanlog, sdlog } if k > 0.0 => Dist::LogNormal { meanlog: meanlog + k.ln(), sdlog },
-            Dist::Uniform { min, max } if k > 0.0 => Dist::Uniform { min: min * k, max: max * k },
-            Dist::Triangular { min, mode, max } if k > 0.0 => {
-                Dist::Triangular { min: min * k, mode: mode * k, max: max * k }
-            }
+            Dist::Normal { mean, sd } => Dist::Normal {
+                mean: mean * k,
+                sd: sd * k.abs(),
+            },
+            Dist::Gamma { shape, scale } if k > 0.0 => Dist::Gamma {
+                shape,
+                scale: scale * k,
+            },
+            Dist::LogNormal { meanlog, sdlog } if k > 0.0 => Dist::LogNormal {
+                meanlog: meanlog + k.ln(),
+                sdlog,
+            },
+            Dist::Uniform { min, max } if k > 0.0 => Dist::Uniform {
+                min: min * k,
+                max: max * k,
+            },
+            Dist::Triangular { min, mode, max } if k > 0.0 => Dist::Triangular {
+                min: min * k,
+                mode: mode * k,
+                max: max * k,
+            },
             d => d,
         };
     }
@@ -726,7 +755,11 @@ fn flatten(v: &serde_json::Value, prefix: String, out: &mut BTreeMap<String, f64
     match v {
         serde_json::Value::Object(map) => {
             for (k, v) in map {
-                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
                 flatten(v, key, out);
             }
         }
@@ -743,7 +776,12 @@ fn locate(name: &str, text: &str, offset: usize) -> String {
     let offset = offset.min(text.len());
     let before = &text[..offset];
     let line = before.matches('\n').count() + 1;
-    let col = before.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) + 1;
+    let col = before
+        .rsplit('\n')
+        .next()
+        .map(|l| l.chars().count())
+        .unwrap_or(0)
+        + 1;
     format!("{name}:{line}:{col}")
 }
 
@@ -775,11 +813,17 @@ const RESERVED: &[&str] = &["cycle", "time", "C", "complement"];
 
 impl Builder<'_> {
     fn err_at(&self, offset: usize, message: impl Into<String>) -> EconError {
-        EconError::Model { location: locate(self.file, self.text, offset), message: message.into() }
+        EconError::Model {
+            location: locate(self.file, self.text, offset),
+            message: message.into(),
+        }
     }
 
     fn err(&self, message: impl Into<String>) -> EconError {
-        EconError::Model { location: self.file.to_string(), message: message.into() }
+        EconError::Model {
+            location: self.file.to_string(),
+            message: message.into(),
+        }
     }
 
     fn build(&self, raw: RawFile) -> Result<Model> {
@@ -813,12 +857,14 @@ impl Builder<'_> {
                 RawParam::Full(f) => {
                     let base = match &f.value {
                         NumOrExpr::Num(v) => *v,
-                        NumOrExpr::Expr(text) => self.constant_value(text, sp.span().start, name)?,
+                        NumOrExpr::Expr(text) => {
+                            self.constant_value(text, sp.span().start, name)?
+                        }
                     };
                     let dist = match &f.dist {
-                        Some(d) => d
-                            .resolve()
-                            .map_err(|e| self.err_at(sp.span().start, format!("parameter `{name}`: {e}")))?,
+                        Some(d) => d.resolve().map_err(|e| {
+                            self.err_at(sp.span().start, format!("parameter `{name}`: {e}"))
+                        })?,
                         None => Dist::Fixed,
                     };
                     if let Some([lo, hi]) = f.range {
@@ -842,7 +888,10 @@ impl Builder<'_> {
                 }
             };
             if !p.base.is_finite() {
-                return Err(self.err_at(sp.span().start, format!("parameter `{name}`: value must be finite")));
+                return Err(self.err_at(
+                    sp.span().start,
+                    format!("parameter `{name}`: value must be finite"),
+                ));
             }
             slots.insert(name.clone(), params.len());
             params.push(p);
@@ -859,8 +908,11 @@ impl Builder<'_> {
                     format!("[dirichlet.{name}]: give at least two parameters and one alpha per parameter"),
                 ));
             }
-            if d.alpha.iter().any(|a| !(*a > 0.0)) {
-                return Err(self.err_at(at, format!("[dirichlet.{name}]: every alpha must be positive")));
+            if d.alpha.iter().any(|a| a.is_nan() || *a <= 0.0) {
+                return Err(self.err_at(
+                    at,
+                    format!("[dirichlet.{name}]: every alpha must be positive"),
+                ));
             }
             let mut idx = Vec::new();
             for p in &d.parameters {
@@ -871,7 +923,10 @@ impl Builder<'_> {
                     ));
                 };
                 if !in_dirichlet.insert(i) {
-                    return Err(self.err_at(at, format!("[dirichlet.{name}]: `{p}` is already in another group")));
+                    return Err(self.err_at(
+                        at,
+                        format!("[dirichlet.{name}]: `{p}` is already in another group"),
+                    ));
                 }
                 if params[i].dist != Dist::Fixed {
                     return Err(self.err_at(
@@ -898,10 +953,16 @@ impl Builder<'_> {
             let t = st.get_ref();
             let at = st.span().start;
             if t.x.is_empty() || t.x.len() != t.y.len() {
-                return Err(self.err_at(at, format!("[tables.{name}]: x and y must be non-empty and of equal length")));
+                return Err(self.err_at(
+                    at,
+                    format!("[tables.{name}]: x and y must be non-empty and of equal length"),
+                ));
             }
             if t.x.windows(2).any(|w| w[0] >= w[1]) {
-                return Err(self.err_at(at, format!("[tables.{name}]: x must be strictly increasing")));
+                return Err(self.err_at(
+                    at,
+                    format!("[tables.{name}]: x must be strictly increasing"),
+                ));
             }
             table_idx.insert(name.clone(), tables.len());
             table_names.push(name.clone());
@@ -958,14 +1019,24 @@ impl Builder<'_> {
                 discount,
             });
         }
-        let outcome_idx: HashMap<String, usize> =
-            outcomes.iter().enumerate().map(|(i, o)| (o.name.clone(), i)).collect();
+        let outcome_idx: HashMap<String, usize> = outcomes
+            .iter()
+            .enumerate()
+            .map(|(i, o)| (o.name.clone(), i))
+            .collect();
 
-        let names = Names { slots: &slots, tables: &table_idx };
+        let names = Names {
+            slots: &slots,
+            tables: &table_idx,
+        };
         let compile = |src: &Spanned<NumOrExpr>, what: &str| -> Result<Compiled> {
             self.compile_spanned(src, what, &names)
         };
-        let constant = |v: f64| Compiled { program: Program::constant(v), text: fmt_const(v), deps: vec![] };
+        let constant = |v: f64| Compiled {
+            program: Program::constant(v),
+            text: fmt_const(v),
+            deps: vec![],
+        };
 
         // Global expression ASTs (strategy overrides are compiled below).
         let mut expr_compiled = Vec::new();
@@ -981,7 +1052,9 @@ impl Builder<'_> {
                     let Some(&oi) = outcome_idx.get(oname) else {
                         return Err(self.err_at(
                             src.span().start,
-                            format!("{what}: outcome `{oname}` is not declared; add [outcomes.{oname}]"),
+                            format!(
+                                "{what}: outcome `{oname}` is not declared; add [outcomes.{oname}]"
+                            ),
                         ));
                     };
                     v[oi] = compile(src, &format!("{what}, outcome `{oname}`"))?;
@@ -991,7 +1064,11 @@ impl Builder<'_> {
 
         // ----------------------------------------------------- settings
         let s = &raw.settings;
-        let counting = match s.counting.as_ref().map(|c| (c.get_ref().as_str(), c.span().start)) {
+        let counting = match s
+            .counting
+            .as_ref()
+            .map(|c| (c.get_ref().as_str(), c.span().start))
+        {
             None => Counting::HalfCycle,
             Some(("beginning", _)) => Counting::Beginning,
             Some(("end", _)) => Counting::End,
@@ -1006,7 +1083,11 @@ impl Builder<'_> {
                 ));
             }
         };
-        let discount_timing = match s.discount_timing.as_ref().map(|c| (c.get_ref().as_str(), c.span().start)) {
+        let discount_timing = match s
+            .discount_timing
+            .as_ref()
+            .map(|c| (c.get_ref().as_str(), c.span().start))
+        {
             None | Some(("start", _)) => DiscountTiming::Start,
             Some(("middle", _)) => DiscountTiming::Middle,
             Some(("end", _)) => DiscountTiming::End,
@@ -1021,7 +1102,9 @@ impl Builder<'_> {
             (ModelKind::Markov, None) => {
                 return Err(self.err("[settings] cycles is required for a Markov model (the number of cycles in the horizon)"));
             }
-            (ModelKind::Markov, Some(0)) => return Err(self.err("[settings] cycles must be at least 1")),
+            (ModelKind::Markov, Some(0)) => {
+                return Err(self.err("[settings] cycles must be at least 1"));
+            }
             (_, c) => c.unwrap_or(0),
         };
         if kind == ModelKind::Markov && counting == Counting::Simpson && cycles % 2 != 0 {
@@ -1030,10 +1113,13 @@ impl Builder<'_> {
             )));
         }
         let cycle_length = s.cycle_length.unwrap_or(1.0);
-        if !(cycle_length > 0.0) {
+        if cycle_length.is_nan() || cycle_length <= 0.0 {
             return Err(self.err("[settings] cycle_length must be positive (in years)"));
         }
-        for (v, n) in [(s.discount_costs, "discount_costs"), (s.discount_effects, "discount_effects")] {
+        for (v, n) in [
+            (s.discount_costs, "discount_costs"),
+            (s.discount_effects, "discount_effects"),
+        ] {
             if let Some(r) = v {
                 if !(0.0..1.0).contains(&r) {
                     return Err(self.err(format!(
@@ -1046,8 +1132,10 @@ impl Builder<'_> {
         let wtp_grid = match &s.wtp_grid {
             Some(RawGrid::List(v)) => v.clone(),
             Some(RawGrid::Range { from, to, step }) => {
-                if !(*step > 0.0) || to < from {
-                    return Err(self.err("[settings] wtp_grid needs from <= to and a positive step"));
+                if step.is_nan() || *step <= 0.0 || to < from {
+                    return Err(
+                        self.err("[settings] wtp_grid needs from <= to and a positive step")
+                    );
                 }
                 let n = ((to - from) / step).round() as usize;
                 (0..=n).map(|i| from + step * i as f64).collect()
@@ -1078,7 +1166,7 @@ impl Builder<'_> {
                     )));
                 }
                 let total: f64 = mk.initial.iter().sum();
-                if mk.initial.iter().any(|v| *v < 0.0) || !(total > 0.0) {
+                if mk.initial.iter().any(|v| *v < 0.0) || total.is_nan() || total <= 0.0 {
                     return Err(self.err("[markov] initial must be non-negative and not all zero"));
                 }
                 for k in mk.state.keys() {
@@ -1112,7 +1200,13 @@ impl Builder<'_> {
                 }
                 let state_idx = |s: &str, at: usize| -> Result<usize> {
                     mk.states.iter().position(|x| x == s).ok_or_else(|| {
-                        self.err_at(at, format!("state `{s}` is not in [markov] states ({})", mk.states.join(", ")))
+                        self.err_at(
+                            at,
+                            format!(
+                                "state `{s}` is not in [markov] states ({})",
+                                mk.states.join(", ")
+                            ),
+                        )
                     })
                 };
                 let mut on_transition = Vec::new();
@@ -1144,8 +1238,12 @@ impl Builder<'_> {
                 let Some(tr) = &raw.tree else {
                     return Err(self.err("a decision-tree model needs [tree.nodes.ID] tables"));
                 };
-                let ids: HashMap<&str, usize> =
-                    tr.nodes.keys().enumerate().map(|(i, k)| (k.as_str(), i)).collect();
+                let ids: HashMap<&str, usize> = tr
+                    .nodes
+                    .keys()
+                    .enumerate()
+                    .map(|(i, k)| (k.as_str(), i))
+                    .collect();
                 let mut nodes = Vec::new();
                 for (id, sn) in &tr.nodes {
                     let n = sn.get_ref();
@@ -1162,16 +1260,26 @@ impl Builder<'_> {
                         }
                     };
                     if kind == NodeKind::Terminal && !n.branches.is_empty() {
-                        return Err(self.err_at(at, format!("node `{id}` is terminal but has branches")));
+                        return Err(
+                            self.err_at(at, format!("node `{id}` is terminal but has branches"))
+                        );
                     }
                     if kind != NodeKind::Terminal && n.branches.is_empty() {
-                        return Err(self.err_at(at, format!("node `{id}` is a {} node without branches", n.kind)));
+                        return Err(self.err_at(
+                            at,
+                            format!("node `{id}` is a {} node without branches", n.kind),
+                        ));
                     }
                     let what = format!("node `{id}`");
                     let payoffs = Payoffs {
                         cost: opt_compile(&n.cost, &format!("{what} cost"), &compile, &constant)?,
                         qaly: opt_compile(&n.qaly, &format!("{what} qaly"), &compile, &constant)?,
-                        life_years: opt_compile(&n.life_years, &format!("{what} life_years"), &compile, &constant)?,
+                        life_years: opt_compile(
+                            &n.life_years,
+                            &format!("{what} life_years"),
+                            &compile,
+                            &constant,
+                        )?,
                         outcomes: compile_outcomes(&n.outcomes, &what)?,
                     };
                     let mut branches = Vec::new();
@@ -1180,7 +1288,11 @@ impl Builder<'_> {
                         let Some(&to) = ids.get(b.to.get_ref().as_str()) else {
                             return Err(self.err_at(
                                 b.to.span().start,
-                                format!("node `{id}` branch {}: no node `{}`", bi + 1, b.to.get_ref()),
+                                format!(
+                                    "node `{id}` branch {}: no node `{}`",
+                                    bi + 1,
+                                    b.to.get_ref()
+                                ),
                             ));
                         };
                         let bw = format!("node `{id}` branch to `{}`", b.to.get_ref());
@@ -1195,7 +1307,9 @@ impl Builder<'_> {
                             (Some(_), NodeKind::Decision) => {
                                 return Err(self.err_at(
                                     b.to.span().start,
-                                    format!("{bw}: decision branches are chosen, not drawn; remove `p`"),
+                                    format!(
+                                        "{bw}: decision branches are chosen, not drawn; remove `p`"
+                                    ),
                                 ));
                             }
                             (Some(sp), _) => match sp.get_ref() {
@@ -1211,17 +1325,41 @@ impl Builder<'_> {
                             label: b.label.clone().unwrap_or_else(|| b.to.get_ref().clone()),
                             p,
                             payoffs: Payoffs {
-                                cost: opt_compile(&b.cost, &format!("{bw} cost"), &compile, &constant)?,
-                                qaly: opt_compile(&b.qaly, &format!("{bw} qaly"), &compile, &constant)?,
-                                life_years: opt_compile(&b.life_years, &format!("{bw} life_years"), &compile, &constant)?,
+                                cost: opt_compile(
+                                    &b.cost,
+                                    &format!("{bw} cost"),
+                                    &compile,
+                                    &constant,
+                                )?,
+                                qaly: opt_compile(
+                                    &b.qaly,
+                                    &format!("{bw} qaly"),
+                                    &compile,
+                                    &constant,
+                                )?,
+                                life_years: opt_compile(
+                                    &b.life_years,
+                                    &format!("{bw} life_years"),
+                                    &compile,
+                                    &constant,
+                                )?,
                                 outcomes: compile_outcomes(&b.outcomes, &bw)?,
                             },
                         });
                     }
                     if complements > 1 {
-                        return Err(self.err_at(at, format!("node `{id}`: at most one branch may be the complement \"C\"")));
+                        return Err(self.err_at(
+                            at,
+                            format!("node `{id}`: at most one branch may be the complement \"C\""),
+                        ));
                     }
-                    nodes.push(Node { id: id.clone(), label: n.label.clone().unwrap_or_else(|| id.clone()), kind, branches, payoffs });
+                    nodes.push(Node {
+                        id: id.clone(),
+                        label: n.label.clone().unwrap_or_else(|| id.clone()),
+                        kind,
+                        branches,
+                        payoffs,
+                    });
                 }
                 // A tree must be acyclic; a path longer than the node count
                 // means a cycle.
@@ -1229,7 +1367,10 @@ impl Builder<'_> {
                     let mut stack = vec![(start, 0usize)];
                     while let Some((n, depth)) = stack.pop() {
                         if depth > nodes.len() {
-                            return Err(self.err(format!("the tree has a cycle through node `{}`", nodes[start].id)));
+                            return Err(self.err(format!(
+                                "the tree has a cycle through node `{}`",
+                                nodes[start].id
+                            )));
                         }
                         for b in &nodes[n].branches {
                             stack.push((b.to, depth + 1));
@@ -1257,11 +1398,18 @@ impl Builder<'_> {
             for (name, src) in &st.set {
                 let Some(i) = expr_names.iter().position(|e| e == name) else {
                     let hint = if slots.contains_key(name) {
-                        format!("`{name}` is a parameter; strategies may only override [expressions] (add an expression that uses it)")
+                        format!(
+                            "`{name}` is a parameter; strategies may only override [expressions] (add an expression that uses it)"
+                        )
                     } else {
-                        format!("`{name}` is not declared under [expressions]; declare a default there first")
+                        format!(
+                            "`{name}` is not declared under [expressions]; declare a default there first"
+                        )
                     };
-                    return Err(self.err_at(src.span().start, format!("strategy `{}` set: {hint}", st.name)));
+                    return Err(self.err_at(
+                        src.span().start,
+                        format!("strategy `{}` set: {hint}", st.name),
+                    ));
                 };
                 programs[i] = compile(src, &format!("strategy `{}` set `{name}`", st.name))?;
                 overrides.push((name.clone(), programs[i].text.clone()));
@@ -1278,7 +1426,11 @@ impl Builder<'_> {
                     dynamic_names.insert(expr_names[i].clone());
                 }
             }
-            let is_dyn = |c: &Compiled| c.deps.iter().any(|d| d == "cycle" || d == "time" || dynamic_names.contains(d));
+            let is_dyn = |c: &Compiled| {
+                c.deps
+                    .iter()
+                    .any(|d| d == "cycle" || d == "time" || dynamic_names.contains(d))
+            };
             let mut static_exprs = Vec::new();
             let mut dynamic_exprs = Vec::new();
             for &i in &order {
@@ -1290,9 +1442,15 @@ impl Builder<'_> {
                 }
             }
 
+            let reads_time = |c: &Compiled| c.deps.iter().any(|d| d == "cycle" || d == "time");
+            let mut matrix_reads_time = false;
+            let mut values_read_time = false;
             let (matrix, matrix_dynamic, values_dynamic, tree_root) = match &structure {
                 Structure::Markov(mk) => {
-                    let src = st.transitions.as_ref().or(raw.markov.as_ref().and_then(|m| m.transitions.as_ref()));
+                    let src = st
+                        .transitions
+                        .as_ref()
+                        .or(raw.markov.as_ref().and_then(|m| m.transitions.as_ref()));
                     let Some(src) = src else {
                         return Err(self.err_at(
                             at,
@@ -1302,13 +1460,37 @@ impl Builder<'_> {
                             ),
                         ));
                     };
-                    let state_names: Vec<String> = mk.states.iter().map(|s| s.name.clone()).collect();
+                    let state_names: Vec<String> =
+                        mk.states.iter().map(|s| s.name.clone()).collect();
                     let matrix = self.compile_matrix(src, &state_names, &st.name, &names)?;
-                    let md = matrix.iter().any(|e| matches!(e, Entry::Expr(c) if is_dyn(c)));
-                    let vd = mk.states.iter().any(|s| is_dyn(&s.cost) || is_dyn(&s.utility) || s.outcomes.iter().any(&is_dyn))
-                        || mk.on_transition.iter().any(|t| is_dyn(&t.cost) || is_dyn(&t.qaly) || t.outcomes.iter().any(&is_dyn));
+                    let md = matrix
+                        .iter()
+                        .any(|e| matches!(e, Entry::Expr(c) if is_dyn(c)));
+                    matrix_reads_time = matrix
+                        .iter()
+                        .any(|e| matches!(e, Entry::Expr(c) if reads_time(c)));
+                    values_read_time = mk.states.iter().any(|s| {
+                        reads_time(&s.cost)
+                            || reads_time(&s.utility)
+                            || s.outcomes.iter().any(&reads_time)
+                    }) || mk.on_transition.iter().any(|t| {
+                        reads_time(&t.cost)
+                            || reads_time(&t.qaly)
+                            || t.outcomes.iter().any(&reads_time)
+                    });
+                    let vd = mk.states.iter().any(|s| {
+                        is_dyn(&s.cost) || is_dyn(&s.utility) || s.outcomes.iter().any(&is_dyn)
+                    }) || mk.on_transition.iter().any(|t| {
+                        is_dyn(&t.cost) || is_dyn(&t.qaly) || t.outcomes.iter().any(&is_dyn)
+                    });
                     if st.tree_root.is_some() {
-                        return Err(self.err_at(at, format!("strategy `{}`: tree_root is for decision-tree models", st.name)));
+                        return Err(self.err_at(
+                            at,
+                            format!(
+                                "strategy `{}`: tree_root is for decision-tree models",
+                                st.name
+                            ),
+                        ));
                     }
                     (matrix, md, vd, 0)
                 }
@@ -1322,11 +1504,18 @@ impl Builder<'_> {
                     let Some(r) = tr.nodes.iter().position(|n| n.id == *root.get_ref()) else {
                         return Err(self.err_at(
                             root.span().start,
-                            format!("strategy `{}`: tree_root `{}` is not a node", st.name, root.get_ref()),
+                            format!(
+                                "strategy `{}`: tree_root `{}` is not a node",
+                                st.name,
+                                root.get_ref()
+                            ),
                         ));
                     };
                     if st.transitions.is_some() {
-                        return Err(self.err_at(at, format!("strategy `{}`: transitions are for Markov models", st.name)));
+                        return Err(self.err_at(
+                            at,
+                            format!("strategy `{}`: transitions are for Markov models", st.name),
+                        ));
                     }
                     (Vec::new(), false, false, r)
                 }
@@ -1341,13 +1530,20 @@ impl Builder<'_> {
                 matrix,
                 matrix_dynamic,
                 values_dynamic,
+                matrix_reads_time,
+                values_read_time,
                 tree_root,
                 overrides,
             });
         }
 
         // ------------------------------------------------------------ meta
-        let effect = match raw.model.effect.as_ref().map(|e| (e.get_ref().as_str(), e.span().start)) {
+        let effect = match raw
+            .model
+            .effect
+            .as_ref()
+            .map(|e| (e.get_ref().as_str(), e.span().start))
+        {
             None | Some(("qalys" | "qaly", _)) => Effect::Qalys,
             Some(("life_years" | "life-years" | "lys", _)) => Effect::LifeYears,
             Some((o, at)) => match outcome_idx.get(o) {
@@ -1360,16 +1556,26 @@ impl Builder<'_> {
                 }
             },
         };
-        let effect_label = raw.model.effect_label.clone().unwrap_or_else(|| match effect {
-            Effect::Qalys => "QALYs".into(),
-            Effect::LifeYears => "life-years".into(),
-            Effect::Outcome(i) => outcomes[i].label.clone(),
-        });
+        let effect_label = raw
+            .model
+            .effect_label
+            .clone()
+            .unwrap_or_else(|| match effect {
+                Effect::Qalys => "QALYs".into(),
+                Effect::LifeYears => "life-years".into(),
+                Effect::Outcome(i) => outcomes[i].label.clone(),
+            });
         let reference = match &raw.model.reference {
             None => 0,
-            Some(r) => strategies.iter().position(|s| s.name == *r.get_ref()).ok_or_else(|| {
-                self.err_at(r.span().start, format!("reference = \"{}\" is not a strategy name", r.get_ref()))
-            })?,
+            Some(r) => strategies
+                .iter()
+                .position(|s| s.name == *r.get_ref())
+                .ok_or_else(|| {
+                    self.err_at(
+                        r.span().start,
+                        format!("reference = \"{}\" is not a strategy name", r.get_ref()),
+                    )
+                })?,
         };
 
         let mut scenarios = Vec::new();
@@ -1377,7 +1583,9 @@ impl Builder<'_> {
             let mut set = Vec::new();
             for (p, v) in &sc.set {
                 let Some(i) = params.iter().position(|x| x.name == *p) else {
-                    return Err(self.err(format!("[scenarios.{name}] set: `{p}` is not a parameter")));
+                    return Err(
+                        self.err(format!("[scenarios.{name}] set: `{p}` is not a parameter"))
+                    );
                 };
                 set.push((i, *v));
             }
@@ -1391,18 +1599,34 @@ impl Builder<'_> {
         let mut measurements = Vec::new();
         for (key, m) in &raw.measurements {
             let Some(i) = params.iter().position(|x| x.name == m.parameter) else {
-                return Err(self.err(format!("[measurements.\"{key}\"]: parameter `{}` is not declared", m.parameter)));
+                return Err(self.err(format!(
+                    "[measurements.\"{key}\"]: parameter `{}` is not declared",
+                    m.parameter
+                )));
             };
-            measurements.push(Measurement { key: key.clone(), param: i, scale: m.scale });
+            measurements.push(Measurement {
+                key: key.clone(),
+                param: i,
+                scale: m.scale,
+            });
         }
         let mut two_way = Vec::new();
         for t in &raw.analysis.two_way {
             let find = |n: &str| {
-                params.iter().position(|x| x.name == n && x.range.is_some()).ok_or_else(|| {
-                    self.err(format!("[analysis] two_way: `{n}` must be a parameter with a `range`"))
-                })
+                params
+                    .iter()
+                    .position(|x| x.name == n && x.range.is_some())
+                    .ok_or_else(|| {
+                        self.err(format!(
+                            "[analysis] two_way: `{n}` must be a parameter with a `range`"
+                        ))
+                    })
             };
-            two_way.push(TwoWaySpec { x: find(&t.x)?, y: find(&t.y)?, steps: t.steps.unwrap_or(11).clamp(2, 101) });
+            two_way.push(TwoWaySpec {
+                x: find(&t.x)?,
+                y: find(&t.y)?,
+                steps: t.steps.unwrap_or(11).clamp(2, 101),
+            });
         }
 
         Ok(Model {
@@ -1469,7 +1693,8 @@ impl Builder<'_> {
             }
         }
         let what = format!("parameter `{name}` value");
-        let ast = expr::parse(text).map_err(|e| self.err_at(at, format!("{what}: `{text}`: {e}")))?;
+        let ast =
+            expr::parse(text).map_err(|e| self.err_at(at, format!("{what}: `{text}`: {e}")))?;
         let p = expr::compile(&ast, &NoNames).map_err(|_| {
             self.err_at(
                 at,
@@ -1480,10 +1705,16 @@ impl Builder<'_> {
     }
 
     fn check_name(&self, name: &str, at: usize) -> Result<()> {
-        let ok = name.chars().next().is_some_and(|c| c.is_alphabetic() || c == '_')
+        let ok = name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_alphabetic() || c == '_')
             && name.chars().all(|c| c.is_alphanumeric() || c == '_');
         if !ok {
-            return Err(self.err_at(at, format!("`{name}` is not a valid name: use letters, digits and _")));
+            return Err(self.err_at(
+                at,
+                format!("`{name}` is not a valid name: use letters, digits and _"),
+            ));
         }
         if RESERVED.contains(&name) {
             return Err(self.err_at(at, format!("`{name}` is reserved; choose another name")));
@@ -1491,16 +1722,36 @@ impl Builder<'_> {
         Ok(())
     }
 
-    fn compile_text(&self, text: &str, at: usize, what: &str, names: &Names<'_>) -> Result<Compiled> {
-        let ast: Ast = expr::parse(text)
+    fn compile_text(
+        &self,
+        text: &str,
+        at: usize,
+        what: &str,
+        names: &Names<'_>,
+    ) -> Result<Compiled> {
+        let ast: Ast =
+            expr::parse(text).map_err(|e| self.err_at(at, format!("{what}: `{text}`: {e}")))?;
+        let program = expr::compile(&ast, names)
             .map_err(|e| self.err_at(at, format!("{what}: `{text}`: {e}")))?;
-        let program = expr::compile(&ast, names).map_err(|e| self.err_at(at, format!("{what}: `{text}`: {e}")))?;
-        Ok(Compiled { program, text: text.to_string(), deps: ast.variables() })
+        Ok(Compiled {
+            program,
+            text: text.to_string(),
+            deps: ast.variables(),
+        })
     }
 
-    fn compile_spanned(&self, src: &Spanned<NumOrExpr>, what: &str, names: &Names<'_>) -> Result<Compiled> {
+    fn compile_spanned(
+        &self,
+        src: &Spanned<NumOrExpr>,
+        what: &str,
+        names: &Names<'_>,
+    ) -> Result<Compiled> {
         match src.get_ref() {
-            NumOrExpr::Num(v) => Ok(Compiled { program: Program::constant(*v), text: fmt_const(*v), deps: vec![] }),
+            NumOrExpr::Num(v) => Ok(Compiled {
+                program: Program::constant(*v),
+                text: fmt_const(*v),
+                deps: vec![],
+            }),
             NumOrExpr::Expr(s) => self.compile_text(s, src.span().start, what, names),
         }
     }
@@ -1523,7 +1774,10 @@ impl Builder<'_> {
         let mut out = Vec::with_capacity(n * n);
         for (i, row) in rows.iter().enumerate() {
             if row.len() != n {
-                let at = row.first().map(|c| c.span().start).unwrap_or(src.span().start);
+                let at = row
+                    .first()
+                    .map(|c| c.span().start)
+                    .unwrap_or(src.span().start);
                 return Err(self.err_at(
                     at,
                     format!("strategy `{strategy}`: row `{}` of the transition matrix has {} entries, expected {n}", states[i], row.len()),
@@ -1531,7 +1785,10 @@ impl Builder<'_> {
             }
             let mut complements = 0;
             for (j, cell) in row.iter().enumerate() {
-                let what = format!("strategy `{strategy}`, transition {} -> {}", states[i], states[j]);
+                let what = format!(
+                    "strategy `{strategy}`, transition {} -> {}",
+                    states[i], states[j]
+                );
                 let e = match cell.get_ref() {
                     NumOrExpr::Num(v) if *v == 0.0 => Entry::Zero,
                     NumOrExpr::Expr(s) if is_complement(s) => {
@@ -1545,7 +1802,10 @@ impl Builder<'_> {
             if complements > 1 {
                 return Err(self.err_at(
                     row[0].span().start,
-                    format!("strategy `{strategy}`: row `{}` has more than one complement \"C\"", states[i]),
+                    format!(
+                        "strategy `{strategy}`: row `{}` has more than one complement \"C\"",
+                        states[i]
+                    ),
                 ));
             }
         }
@@ -1554,8 +1814,17 @@ impl Builder<'_> {
 
     /// Orders expressions so each comes after those it reads; reports a cycle
     /// by naming its members.
-    fn topo_order(&self, names: &[String], programs: &[Compiled], strategy: &str) -> Result<Vec<usize>> {
-        let idx: HashMap<&str, usize> = names.iter().enumerate().map(|(i, n)| (n.as_str(), i)).collect();
+    fn topo_order(
+        &self,
+        names: &[String],
+        programs: &[Compiled],
+        strategy: &str,
+    ) -> Result<Vec<usize>> {
+        let idx: HashMap<&str, usize> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.as_str(), i))
+            .collect();
         let mut state = vec![0u8; names.len()]; // 0 new, 1 on stack, 2 done
         let mut order = Vec::with_capacity(names.len());
         fn visit(

@@ -30,10 +30,19 @@ impl Summary {
     pub fn of(xs: &[f64]) -> Summary {
         let n = xs.len().max(1) as f64;
         let mean = xs.iter().sum::<f64>() / n;
-        let var = if xs.len() > 1 { xs.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (n - 1.0) } else { 0.0 };
+        let var = if xs.len() > 1 {
+            xs.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (n - 1.0)
+        } else {
+            0.0
+        };
         let mut s = xs.to_vec();
         s.sort_by(f64::total_cmp);
-        Summary { mean, sd: var.sqrt(), p2_5: quantile(&s, 0.025), p97_5: quantile(&s, 0.975) }
+        Summary {
+            mean,
+            sd: var.sqrt(),
+            p2_5: quantile(&s, 0.025),
+            p97_5: quantile(&s, 0.975),
+        }
     }
 }
 
@@ -83,7 +92,9 @@ pub struct PsaResult {
 
 /// Indices of parameters drawn in a PSA (own distribution or a Dirichlet group).
 pub fn sampled_params(model: &Model) -> Vec<usize> {
-    let mut v: Vec<usize> = (0..model.params.len()).filter(|&i| model.params[i].dist != Dist::Fixed).collect();
+    let mut v: Vec<usize> = (0..model.params.len())
+        .filter(|&i| model.params[i].dist != Dist::Fixed)
+        .collect();
     for g in &model.dirichlet {
         v.extend(&g.params);
     }
@@ -92,7 +103,10 @@ pub fn sampled_params(model: &Model) -> Vec<usize> {
 
 fn iteration_seed(seed: u64, i: usize) -> u64 {
     // SplitMix64 of (seed, i): decorrelates neighbouring iterations' streams.
-    let mut z = seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(0xD1B5_4A32_D192_ED03);
+    let mut z = seed
+        ^ (i as u64)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .wrapping_add(0xD1B5_4A32_D192_ED03);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
@@ -115,9 +129,17 @@ pub fn draw(model: &Model, seed: u64, i: usize, out: &mut [f64], scratch: &mut V
     }
 }
 
+/// Sampled parameter values and (cost, effect) per strategy of one iteration.
+type IterationResult = (Vec<f64>, Vec<(f64, f64)>);
+
 /// Runs the PSA. `progress` is called with the number of iterations done so
 /// far (from worker threads, roughly every 1% of the work).
-pub fn run(model: &Model, iterations: usize, seed: u64, progress: &(dyn Fn(usize) + Sync)) -> Result<PsaResult> {
+pub fn run(
+    model: &Model,
+    iterations: usize,
+    seed: u64,
+    progress: &(dyn Fn(usize) + Sync),
+) -> Result<PsaResult> {
     let ns = model.strategies.len();
     let base = model.base_values();
     let sampled = sampled_params(model);
@@ -128,7 +150,7 @@ pub fn run(model: &Model, iterations: usize, seed: u64, progress: &(dyn Fn(usize
     // Chunks keep one evaluator per task; results are written by index, so
     // the outcome does not depend on scheduling.
     let chunk = 256usize;
-    let chunks: Vec<Result<Vec<(Vec<f64>, Vec<(f64, f64)>)>>> = (0..iterations.div_ceil(chunk))
+    let chunks: Vec<Result<Vec<IterationResult>>> = (0..iterations.div_ceil(chunk))
         .into_par_iter()
         .map(|c| {
             let mut ev = Evaluator::new(model);
@@ -143,7 +165,11 @@ pub fn run(model: &Model, iterations: usize, seed: u64, progress: &(dyn Fn(usize
                 let mut ce = Vec::with_capacity(ns);
                 for s in 0..ns {
                     let r = ev.run(model, s, &params, false).map_err(|e| match e {
-                        crate::EconError::Evaluation { strategy, cycle, message } => crate::EconError::Evaluation {
+                        crate::EconError::Evaluation {
+                            strategy,
+                            cycle,
+                            message,
+                        } => crate::EconError::Evaluation {
                             strategy,
                             cycle,
                             message: format!("PSA iteration {i}: {message}"),
@@ -196,7 +222,10 @@ pub fn run(model: &Model, iterations: usize, seed: u64, progress: &(dyn Fn(usize
     Ok(PsaResult {
         iterations,
         seed,
-        sampled: sampled.iter().map(|&k| model.params[k].name.clone()).collect(),
+        sampled: sampled
+            .iter()
+            .map(|&k| model.params[k].name.clone())
+            .collect(),
         samples,
         cost_summary: cost.iter().map(|v| Summary::of(v)).collect(),
         effect_summary: eff.iter().map(|v| Summary::of(v)).collect(),

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use crate::analysis::Analysis;
 use crate::error::{EconError, Result};
 use crate::icer::Status;
-use crate::model::{Counting, DiscountTiming, Effect, Model, ModelKind, Structure};
+use crate::model::{Counting, DiscountTiming, Model, ModelKind, Structure};
 use crate::svg;
 
 // ------------------------------------------------------------ formatting
@@ -19,7 +19,13 @@ use crate::svg;
 /// Fixed-point with thousands separators: `fmt_num(44663.45, 2)` → `44,663.45`.
 pub fn fmt_num(v: f64, decimals: usize) -> String {
     if !v.is_finite() {
-        return if v.is_nan() { "–".into() } else if v > 0.0 { "∞".into() } else { "−∞".into() };
+        return if v.is_nan() {
+            "–".into()
+        } else if v > 0.0 {
+            "∞".into()
+        } else {
+            "−∞".into()
+        };
     }
     let s = format!("{:.*}", decimals, v.abs());
     let (int, frac) = match s.split_once('.') {
@@ -34,24 +40,41 @@ pub fn fmt_num(v: f64, decimals: usize) -> String {
         grouped.push(c);
     }
     let neg = v < 0.0 && s.chars().any(|c| c.is_ascii_digit() && c != '0');
-    format!("{}{}{}", if neg { "−" } else { "" }, grouped, frac.map(|f| format!(".{f}")).unwrap_or_default())
+    format!(
+        "{}{}{}",
+        if neg { "−" } else { "" },
+        grouped,
+        frac.map(|f| format!(".{f}")).unwrap_or_default()
+    )
 }
 
 /// Money: whole units when large, cents otherwise.
 pub fn fmt_money(v: f64) -> String {
-    if v.abs() >= 1000.0 { fmt_num(v, 0) } else { fmt_num(v, 2) }
+    if v.abs() >= 1000.0 {
+        fmt_num(v, 0)
+    } else {
+        fmt_num(v, 2)
+    }
 }
 
 /// Effects (QALYs, life-years) with enough digits to show small differences.
 pub fn fmt_effect(v: f64) -> String {
-    if v != 0.0 && v.abs() < 0.01 { format!("{v:.6}") } else { fmt_num(v, 4) }
+    if v != 0.0 && v.abs() < 0.01 {
+        format!("{v:.6}")
+    } else {
+        fmt_num(v, 4)
+    }
 }
 
 /// Compact axis labels: 25000 → `25k`, 0.25 → `0.25`.
 pub fn fmt_axis(v: f64) -> String {
     let a = v.abs();
     let trim = |s: String| -> String {
-        if s.contains('.') { s.trim_end_matches('0').trim_end_matches('.').to_string() } else { s }
+        if s.contains('.') {
+            s.trim_end_matches('0').trim_end_matches('.').to_string()
+        } else {
+            s
+        }
     };
     let s = if a >= 1e6 {
         format!("{}M", trim(format!("{:.2}", v / 1e6)))
@@ -69,15 +92,26 @@ pub fn fmt_axis(v: f64) -> String {
 
 /// Escapes text for HTML and SVG.
 pub fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_string() }
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
 }
 
 fn csv_num(v: f64) -> String {
-    if v.is_finite() { format!("{v}") } else { String::new() }
+    if v.is_finite() {
+        format!("{v}")
+    } else {
+        String::new()
+    }
 }
 
 fn opt(v: Option<f64>) -> String {
@@ -86,7 +120,15 @@ fn opt(v: Option<f64>) -> String {
 
 /// A file name from a strategy / parameter name.
 fn slug(s: &str) -> String {
-    s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 // -------------------------------------------------------------- writing
@@ -107,7 +149,10 @@ struct Out {
 impl Out {
     fn write(&mut self, name: &str, content: &str) -> Result<()> {
         let p = self.dir.join(name);
-        std::fs::write(&p, content).map_err(|e| EconError::Write { path: p.clone(), source: e })?;
+        std::fs::write(&p, content).map_err(|e| EconError::Write {
+            path: p.clone(),
+            source: e,
+        })?;
         self.files.push(p);
         Ok(())
     }
@@ -115,14 +160,23 @@ impl Out {
 
 /// Writes results.json, CSV tables, SVG plots and report.html into `dir`.
 pub fn write_report(model: &Model, a: &Analysis, dir: &Path) -> Result<ReportFiles> {
-    std::fs::create_dir_all(dir).map_err(|e| EconError::Write { path: dir.to_owned(), source: e })?;
-    let mut out = Out { dir: dir.to_owned(), files: Vec::new() };
+    std::fs::create_dir_all(dir).map_err(|e| EconError::Write {
+        path: dir.to_owned(),
+        source: e,
+    })?;
+    let mut out = Out {
+        dir: dir.to_owned(),
+        files: Vec::new(),
+    };
 
     let json = serde_json::json!({
         "model": model_summary(model),
         "results": a,
     });
-    out.write("results.json", &serde_json::to_string_pretty(&json).expect("results serialise"))?;
+    out.write(
+        "results.json",
+        &serde_json::to_string_pretty(&json).expect("results serialise"),
+    )?;
     for (name, content) in csv_tables(model, a) {
         out.write(&name, &content)?;
     }
@@ -132,7 +186,11 @@ pub fn write_report(model: &Model, a: &Analysis, dir: &Path) -> Result<ReportFil
     }
     let html = html(model, a, &plots);
     out.write("report.html", &html)?;
-    Ok(ReportFiles { dir: dir.to_owned(), html: dir.join("report.html"), files: out.files })
+    Ok(ReportFiles {
+        dir: dir.to_owned(),
+        html: dir.join("report.html"),
+        files: out.files,
+    })
 }
 
 fn model_summary(model: &Model) -> serde_json::Value {
@@ -151,7 +209,9 @@ fn model_summary(model: &Model) -> serde_json::Value {
 
 fn csv_tables(model: &Model, a: &Analysis) -> Vec<(String, String)> {
     let mut v = Vec::new();
-    let mut s = String::from("strategy,label,cost,qalys,life_years,cost_undiscounted,qalys_undiscounted,life_years_undiscounted,effect,nmb,nhb");
+    let mut s = String::from(
+        "strategy,label,cost,qalys,life_years,cost_undiscounted,qalys_undiscounted,life_years_undiscounted,effect,nmb,nhb",
+    );
     for o in &model.outcomes {
         let _ = write!(s, ",{}", csv_field(&o.name));
     }
@@ -180,7 +240,9 @@ fn csv_tables(model: &Model, a: &Analysis) -> Vec<(String, String)> {
     }
     v.push(("base_case.csv".into(), s));
 
-    let mut s = String::from("strategy,cost,effect,status,compared_to,inc_cost,inc_effect,icer,dominated_by\n");
+    let mut s = String::from(
+        "strategy,cost,effect,status,compared_to,inc_cost,inc_effect,icer,dominated_by\n",
+    );
     for r in &a.icer {
         let _ = writeln!(
             s,
@@ -189,19 +251,31 @@ fn csv_tables(model: &Model, a: &Analysis) -> Vec<(String, String)> {
             csv_num(r.cost),
             csv_num(r.effect),
             r.status.code(),
-            r.compared_to.map(|i| model.strategies[i].name.clone()).unwrap_or_default(),
+            r.compared_to
+                .map(|i| model.strategies[i].name.clone())
+                .unwrap_or_default(),
             opt(r.inc_cost),
             opt(r.inc_effect),
             opt(r.icer),
-            r.dominated_by.iter().map(|&i| model.strategies[i].name.clone()).collect::<Vec<_>>().join(" ")
+            r.dominated_by
+                .iter()
+                .map(|&i| model.strategies[i].name.clone())
+                .collect::<Vec<_>>()
+                .join(" ")
         );
     }
     v.push(("icer.csv".into(), s));
 
     let mut s = String::from("name,label,base,low,high,distribution,unit,source\n");
     for p in &model.params {
-        let (lo, hi) = p.range.map(|(a, b)| (csv_num(a), csv_num(b))).unwrap_or_default();
-        let dist = if let Some(g) = model.dirichlet.iter().find(|g| g.params.contains(&model.param_index(&p.name).unwrap_or(usize::MAX))) {
+        let (lo, hi) = p
+            .range
+            .map(|(a, b)| (csv_num(a), csv_num(b)))
+            .unwrap_or_default();
+        let dist = if let Some(g) = model.dirichlet.iter().find(|g| {
+            g.params
+                .contains(&model.param_index(&p.name).unwrap_or(usize::MAX))
+        }) {
             format!("Dirichlet group {}", g.name)
         } else {
             p.dist.describe()
@@ -238,9 +312,18 @@ fn csv_tables(model: &Model, a: &Analysis) -> Vec<(String, String)> {
                     let _ = writeln!(
                         s,
                         ",{},{},{}",
-                        tr.cycle_cost.get(k - 1).map(|x| csv_num(*x)).unwrap_or_default(),
-                        tr.cycle_qalys.get(k - 1).map(|x| csv_num(*x)).unwrap_or_default(),
-                        tr.cycle_life_years.get(k - 1).map(|x| csv_num(*x)).unwrap_or_default()
+                        tr.cycle_cost
+                            .get(k - 1)
+                            .map(|x| csv_num(*x))
+                            .unwrap_or_default(),
+                        tr.cycle_qalys
+                            .get(k - 1)
+                            .map(|x| csv_num(*x))
+                            .unwrap_or_default(),
+                        tr.cycle_life_years
+                            .get(k - 1)
+                            .map(|x| csv_num(*x))
+                            .unwrap_or_default()
                     );
                 }
             }
@@ -266,7 +349,9 @@ fn csv_tables(model: &Model, a: &Analysis) -> Vec<(String, String)> {
     }
 
     if let Some(o) = &a.owsa {
-        let mut s = String::from("parameter,label,base,low,high,inmb_low,inmb_high,icer_low,icer_high,best_low,best_high,swing\n");
+        let mut s = String::from(
+            "parameter,label,base,low,high,inmb_low,inmb_high,icer_low,icer_high,best_low,best_high,swing\n",
+        );
         for r in &o.rows {
             let _ = writeln!(
                 s,
@@ -291,7 +376,14 @@ fn csv_tables(model: &Model, a: &Analysis) -> Vec<(String, String)> {
         let mut s = format!("{},{},inmb,best\n", csv_field(&t.x), csv_field(&t.y));
         for (iy, y) in t.ys.iter().enumerate() {
             for (ix, x) in t.xs.iter().enumerate() {
-                let _ = writeln!(s, "{},{},{},{}", csv_num(*x), csv_num(*y), csv_num(t.inmb[iy][ix]), model.strategies[t.best[iy][ix]].name);
+                let _ = writeln!(
+                    s,
+                    "{},{},{},{}",
+                    csv_num(*x),
+                    csv_num(*y),
+                    csv_num(t.inmb[iy][ix]),
+                    model.strategies[t.best[iy][ix]].name
+                );
             }
         }
         v.push((format!("two_way_{}_{}.csv", slug(&t.x), slug(&t.y)), s));
@@ -364,7 +456,11 @@ fn csv_tables(model: &Model, a: &Analysis) -> Vec<(String, String)> {
 fn plots(model: &Model, a: &Analysis) -> Vec<(String, String, String)> {
     let mut v = Vec::new();
     if model.strategies.len() > 1 {
-        v.push(("ce_frontier.svg".into(), svg::frontier(model, a), "Deterministic cost-effectiveness plane and efficient frontier.".into()));
+        v.push((
+            "ce_frontier.svg".into(),
+            svg::frontier(model, a),
+            "Deterministic cost-effectiveness plane and efficient frontier.".into(),
+        ));
     }
     if model.meta.kind == ModelKind::Markov {
         for (i, run) in a.runs.iter().enumerate() {
@@ -378,7 +474,11 @@ fn plots(model: &Model, a: &Analysis) -> Vec<(String, String, String)> {
         }
     }
     if let Some(o) = &a.owsa {
-        v.push(("tornado.svg".into(), svg::tornado(model, o), "One-way sensitivity analysis (tornado diagram).".into()));
+        v.push((
+            "tornado.svg".into(),
+            svg::tornado(model, o),
+            "One-way sensitivity analysis (tornado diagram).".into(),
+        ));
     }
     for t in &a.two_way {
         v.push((
@@ -389,10 +489,22 @@ fn plots(model: &Model, a: &Analysis) -> Vec<(String, String, String)> {
     }
     if let Some(p) = &a.psa {
         if model.strategies.len() > 1 {
-            v.push(("ce_plane.svg".into(), svg::ce_plane(model, p), "Cost-effectiveness plane: PSA draws of incremental cost and effect.".into()));
+            v.push((
+                "ce_plane.svg".into(),
+                svg::ce_plane(model, p),
+                "Cost-effectiveness plane: PSA draws of incremental cost and effect.".into(),
+            ));
         }
-        v.push(("ceac.svg".into(), svg::ceac(model, p), "Cost-effectiveness acceptability curves and frontier.".into()));
-        v.push(("evpi.svg".into(), svg::evpi(model, p), "Expected value of perfect information.".into()));
+        v.push((
+            "ceac.svg".into(),
+            svg::ceac(model, p),
+            "Cost-effectiveness acceptability curves and frontier.".into(),
+        ));
+        v.push((
+            "evpi.svg".into(),
+            svg::evpi(model, p),
+            "Expected value of perfect information.".into(),
+        ));
     }
     v
 }
@@ -424,7 +536,11 @@ fn discounting(model: &Model) -> String {
         DiscountTiming::Middle => "mid-cycle (factor (1+r)^-(t-0.5)·L)",
         DiscountTiming::End => "discounted from the first cycle (factor (1+r)^-t·L)",
     };
-    let timing = if s.counting == Counting::Simpson { "by trace point (factor (1+r)^-k·L)" } else { timing };
+    let timing = if s.counting == Counting::Simpson {
+        "by trace point (factor (1+r)^-k·L)"
+    } else {
+        timing
+    };
     format!(
         "costs {}% and effects {}% per year; {}",
         fmt_axis(s.discount_costs * 100.0),
@@ -438,16 +554,29 @@ fn structure_text(model: &Model) -> String {
         Structure::Markov(mk) => format!(
             "Markov cohort model with {} states ({}); transitions per strategy, cycle length {} year(s), state membership counted by {}.",
             mk.states.len(),
-            mk.states.iter().map(|s| s.label.as_str()).collect::<Vec<_>>().join(", "),
+            mk.states
+                .iter()
+                .map(|s| s.label.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
             fmt_axis(model.settings.cycle_length),
             model.settings.counting.describe()
         ),
         Structure::Tree(t) => format!(
             "Decision tree with {} nodes ({} chance, {} decision, {} terminal).",
             t.nodes.len(),
-            t.nodes.iter().filter(|n| n.kind == crate::model::NodeKind::Chance).count(),
-            t.nodes.iter().filter(|n| n.kind == crate::model::NodeKind::Decision).count(),
-            t.nodes.iter().filter(|n| n.kind == crate::model::NodeKind::Terminal).count()
+            t.nodes
+                .iter()
+                .filter(|n| n.kind == crate::model::NodeKind::Chance)
+                .count(),
+            t.nodes
+                .iter()
+                .filter(|n| n.kind == crate::model::NodeKind::Decision)
+                .count(),
+            t.nodes
+                .iter()
+                .filter(|n| n.kind == crate::model::NodeKind::Terminal)
+                .count()
         ),
     }
 }
@@ -457,15 +586,32 @@ fn abstract_text(model: &Model, a: &Analysis) -> String {
     let mut s = format!(
         "{} strategies were compared ({}) over {} from the {} perspective. ",
         model.strategies.len(),
-        model.strategies.iter().map(|s| s.label.as_str()).collect::<Vec<_>>().join("; "),
+        model
+            .strategies
+            .iter()
+            .map(|s| s.label.as_str())
+            .collect::<Vec<_>>()
+            .join("; "),
         horizon(model),
         model.meta.perspective.as_deref().unwrap_or("stated")
     );
-    let front: Vec<_> = a.icer.iter().filter(|r| r.status == Status::NonDominated).collect();
+    let front: Vec<_> = a
+        .icer
+        .iter()
+        .filter(|r| r.status == Status::NonDominated)
+        .collect();
     for r in &front {
         match r.icer {
             None => {
-                let _ = write!(s, "{} costs {} {} and yields {} {}. ", r.name, cur, fmt_money(r.cost), fmt_effect(r.effect), a.effect_label);
+                let _ = write!(
+                    s,
+                    "{} costs {} {} and yields {} {}. ",
+                    r.name,
+                    cur,
+                    fmt_money(r.cost),
+                    fmt_effect(r.effect),
+                    a.effect_label
+                );
             }
             Some(icer) => {
                 let _ = write!(
@@ -476,7 +622,9 @@ fn abstract_text(model: &Model, a: &Analysis) -> String {
                     fmt_money(r.inc_cost.unwrap_or(0.0)),
                     fmt_effect(r.inc_effect.unwrap_or(0.0)),
                     a.effect_label,
-                    r.compared_to.map(|i| model.strategies[i].name.as_str()).unwrap_or(""),
+                    r.compared_to
+                        .map(|i| model.strategies[i].name.as_str())
+                        .unwrap_or(""),
                     cur,
                     fmt_money(icer),
                     a.effect_label
@@ -485,16 +633,30 @@ fn abstract_text(model: &Model, a: &Analysis) -> String {
         }
     }
     for r in a.icer.iter().filter(|r| r.status != Status::NonDominated) {
-        let by: Vec<&str> = r.dominated_by.iter().map(|&i| model.strategies[i].name.as_str()).collect();
+        let by: Vec<&str> = r
+            .dominated_by
+            .iter()
+            .map(|&i| model.strategies[i].name.as_str())
+            .collect();
         let _ = write!(
             s,
             "{} is {} ({}). ",
             r.name,
-            if r.status == Status::Dominated { "dominated" } else { "extendedly dominated" },
+            if r.status == Status::Dominated {
+                "dominated"
+            } else {
+                "extendedly dominated"
+            },
             by.join(" and ")
         );
     }
-    let best = a.strategies.iter().enumerate().max_by(|x, y| x.1.nmb.total_cmp(&y.1.nmb)).map(|x| x.0).unwrap_or(0);
+    let best = a
+        .strategies
+        .iter()
+        .enumerate()
+        .max_by(|x, y| x.1.nmb.total_cmp(&y.1.nmb))
+        .map(|x| x.0)
+        .unwrap_or(0);
     let _ = write!(
         s,
         "At a willingness to pay of {} {} per {}, {} has the highest net monetary benefit",
@@ -504,7 +666,11 @@ fn abstract_text(model: &Model, a: &Analysis) -> String {
         a.strategies[best].name
     );
     if let Some(p) = &a.psa {
-        if let Some(pt) = p.ceac.iter().min_by(|x, y| (x.wtp - a.wtp).abs().total_cmp(&(y.wtp - a.wtp).abs())) {
+        if let Some(pt) = p
+            .ceac
+            .iter()
+            .min_by(|x, y| (x.wtp - a.wtp).abs().total_cmp(&(y.wtp - a.wtp).abs()))
+        {
             let _ = write!(
                 s,
                 "; in {} PSA iterations it is cost-effective with probability {:.1}% (at {} {}), and the EVPI is {} {} per person",
@@ -532,16 +698,22 @@ struct Item {
 fn cheers(model: &Model, a: &Analysis) -> Vec<Item> {
     let m = &model.meta;
     let c = |key: &str| -> String {
-        m.cheers.get(key).cloned().unwrap_or_else(|| format!("Not reported in the model file (add [cheers] {key})."))
+        m.cheers
+            .get(key)
+            .cloned()
+            .unwrap_or_else(|| format!("Not reported in the model file (add [cheers] {key})."))
     };
     let or_missing = |v: &Option<String>, key: &str| -> String {
-        v.clone().unwrap_or_else(|| format!("Not reported in the model file ([model] {key})."))
+        v.clone()
+            .unwrap_or_else(|| format!("Not reported in the model file ([model] {key})."))
     };
     let params_with_source = model.params.iter().filter(|p| !p.source.is_empty()).count();
     let uncertainty = {
         let n_range = model.params.iter().filter(|p| p.range.is_some()).count();
         let n_dist = crate::psa::sampled_params(model).len();
-        let mut s = format!("One-way sensitivity analysis over {n_range} parameter ranges (tornado diagram)");
+        let mut s = format!(
+            "One-way sensitivity analysis over {n_range} parameter ranges (tornado diagram)"
+        );
         if !model.two_way.is_empty() {
             let _ = write!(s, ", {} two-way analysis(es)", model.two_way.len());
         }
@@ -558,7 +730,9 @@ fn cheers(model: &Model, a: &Analysis) -> Vec<Item> {
                     model.dirichlet.len()
                 );
             }
-            None => s.push_str("; no probabilistic analysis (no parameter has a distribution, or it was skipped)."),
+            None => s.push_str(
+                "; no probabilistic analysis (no parameter has a distribution, or it was skipped).",
+            ),
         }
         s
     };
@@ -574,16 +748,28 @@ fn cheers(model: &Model, a: &Analysis) -> Vec<Item> {
                     fmt_money(r.inmb_low.max(r.inmb_high))
                 );
             }
-            let switches: Vec<&str> =
-                o.rows.iter().filter(|r| r.best_low != r.best_high).map(|r| r.parameter.as_str()).collect();
+            let switches: Vec<&str> = o
+                .rows
+                .iter()
+                .filter(|r| r.best_low != r.best_high)
+                .map(|r| r.parameter.as_str())
+                .collect();
             if !switches.is_empty() {
-                let _ = write!(s, "The optimal strategy changes within the range of: {}. ", switches.join(", "));
+                let _ = write!(
+                    s,
+                    "The optimal strategy changes within the range of: {}. ",
+                    switches.join(", ")
+                );
             } else {
                 s.push_str("No single parameter range changes the optimal strategy. ");
             }
         }
         if let Some(p) = &a.psa {
-            if let Some(pt) = p.ceac.iter().min_by(|x, y| (x.wtp - a.wtp).abs().total_cmp(&(y.wtp - a.wtp).abs())) {
+            if let Some(pt) = p
+                .ceac
+                .iter()
+                .min_by(|x, y| (x.wtp - a.wtp).abs().total_cmp(&(y.wtp - a.wtp).abs()))
+            {
                 let _ = write!(
                     s,
                     "At {} {} the strategy with the highest expected NMB ({}) is optimal in {:.1}% of PSA iterations; EVPI {} {} per person.",
@@ -596,7 +782,11 @@ fn cheers(model: &Model, a: &Analysis) -> Vec<Item> {
                 );
             }
         }
-        if s.is_empty() { "No sensitivity analysis was run.".into() } else { s }
+        if s.is_empty() {
+            "No sensitivity analysis was run.".into()
+        } else {
+            s
+        }
     };
     vec![
         Item { n: 1, section: "Title", topic: "Title", text: m.title.clone(), anchor: "top" },
@@ -658,29 +848,66 @@ fn html(model: &Model, a: &Analysis, plots: &[(String, String, String)]) -> Stri
     let cur = &m.currency;
     let el = &m.effect_label;
     let mut h = String::new();
-    let _ = write!(
+    let _ = writeln!(
         h,
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{t}</title><style>{CSS}</style></head><body>\n<h1 id=\"top\">{t}</h1>\n<p class=\"muted\">Cost-effectiveness analysis report generated by medledger cea{src}.</p>\n<p>{d}</p>\n",
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{t}</title><style>{CSS}</style></head><body>\n<h1 id=\"top\">{t}</h1>\n<p class=\"muted\">Cost-effectiveness analysis report generated by medledger cea{src}.</p>\n<p>{d}</p>",
         t = esc(&m.title),
         d = esc(&m.description),
-        src = model.source_path.as_ref().map(|p| format!(" from <code>{}</code>", esc(&p.display().to_string()))).unwrap_or_default()
+        src = model
+            .source_path
+            .as_ref()
+            .map(|p| format!(" from <code>{}</code>", esc(&p.display().to_string())))
+            .unwrap_or_default()
     );
-    let _ = write!(h, "<h2 id=\"summary\">Summary</h2>\n<p class=\"summary\">{}</p>\n", esc(&abstract_text(model, a)));
+    let _ = writeln!(
+        h,
+        "<h2 id=\"summary\">Summary</h2>\n<p class=\"summary\">{}</p>",
+        esc(&abstract_text(model, a))
+    );
 
     // Methods
     let _ = write!(h, "<h2 id=\"methods\">Methods</h2>\n<table class=\"meta\">");
     let rows: Vec<(&str, String)> = vec![
-        ("Population", m.population.clone().unwrap_or_else(|| "–".into())),
+        (
+            "Population",
+            m.population.clone().unwrap_or_else(|| "–".into()),
+        ),
         ("Setting", m.setting.clone().unwrap_or_else(|| "–".into())),
-        ("Perspective", m.perspective.clone().unwrap_or_else(|| "–".into())),
-        ("Comparators", model.strategies.iter().map(|s| format!("{} ({})", s.label, s.name)).collect::<Vec<_>>().join("; ")),
-        ("Reference strategy", model.strategies[m.reference].label.clone()),
+        (
+            "Perspective",
+            m.perspective.clone().unwrap_or_else(|| "–".into()),
+        ),
+        (
+            "Comparators",
+            model
+                .strategies
+                .iter()
+                .map(|s| format!("{} ({})", s.label, s.name))
+                .collect::<Vec<_>>()
+                .join("; "),
+        ),
+        (
+            "Reference strategy",
+            model.strategies[m.reference].label.clone(),
+        ),
         ("Model", structure_text(model)),
         ("Time horizon", horizon(model)),
         ("Discounting", discounting(model)),
         ("Effect measure", el.clone()),
-        ("Currency, price year", format!("{}, {}", cur, m.price_year.map(|y| y.to_string()).unwrap_or_else(|| "–".into()))),
-        ("Willingness to pay", format!("{} {} per {}", cur, fmt_money(model.settings.wtp), el)),
+        (
+            "Currency, price year",
+            format!(
+                "{}, {}",
+                cur,
+                m.price_year
+                    .map(|y| y.to_string())
+                    .unwrap_or_else(|| "–".into())
+            ),
+        ),
+        (
+            "Willingness to pay",
+            format!("{} {} per {}", cur, fmt_money(model.settings.wtp), el),
+        ),
     ];
     for (k, v) in rows {
         let _ = write!(h, "<tr><td>{}</td><td>{}</td></tr>", esc(k), esc(&v));
@@ -689,28 +916,59 @@ fn html(model: &Model, a: &Analysis, plots: &[(String, String, String)]) -> Stri
     if !a.measurements.is_empty() {
         h.push_str("<p>Parameters set from medledger's measured performance:</p><ul>");
         for (k, p, v) in &a.measurements {
-            let _ = write!(h, "<li><code>{}</code> = {} (measurement <code>{}</code>)</li>", esc(p), fmt_num(*v, 4), esc(k));
+            let _ = write!(
+                h,
+                "<li><code>{}</code> = {} (measurement <code>{}</code>)</li>",
+                esc(p),
+                fmt_num(*v, 4),
+                esc(k)
+            );
         }
         h.push_str("</ul>\n");
     }
-    let overridden: Vec<_> = model.strategies.iter().filter(|s| !s.overrides.is_empty()).collect();
+    let overridden: Vec<_> = model
+        .strategies
+        .iter()
+        .filter(|s| !s.overrides.is_empty())
+        .collect();
     if !overridden.is_empty() {
         h.push_str("<h3>Strategy-specific definitions</h3><table><tr><th>Strategy</th><th>Name</th><th>Definition</th></tr>");
         for s in overridden {
             for (n, t) in &s.overrides {
-                let _ = write!(h, "<tr><td>{}</td><td><code>{}</code></td><td><code>{}</code></td></tr>", esc(&s.label), esc(n), esc(t));
+                let _ = write!(
+                    h,
+                    "<tr><td>{}</td><td><code>{}</code></td><td><code>{}</code></td></tr>",
+                    esc(&s.label),
+                    esc(n),
+                    esc(t)
+                );
             }
         }
         h.push_str("</table>\n");
     }
 
-    let _ = write!(h, "<h3 id=\"parameters\">Parameters</h3>\n<table><tr><th>Parameter</th><th>Description</th><th>Base</th><th>Range (one-way)</th><th>Distribution (PSA)</th><th>Source</th></tr>");
+    let _ = write!(
+        h,
+        "<h3 id=\"parameters\">Parameters</h3>\n<table><tr><th>Parameter</th><th>Description</th><th>Base</th><th>Range (one-way)</th><th>Distribution (PSA)</th><th>Source</th></tr>"
+    );
     for (k, p) in model.params.iter().enumerate() {
         let dist = match model.dirichlet.iter().find(|g| g.params.contains(&k)) {
-            Some(g) => format!("Dirichlet {} (α = {})", g.name, g.alpha.iter().map(|x| fmt_axis(*x)).collect::<Vec<_>>().join(", ")),
+            Some(g) => format!(
+                "Dirichlet {} (α = {})",
+                g.name,
+                g.alpha
+                    .iter()
+                    .map(|x| fmt_axis(*x))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
             None => p.dist.describe(),
         };
-        let unit = if p.unit.is_empty() { String::new() } else { format!(" {}", p.unit) };
+        let unit = if p.unit.is_empty() {
+            String::new()
+        } else {
+            format!(" {}", p.unit)
+        };
         let _ = write!(
             h,
             "<tr><td><code>{}</code></td><td>{}</td><td class=\"n\">{}{}</td><td class=\"n\">{}</td><td>{}</td><td>{}</td></tr>",
@@ -718,24 +976,53 @@ fn html(model: &Model, a: &Analysis, plots: &[(String, String, String)]) -> Stri
             esc(&p.label),
             esc(&fmt_param(p.base)),
             esc(&unit),
-            p.range.map(|(lo, hi)| format!("{} – {}", fmt_param(lo), fmt_param(hi))).unwrap_or_else(|| "–".into()),
+            p.range
+                .map(|(lo, hi)| format!("{} – {}", fmt_param(lo), fmt_param(hi)))
+                .unwrap_or_else(|| "–".into()),
             esc(&dist),
-            esc(&[p.source.as_str(), p.note.as_str()].iter().filter(|s| !s.is_empty()).cloned().collect::<Vec<_>>().join(". "))
+            esc(&[p.source.as_str(), p.note.as_str()]
+                .iter()
+                .filter(|s| !s.is_empty())
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(". "))
         );
     }
     h.push_str("</table>\n");
     if !model.tables.is_empty() {
         h.push_str("<p>Lookup tables: ");
         for (i, t) in model.table_names.iter().enumerate() {
-            let _ = write!(h, "<code>{}</code> ({} rows{}) ", esc(t), model.tables[i].x.len(), if model.table_sources[i].is_empty() { String::new() } else { format!("; {}", esc(&model.table_sources[i])) });
+            let _ = write!(
+                h,
+                "<code>{}</code> ({} rows{}) ",
+                esc(t),
+                model.tables[i].x.len(),
+                if model.table_sources[i].is_empty() {
+                    String::new()
+                } else {
+                    format!("; {}", esc(&model.table_sources[i]))
+                }
+            );
         }
         h.push_str("</p>\n");
     }
 
     // Results
-    let _ = write!(h, "<h2 id=\"results\">Results</h2>\n<h3>Base case</h3>\n<table><tr><th>Strategy</th><th>Cost ({cur})</th><th>QALYs</th><th>Life-years</th><th>Undiscounted cost</th><th>Undiscounted QALYs</th><th>Undiscounted life-years</th>");
+    let _ = write!(
+        h,
+        "<h2 id=\"results\">Results</h2>\n<h3>Base case</h3>\n<table><tr><th>Strategy</th><th>Cost ({cur})</th><th>QALYs</th><th>Life-years</th><th>Undiscounted cost</th><th>Undiscounted QALYs</th><th>Undiscounted life-years</th>"
+    );
     for o in &model.outcomes {
-        let _ = write!(h, "<th>{}{}</th>", esc(&o.label), if o.unit.is_empty() { String::new() } else { format!(" ({})", esc(&o.unit)) });
+        let _ = write!(
+            h,
+            "<th>{}{}</th>",
+            esc(&o.label),
+            if o.unit.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", esc(&o.unit))
+            }
+        );
     }
     let _ = write!(h, "<th>NMB ({cur})</th><th>NHB ({})</th></tr>", esc(el));
     for s in &a.strategies {
@@ -754,12 +1041,30 @@ fn html(model: &Model, a: &Analysis, plots: &[(String, String, String)]) -> Stri
         for x in &o.outcomes {
             let _ = write!(h, "<td class=\"n\">{}</td>", fmt_effect(*x));
         }
-        let _ = write!(h, "<td class=\"n\">{}</td><td class=\"n\">{}</td></tr>", fmt_money(s.nmb), fmt_effect(s.nhb));
+        let _ = write!(
+            h,
+            "<td class=\"n\">{}</td><td class=\"n\">{}</td></tr>",
+            fmt_money(s.nmb),
+            fmt_effect(s.nhb)
+        );
     }
-    let _ = write!(h, "</table>\n<p class=\"muted\">NMB and NHB at {cur} {} per {}.</p>\n", fmt_money(a.wtp), esc(el));
+    let _ = writeln!(
+        h,
+        "</table>\n<p class=\"muted\">NMB and NHB at {cur} {} per {}.</p>",
+        fmt_money(a.wtp),
+        esc(el)
+    );
     h.push_str(&icer_html(model, &a.icer, cur, el));
-    for (name, svg, cap) in plots.iter().filter(|p| p.0.starts_with("ce_frontier") || p.0.starts_with("trace_")) {
-        let _ = write!(h, "<figure class=\"fig\">{svg}<figcaption>{} (<code>{}</code>)</figcaption></figure>\n", esc(cap), esc(name));
+    for (name, svg, cap) in plots
+        .iter()
+        .filter(|p| p.0.starts_with("ce_frontier") || p.0.starts_with("trace_"))
+    {
+        let _ = writeln!(
+            h,
+            "<figure class=\"fig\">{svg}<figcaption>{} (<code>{}</code>)</figcaption></figure>",
+            esc(cap),
+            esc(name)
+        );
     }
     if let Some(run) = a.runs.first() {
         if run.paths.is_some() {
@@ -782,7 +1087,7 @@ fn html(model: &Model, a: &Analysis, plots: &[(String, String, String)]) -> Stri
     }
 
     // Uncertainty
-    let _ = write!(h, "<h2 id=\"uncertainty\">Uncertainty</h2>\n");
+    h.push_str("<h2 id=\"uncertainty\">Uncertainty</h2>\n");
     if let Some(o) = &a.owsa {
         let _ = write!(
             h,
@@ -795,7 +1100,11 @@ fn html(model: &Model, a: &Analysis, plots: &[(String, String, String)]) -> Stri
             o.base_icer.map(fmt_money).unwrap_or_else(|| "–".into())
         );
         for (_, svg, cap) in plots.iter().filter(|p| p.0 == "tornado.svg") {
-            let _ = write!(h, "<figure class=\"fig\">{svg}<figcaption>{}</figcaption></figure>\n", esc(cap));
+            let _ = writeln!(
+                h,
+                "<figure class=\"fig\">{svg}<figcaption>{}</figcaption></figure>",
+                esc(cap)
+            );
         }
         h.push_str("<table><tr><th>Parameter</th><th>Low</th><th>High</th><th>INMB at low</th><th>INMB at high</th><th>ICER at low</th><th>ICER at high</th><th>Optimal at low / high</th></tr>");
         for r in &o.rows {
@@ -816,12 +1125,22 @@ fn html(model: &Model, a: &Analysis, plots: &[(String, String, String)]) -> Stri
         h.push_str("</table>\n");
     }
     for (name, svg, cap) in plots.iter().filter(|p| p.0.starts_with("two_way")) {
-        let _ = write!(h, "<h3>Two-way sensitivity analysis</h3><figure class=\"fig\">{svg}<figcaption>{} (<code>{}</code>; values in the CSV of the same name)</figcaption></figure>\n", esc(cap), esc(name));
+        let _ = writeln!(
+            h,
+            "<h3>Two-way sensitivity analysis</h3><figure class=\"fig\">{svg}<figcaption>{} (<code>{}</code>; values in the CSV of the same name)</figcaption></figure>",
+            esc(cap),
+            esc(name)
+        );
     }
     if !a.scenarios.is_empty() {
         h.push_str("<h3 id=\"scenarios\">Scenario analyses</h3>");
         for sc in &a.scenarios {
-            let _ = write!(h, "<h4>{}</h4><p>{}</p>", esc(&sc.label), esc(&sc.description));
+            let _ = write!(
+                h,
+                "<h4>{}</h4><p>{}</p>",
+                esc(&sc.label),
+                esc(&sc.description)
+            );
             h.push_str(&icer_html(model, &sc.icer, cur, el));
         }
     }
@@ -867,8 +1186,16 @@ fn html(model: &Model, a: &Analysis, plots: &[(String, String, String)]) -> Stri
             }
             h.push_str("</table>\n");
         }
-        for (name, svg, cap) in plots.iter().filter(|p| matches!(p.0.as_str(), "ce_plane.svg" | "ceac.svg" | "evpi.svg")) {
-            let _ = write!(h, "<figure class=\"fig\">{svg}<figcaption>{} (<code>{}</code>)</figcaption></figure>\n", esc(cap), esc(name));
+        for (name, svg, cap) in plots
+            .iter()
+            .filter(|p| matches!(p.0.as_str(), "ce_plane.svg" | "ceac.svg" | "evpi.svg"))
+        {
+            let _ = writeln!(
+                h,
+                "<figure class=\"fig\">{svg}<figcaption>{} (<code>{}</code>)</figcaption></figure>",
+                esc(cap),
+                esc(name)
+            );
         }
         let pick: Vec<_> = {
             let n = p.ceac.len();
@@ -886,13 +1213,24 @@ fn html(model: &Model, a: &Analysis, plots: &[(String, String, String)]) -> Stri
             for x in &c.probability {
                 let _ = write!(h, "<td class=\"n\">{:.3}</td>", x);
             }
-            let _ = write!(h, "<td>{}</td><td class=\"n\">{}</td></tr>", esc(&model.strategies[c.frontier].name), fmt_money(c.evpi));
+            let _ = write!(
+                h,
+                "<td>{}</td><td class=\"n\">{}</td></tr>",
+                esc(&model.strategies[c.frontier].name),
+                fmt_money(c.evpi)
+            );
         }
         h.push_str("</table>\n");
     }
 
     // Discussion and CHEERS
-    let _ = write!(h, "<h2 id=\"discussion\">Discussion</h2><p>{}</p>", esc(&m.cheers.get("findings").cloned().unwrap_or_else(|| "No discussion was provided in the model file ([cheers] findings).".into())));
+    let _ = write!(
+        h,
+        "<h2 id=\"discussion\">Discussion</h2><p>{}</p>",
+        esc(&m.cheers.get("findings").cloned().unwrap_or_else(|| {
+            "No discussion was provided in the model file ([cheers] findings).".into()
+        }))
+    );
     if let Some(l) = m.cheers.get("limitations") {
         let _ = write!(h, "<p><b>Limitations.</b> {}</p>", esc(l));
     }
@@ -904,7 +1242,10 @@ fn html(model: &Model, a: &Analysis, plots: &[(String, String, String)]) -> Stri
         h.push_str("</ol>");
     }
     let items = cheers(model, a);
-    let missing = items.iter().filter(|i| i.text.starts_with("Not reported")).count();
+    let missing = items
+        .iter()
+        .filter(|i| i.text.starts_with("Not reported"))
+        .count();
     let _ = write!(
         h,
         "<h2 id=\"cheers\">CHEERS 2022 checklist</h2><p>Consolidated Health Economic Evaluation Reporting Standards 2022 (Husereau et al., Value Health 2022;25:3-9). {} of 28 items are filled from the model file; {} are marked as not reported.</p><table><tr><th>#</th><th>Section</th><th>Item</th><th>Reported</th><th>Where</th></tr>",
@@ -912,7 +1253,11 @@ fn html(model: &Model, a: &Analysis, plots: &[(String, String, String)]) -> Stri
         missing
     );
     for it in items {
-        let cls = if it.text.starts_with("Not reported") { " class=\"missing\"" } else { "" };
+        let cls = if it.text.starts_with("Not reported") {
+            " class=\"missing\""
+        } else {
+            ""
+        };
         let _ = write!(
             h,
             "<tr><td>{}</td><td>{}</td><td>{}</td><td{cls}>{}</td><td><a href=\"#{}\">{}</a></td></tr>",
@@ -932,7 +1277,11 @@ fn fmt_param(v: f64) -> String {
     if v == 0.0 || (v.abs() >= 0.001 && v.abs() < 1e7) {
         let s = format!("{v:.6}");
         let s = s.trim_end_matches('0').trim_end_matches('.').to_string();
-        if v.abs() >= 1000.0 { fmt_num(v, if v.fract() == 0.0 { 0 } else { 2 }) } else { s }
+        if v.abs() >= 1000.0 {
+            fmt_num(v, if v.fract() == 0.0 { 0 } else { 2 })
+        } else {
+            s
+        }
     } else {
         format!("{v:.4e}")
     }
@@ -948,10 +1297,21 @@ fn icer_html(model: &Model, rows: &[crate::icer::IcerRow], cur: &str, el: &str) 
     for r in rows {
         let status = match r.status {
             Status::NonDominated => "on frontier".to_string(),
-            Status::Dominated => format!("dominated by {}", r.dominated_by.iter().map(|&i| model.strategies[i].name.as_str()).collect::<Vec<_>>().join(", ")),
+            Status::Dominated => format!(
+                "dominated by {}",
+                r.dominated_by
+                    .iter()
+                    .map(|&i| model.strategies[i].name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
             Status::ExtendedlyDominated => format!(
                 "extendedly dominated ({})",
-                r.dominated_by.iter().map(|&i| model.strategies[i].name.as_str()).collect::<Vec<_>>().join(" / ")
+                r.dominated_by
+                    .iter()
+                    .map(|&i| model.strategies[i].name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" / ")
             ),
         };
         let _ = write!(
@@ -969,15 +1329,6 @@ fn icer_html(model: &Model, rows: &[crate::icer::IcerRow], cur: &str, el: &str) 
     }
     h.push_str("</table>\n");
     h
-}
-
-#[allow(dead_code)]
-fn effect_kind(e: Effect) -> &'static str {
-    match e {
-        Effect::Qalys => "qalys",
-        Effect::LifeYears => "life_years",
-        Effect::Outcome(_) => "outcome",
-    }
 }
 
 #[cfg(test)]

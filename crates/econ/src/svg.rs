@@ -12,7 +12,9 @@ use crate::psa::PsaResult;
 use crate::report::{esc, fmt_axis};
 
 /// Okabe–Ito palette: distinguishable with common colour-vision deficiencies.
-pub const PALETTE: [&str; 8] = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000"];
+pub const PALETTE: [&str; 8] = [
+    "#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000",
+];
 
 pub fn colour(i: usize) -> &'static str {
     PALETTE[i % PALETTE.len()]
@@ -35,7 +37,7 @@ struct Frame {
 
 /// "Nice" tick positions covering [lo, hi].
 fn ticks(lo: f64, hi: f64, n: usize) -> Vec<f64> {
-    if !(hi > lo) || !lo.is_finite() || !hi.is_finite() {
+    if hi.is_nan() || lo.is_nan() || hi <= lo || !lo.is_finite() || !hi.is_finite() {
         return vec![lo];
     }
     let raw = (hi - lo) / n as f64;
@@ -57,7 +59,7 @@ fn ticks(lo: f64, hi: f64, n: usize) -> Vec<f64> {
 }
 
 fn padded(lo: f64, hi: f64) -> (f64, f64) {
-    if !(hi > lo) {
+    if hi.is_nan() || lo.is_nan() || hi <= lo {
         let d = if lo == 0.0 { 1.0 } else { lo.abs() * 0.1 };
         return (lo - d, hi + d);
     }
@@ -68,10 +70,10 @@ fn padded(lo: f64, hi: f64) -> (f64, f64) {
 impl Frame {
     fn new(title: &str, xlabel: &str, ylabel: &str, x: (f64, f64), y: (f64, f64)) -> Frame {
         let mut f = Frame {
-            w: 720.0,
+            w: 780.0,
             h: 440.0,
             left: 86.0,
-            right: 190.0,
+            right: 236.0,
             top: 40.0,
             bottom: 56.0,
             x0: x.0,
@@ -154,7 +156,9 @@ impl Frame {
         for (x, y) in pts {
             let _ = write!(d, "{:.1},{:.1} ", self.px(*x), self.py(*y));
         }
-        let dash = dash.map(|d| format!(r#" stroke-dasharray="{d}""#)).unwrap_or_default();
+        let dash = dash
+            .map(|d| format!(r#" stroke-dasharray="{d}""#))
+            .unwrap_or_default();
         let _ = writeln!(
             self.svg,
             r#"<polyline points="{}" fill="none" stroke="{colour}" stroke-width="{width}"{dash}/>"#,
@@ -172,21 +176,31 @@ impl Frame {
     }
 
     fn label(&mut self, x: f64, y: f64, text: &str) {
-        let _ = writeln!(self.svg, r#"<text x="{:.1}" y="{:.1}" font-size="11">{}</text>"#, self.px(x) + 6.0, self.py(y) - 6.0, esc(text));
+        let _ = writeln!(
+            self.svg,
+            r#"<text x="{:.1}" y="{:.1}" font-size="11">{}</text>"#,
+            self.px(x) + 6.0,
+            self.py(y) - 6.0,
+            esc(text)
+        );
     }
 
     fn legend(&mut self, items: &[(String, String, bool)]) {
         let x = self.left + self.pw() + 14.0;
         for (i, (text, colour, dashed)) in items.iter().enumerate() {
             let y = self.top + 10.0 + i as f64 * 20.0;
-            let dash = if *dashed { r#" stroke-dasharray="6,4""# } else { "" };
+            let dash = if *dashed {
+                r#" stroke-dasharray="6,4""#
+            } else {
+                ""
+            };
             let _ = writeln!(
                 self.svg,
-                r#"<line x1="{x}" y1="{y}" x2="{}" y2="{y}" stroke="{colour}" stroke-width="3"{dash}/><text x="{}" y="{}">{}</text>"#,
+                r#"<line x1="{x}" y1="{y}" x2="{}" y2="{y}" stroke="{colour}" stroke-width="3"{dash}/><text x="{}" y="{}" font-size="11">{}</text>"#,
                 x + 22.0,
                 x + 28.0,
                 y + 4.0,
-                esc(&truncate(text, 24))
+                esc(&truncate(text, 30))
             );
         }
     }
@@ -232,7 +246,12 @@ pub fn markov_trace(model: &Model, strategy: usize, trace: &Trace) -> String {
     );
     let mut legend = Vec::new();
     for (s, st) in mk.states.iter().enumerate() {
-        let pts: Vec<(f64, f64)> = trace.membership.iter().enumerate().map(|(k, m)| (k as f64 * len, m[s])).collect();
+        let pts: Vec<(f64, f64)> = trace
+            .membership
+            .iter()
+            .enumerate()
+            .map(|(k, m)| (k as f64 * len, m[s]))
+            .collect();
         f.polyline(&pts, colour(s), 2.0, None);
         legend.push((st.label.clone(), colour(s).to_string(), false));
     }
@@ -261,7 +280,12 @@ pub fn frontier(model: &Model, a: &Analysis) -> String {
     let mut legend = Vec::new();
     for (i, s) in a.strategies.iter().enumerate() {
         f.point(s.effect, s.outcome.cost, colour(i), 5.0, 1.0);
-        let status = a.icer.iter().find(|r| r.strategy == i).map(|r| r.status.code()).unwrap_or("");
+        let status = a
+            .icer
+            .iter()
+            .find(|r| r.strategy == i)
+            .map(|r| r.status.code())
+            .unwrap_or("");
         f.label(s.effect, s.outcome.cost, &format!("{} ({status})", s.name));
         legend.push((s.label.clone(), colour(i).to_string(), false));
     }
@@ -281,8 +305,14 @@ pub fn ce_plane(model: &Model, psa: &PsaResult) -> String {
     // keeps the picture representative and deterministic.
     let stride = n.div_ceil(2000).max(1);
     let others: Vec<usize> = (0..ns).filter(|&s| s != r).collect();
-    let de: Vec<f64> = others.iter().flat_map(|&s| (0..n).map(move |i| psa.effect[s][i] - psa.effect[r][i])).collect();
-    let dc: Vec<f64> = others.iter().flat_map(|&s| (0..n).map(move |i| psa.cost[s][i] - psa.cost[r][i])).collect();
+    let de: Vec<f64> = others
+        .iter()
+        .flat_map(|&s| (0..n).map(move |i| psa.effect[s][i] - psa.effect[r][i]))
+        .collect();
+    let dc: Vec<f64> = others
+        .iter()
+        .flat_map(|&s| (0..n).map(move |i| psa.cost[s][i] - psa.cost[r][i]))
+        .collect();
     let (x0, x1) = bounds(de.iter().copied().chain([0.0]));
     let (y0, y1) = bounds(dc.iter().copied().chain([0.0]));
     let mut f = Frame::new(
@@ -342,7 +372,10 @@ pub fn ceac(model: &Model, psa: &PsaResult) -> String {
     let (w0, w1) = bounds(psa.ceac.iter().map(|p| p.wtp));
     let mut f = Frame::new(
         "Cost-effectiveness acceptability curves",
-        &format!("Willingness to pay ({} per {})", model.meta.currency, model.meta.effect_label),
+        &format!(
+            "Willingness to pay ({} per {})",
+            model.meta.currency, model.meta.effect_label
+        ),
         "Probability cost-effective",
         (w0, if w1 > w0 { w1 } else { w0 + 1.0 }),
         (0.0, 1.02),
@@ -365,14 +398,33 @@ pub fn ceac(model: &Model, psa: &PsaResult) -> String {
 
 pub fn evpi(model: &Model, psa: &PsaResult) -> String {
     let pop = model.settings.population_size.is_some();
-    let vals: Vec<(f64, f64)> =
-        psa.ceac.iter().map(|p| (p.wtp, if pop { p.population_evpi.unwrap_or(p.evpi) } else { p.evpi })).collect();
+    let vals: Vec<(f64, f64)> = psa
+        .ceac
+        .iter()
+        .map(|p| {
+            (
+                p.wtp,
+                if pop {
+                    p.population_evpi.unwrap_or(p.evpi)
+                } else {
+                    p.evpi
+                },
+            )
+        })
+        .collect();
     let (w0, w1) = bounds(vals.iter().map(|p| p.0));
     let (_, v1) = bounds(vals.iter().map(|p| p.1));
     let mut f = Frame::new(
         "Expected value of perfect information",
-        &format!("Willingness to pay ({} per {})", model.meta.currency, model.meta.effect_label),
-        &format!("EVPI ({}{})", model.meta.currency, if pop { ", population" } else { " per person" }),
+        &format!(
+            "Willingness to pay ({} per {})",
+            model.meta.currency, model.meta.effect_label
+        ),
+        &format!(
+            "EVPI ({}{})",
+            model.meta.currency,
+            if pop { ", population" } else { " per person" }
+        ),
         (w0, if w1 > w0 { w1 } else { w0 + 1.0 }),
         (0.0, if v1 > 0.0 { v1 * 1.08 } else { 1.0 }),
     );
@@ -383,7 +435,11 @@ pub fn evpi(model: &Model, psa: &PsaResult) -> String {
 /// Tornado diagram of incremental NMB.
 pub fn tornado(model: &Model, o: &Owsa) -> String {
     let rows: Vec<_> = o.rows.iter().take(model.tornado_top).collect();
-    let (lo, hi) = bounds(rows.iter().flat_map(|r| [r.inmb_low, r.inmb_high]).chain([o.base_inmb]));
+    let (lo, hi) = bounds(
+        rows.iter()
+            .flat_map(|r| [r.inmb_low, r.inmb_high])
+            .chain([o.base_inmb]),
+    );
     let bar_h = 22.0;
     let h = 90.0 + rows.len() as f64 * (bar_h + 8.0);
     let title = format!(
@@ -397,8 +453,9 @@ pub fn tornado(model: &Model, o: &Owsa) -> String {
     // The frame is used for its x mapping only; bars get their own layout
     // with parameter names on the left.
     let mut g = Frame::new(&title, "", "", padded(lo, hi), (0.0, 1.0));
+    g.w = 900.0;
     g.h = h;
-    g.left = 230.0;
+    g.left = 330.0;
     g.right = 40.0;
     let mut svg = String::new();
     let _ = write!(
@@ -426,9 +483,16 @@ pub fn tornado(model: &Model, o: &Owsa) -> String {
     let bx = g.px(o.base_inmb);
     for (i, r) in rows.iter().enumerate() {
         let y = top + 8.0 + i as f64 * (bar_h + 8.0);
-        for (v, c, tag) in [(r.inmb_low, colour(0), "low"), (r.inmb_high, colour(1), "high")] {
+        for (v, c, tag) in [
+            (r.inmb_low, colour(0), "low"),
+            (r.inmb_high, colour(1), "high"),
+        ] {
             let px = g.px(v);
-            let (x, w) = if px < bx { (px, bx - px) } else { (bx, px - bx) };
+            let (x, w) = if px < bx {
+                (px, bx - px)
+            } else {
+                (bx, px - bx)
+            };
             let _ = writeln!(
                 svg,
                 r#"<rect x="{x:.1}" y="{y:.1}" width="{:.1}" height="{bar_h}" fill="{c}" fill-opacity="0.85"><title>{} = {} ({tag}): {}</title></rect>"#,
@@ -443,7 +507,7 @@ pub fn tornado(model: &Model, o: &Owsa) -> String {
             r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{} [{} – {}]</text>"#,
             g.left - 8.0,
             y + bar_h / 2.0 + 4.0,
-            esc(&truncate(&r.label, 26)),
+            esc(&truncate(&r.label, 32)),
             fmt_axis(r.low),
             fmt_axis(r.high)
         );
@@ -458,7 +522,11 @@ pub fn tornado(model: &Model, o: &Owsa) -> String {
 "##,
         g.left + (g.w - g.left - g.right) / 2.0,
         h - 14.0,
-        esc(&format!("Incremental net monetary benefit ({}); base case {}", model.meta.currency, fmt_axis(o.base_inmb))),
+        esc(&format!(
+            "Incremental net monetary benefit ({}); base case {}",
+            model.meta.currency,
+            fmt_axis(o.base_inmb)
+        )),
         10.0,
         h - 24.0,
         colour(0),
@@ -477,9 +545,19 @@ pub fn tornado(model: &Model, o: &Owsa) -> String {
 pub fn two_way(model: &Model, t: &TwoWay) -> String {
     let (x0, x1) = (t.xs[0], *t.xs.last().expect("grid has points"));
     let (y0, y1) = (t.ys[0], *t.ys.last().expect("grid has points"));
-    let label = |name: &str| model.param_index(name).map(|k| model.params[k].label.clone()).unwrap_or_else(|| name.to_string());
+    let label = |name: &str| {
+        model
+            .param_index(name)
+            .map(|k| model.params[k].label.clone())
+            .unwrap_or_else(|| name.to_string())
+    };
     let mut f = Frame::new(
-        &format!("Two-way: optimal strategy at {} {}/{}", fmt_axis(model.settings.wtp), model.meta.currency, model.meta.effect_label),
+        &format!(
+            "Two-way: incremental NMB at {} {}/{}",
+            fmt_axis(model.settings.wtp),
+            model.meta.currency,
+            model.meta.effect_label
+        ),
         &label(&t.x),
         &label(&t.y),
         (x0, x1),
@@ -489,23 +567,52 @@ pub fn two_way(model: &Model, t: &TwoWay) -> String {
     let ny = t.ys.len();
     let dx = (x1 - x0) / (nx - 1) as f64;
     let dy = (y1 - y0) / (ny - 1) as f64;
-    for (iy, row) in t.best.iter().enumerate() {
-        for (ix, &b) in row.iter().enumerate() {
+    // Colour: blue where the focal strategy has the higher net benefit,
+    // vermilion where the reference has, deeper with the size of the gap.
+    let max_abs = t
+        .inmb
+        .iter()
+        .flatten()
+        .fold(0.0f64, |m, v| m.max(v.abs()))
+        .max(f64::MIN_POSITIVE);
+    for (iy, row) in t.inmb.iter().enumerate() {
+        for (ix, &v) in row.iter().enumerate() {
             let (cx, cy) = (t.xs[ix], t.ys[iy]);
             let (px0, px1) = (f.px((cx - dx / 2.0).max(x0)), f.px((cx + dx / 2.0).min(x1)));
             let (py0, py1) = (f.py((cy + dy / 2.0).min(y1)), f.py((cy - dy / 2.0).max(y0)));
+            let fill = if v >= 0.0 { colour(0) } else { colour(1) };
+            let alpha = 0.15 + 0.75 * (v.abs() / max_abs);
             let _ = writeln!(
                 f.svg,
-                r#"<rect x="{px0:.1}" y="{py0:.1}" width="{:.1}" height="{:.1}" fill="{}" fill-opacity="0.6"><title>INMB {}</title></rect>"#,
+                r#"<rect x="{px0:.1}" y="{py0:.1}" width="{:.1}" height="{:.1}" fill="{fill}" fill-opacity="{alpha:.2}"><title>{} = {}, {} = {}: INMB {}, best {}</title></rect>"#,
                 px1 - px0,
                 py1 - py0,
-                colour(b),
-                fmt_axis(t.inmb[iy][ix])
+                esc(&t.x),
+                fmt_axis(cx),
+                esc(&t.y),
+                fmt_axis(cy),
+                fmt_axis(v),
+                esc(&model.strategies[t.best[iy][ix]].name)
             );
         }
     }
-    let legend: Vec<(String, String, bool)> =
-        model.strategies.iter().enumerate().map(|(i, s)| (s.label.clone(), colour(i).to_string(), false)).collect();
+    let legend = vec![
+        (
+            format!("INMB > 0: {}", model.strategies[t.focal].name),
+            colour(0).to_string(),
+            false,
+        ),
+        (
+            format!("INMB < 0: {}", model.strategies[t.reference].name),
+            colour(1).to_string(),
+            false,
+        ),
+        (
+            format!("|INMB| up to {}", fmt_axis(max_abs)),
+            "#999".to_string(),
+            false,
+        ),
+    ];
     f.legend(&legend);
     f.finish()
 }

@@ -9,7 +9,9 @@ use medledger_econ::icer::{self, Status};
 use medledger_econ::model::Model;
 
 fn example(name: &str) -> Model {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/examples").join(name);
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../models/examples")
+        .join(name);
     Model::from_path(&p).unwrap_or_else(|e| panic!("{e}"))
 }
 
@@ -46,9 +48,18 @@ fn hiv_chancellor_1997_briggs_exercise_2_5() {
 
     // The same through the incremental analysis.
     let names: Vec<String> = m.strategies.iter().map(|s| s.name.clone()).collect();
-    let rows = icer::incremental(&names, &[mono.cost, comb.cost], &[mono.life_years, comb.life_years]);
+    let rows = icer::incremental(
+        &names,
+        &[mono.cost, comb.cost],
+        &[mono.life_years, comb.life_years],
+    );
     assert_eq!(rows[1].name, "comb");
-    assert_published(rows[1].icer.unwrap(), 6275.95560, 5, "ICER from the incremental table");
+    assert_published(
+        rows[1].icer.unwrap(),
+        6275.95560,
+        5,
+        "ICER from the incremental table",
+    );
 
     // Book table 2.2: the combination matrix rounds to 0.858 / 0.103 / 0.034 / 0.005.
     let tr = r[1].trace.as_ref().unwrap();
@@ -88,13 +99,21 @@ fn thr_briggs_section_3_5_time_dependent() {
     let tr = r[0].trace.as_ref().unwrap();
     for (k, row) in published.iter().enumerate() {
         for (j, v) in row.iter().enumerate() {
-            assert_published(tr.membership[k + 1][j + 1], *v, 7, &format!("trace point {}, state {}", k + 1, j + 1));
+            assert_published(
+                tr.membership[k + 1][j + 1],
+                *v,
+                7,
+                &format!("trace point {}, state {}", k + 1, j + 1),
+            );
         }
     }
     // The age band changes at 65: mortality jumps from 0.0067 to 0.0193 in cycle 5.
     let d4 = tr.membership[4][4];
     let d5 = tr.membership[5][4];
-    assert!(d5 - d4 > 0.018, "mortality must follow the age-indexed table");
+    assert!(
+        d5 - d4 > 0.018,
+        "mortality must follow the age-indexed table"
+    );
 }
 
 /// Evans et al., PharmacoEconomics 1997;12:565-77, decision tree as box 2.3 of
@@ -114,21 +133,46 @@ fn sumatriptan_evans_1997_decision_tree() {
 
     let day = 1.0 / 365.0;
     let path = |run: &StrategyRun, leaf: &str| {
-        run.paths.as_ref().unwrap().iter().find(|p| p.nodes.last().unwrap() == leaf).unwrap().clone()
+        run.paths
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|p| p.nodes.last().unwrap() == leaf)
+            .unwrap()
+            .clone()
     };
     let a = path(s, "A");
     assert_published(a.probability, 0.331, 3, "path A probability");
     assert_published(a.probability * a.cost, 5.34, 2, "path A weighted cost");
-    assert_published(a.probability * a.qalys / day, 0.33, 2, "path A weighted utility");
+    assert_published(
+        a.probability * a.qalys / day,
+        0.33,
+        2,
+        "path A weighted utility",
+    );
     let h = path(c, "H");
     assert_published(h.probability, 0.571, 3, "path H probability");
     assert_published(h.probability * h.cost, 0.75, 2, "path H weighted cost");
-    assert_published(h.probability * h.qalys / day, -0.17, 2, "path H weighted utility");
-    let total: f64 = s.paths.as_ref().unwrap().iter().map(|p| p.probability).sum();
+    assert_published(
+        h.probability * h.qalys / day,
+        -0.17,
+        2,
+        "path H weighted utility",
+    );
+    let total: f64 = s
+        .paths
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|p| p.probability)
+        .sum();
     assert!((total - 1.0).abs() < 1e-12);
 
     let icer = (s.outcome.cost - c.outcome.cost) / (s.outcome.qalys - c.outcome.qalys);
-    assert!((icer / 29366.0 - 1.0).abs() < 2e-4, "ICER {icer} vs published 29,366");
+    assert!(
+        (icer / 29366.0 - 1.0).abs() < 2e-4,
+        "ICER {icer} vs published 29,366"
+    );
 }
 
 /// VA HERC worked example of dominance (and dampack's calculate_icers
@@ -138,7 +182,11 @@ fn sumatriptan_evans_1997_decision_tree() {
 fn herc_dominance_and_extended_dominance() {
     let m = example("va-herc-dominance.toml");
     let a = medledger_econ::run_analysis(&m, &Default::default(), &|_| {}).unwrap();
-    let order: Vec<(&str, Status, Option<f64>)> = a.icer.iter().map(|r| (r.name.as_str(), r.status, r.icer)).collect();
+    let order: Vec<(&str, Status, Option<f64>)> = a
+        .icer
+        .iter()
+        .map(|r| (r.name.as_str(), r.status, r.icer))
+        .collect();
     assert_eq!(
         order,
         vec![
@@ -151,10 +199,26 @@ fn herc_dominance_and_extended_dominance() {
         ]
     );
     let c = a.icer.iter().find(|r| r.name == "C").unwrap();
-    let by: Vec<&str> = c.dominated_by.iter().map(|&i| m.strategies[i].name.as_str()).collect();
+    let by: Vec<&str> = c
+        .dominated_by
+        .iter()
+        .map(|&i| m.strategies[i].name.as_str())
+        .collect();
     assert_eq!(by, vec!["B", "D"]);
-    let inc: Vec<(Option<f64>, Option<f64>)> = a.icer.iter().take(4).map(|r| (r.inc_cost, r.inc_effect)).collect();
-    assert_eq!(inc[1..], [(Some(5000.0), Some(1.0)), (Some(25000.0), Some(2.0)), (Some(20000.0), Some(1.0))]);
+    let inc: Vec<(Option<f64>, Option<f64>)> = a
+        .icer
+        .iter()
+        .take(4)
+        .map(|r| (r.inc_cost, r.inc_effect))
+        .collect();
+    assert_eq!(
+        inc[1..],
+        [
+            (Some(5000.0), Some(1.0)),
+            (Some(25000.0), Some(2.0)),
+            (Some(20000.0), Some(1.0))
+        ]
+    );
 }
 
 /// Paltiel et al., Ann Intern Med 2006;145:797-806, table 4 (high-risk
@@ -166,12 +230,20 @@ fn herc_dominance_and_extended_dominance() {
 /// of rounding in the published costs and effects).
 #[test]
 fn paltiel_2006_hiv_screening_frequencies() {
-    let names: Vec<String> = ["status quo", "one time", "5yr", "3yr", "annual"].iter().map(|s| s.to_string()).collect();
+    let names: Vec<String> = ["status quo", "one time", "5yr", "3yr", "annual"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     let cost = [26000.0, 27000.0, 28020.0, 28440.0, 29440.0];
-    let qalys: Vec<f64> = [277.25, 277.57, 277.78, 277.83, 277.76].iter().map(|m| m / 12.0).collect();
+    let qalys: Vec<f64> = [277.25, 277.57, 277.78, 277.83, 277.76]
+        .iter()
+        .map(|m| m / 12.0)
+        .collect();
     let rows = icer::incremental(&names, &cost, &qalys);
-    let icers: Vec<(String, Status, Option<i64>)> =
-        rows.iter().map(|r| (r.name.clone(), r.status, r.icer.map(|v| v.round() as i64))).collect();
+    let icers: Vec<(String, Status, Option<i64>)> = rows
+        .iter()
+        .map(|r| (r.name.clone(), r.status, r.icer.map(|v| v.round() as i64)))
+        .collect();
     assert_eq!(
         icers,
         vec![
@@ -188,8 +260,15 @@ fn paltiel_2006_hiv_screening_frequencies() {
 /// the cheaper strategy dominates; "Test & treat" is the only frontier point.
 #[test]
 fn equal_effects_cheaper_dominates() {
-    let names: Vec<String> = ["No Treat", "Treat all", "Test & treat"].iter().map(|s| s.to_string()).collect();
-    let rows = icer::incremental(&names, &[163771.0, 164848.7, 163765.1], &[6.48273, 6.52861, 6.52861]);
+    let names: Vec<String> = ["No Treat", "Treat all", "Test & treat"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let rows = icer::incremental(
+        &names,
+        &[163771.0, 164848.7, 163765.1],
+        &[6.48273, 6.52861, 6.52861],
+    );
     assert_eq!(rows[0].name, "Test & treat");
     assert_eq!(rows[0].status, Status::NonDominated);
     assert!(rows[1..].iter().all(|r| r.status == Status::Dominated));

@@ -2,6 +2,7 @@
 //! subcommands. Library crates do the work; this crate wires them to files and terminals.
 
 mod bench;
+mod cea;
 mod deid_cmd;
 mod demo;
 mod files;
@@ -32,6 +33,9 @@ enum Command {
     Key(deid_cmd::KeyCommand),
     /// Run the main job: the whole system on this machine, step by step.
     Demo(demo::DemoArgs),
+    /// Cost-effectiveness analysis: run a model file, write its report.
+    #[command(subcommand)]
+    Cea(cea::CeaCommand),
     /// Measure throughput (run in release builds).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -50,6 +54,7 @@ fn main() -> ExitCode {
         Command::Deid(args) => deid_cmd::run(args),
         Command::Key(cmd) => deid_cmd::run_key(cmd).map(|()| ExitCode::SUCCESS),
         Command::Demo(args) => demo::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Cea(cmd) => cea::run(cmd).map(|()| ExitCode::SUCCESS),
         Command::Bench(cmd) => bench::run(cmd).map(|()| ExitCode::SUCCESS),
     };
     match result {

@@ -212,8 +212,11 @@ impl Context<'_> {
                 }
                 continue;
             }
+            // Under Retain UIDs the user keeps instance UIDs: one the table still replaces (a
+            // UID content item) may legitimately equal a retained one.
             if vr == VR::UI
                 && tag.group() % 2 == 0
+                && !self.options.contains(DeidOption::RetainUids)
                 && self.action_for(tag) == Some(Action::ReplaceUid)
             {
                 for v in strings_of(elem).unwrap_or_default() {

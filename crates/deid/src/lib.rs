@@ -326,6 +326,11 @@ impl Deidentifier {
             get(tags::SERIES_INSTANCE_UID),
             get(tags::SOP_INSTANCE_UID),
         );
+        if !is_valid_uid(&sop) {
+            return Err(DeidError::Encode(
+                "the SOP Instance UID (0008,0018) is not a valid UID, so it cannot be retained; de-identify without retain-uids to replace it".into(),
+            ));
+        }
         let meta = FileMetaTableBuilder::new()
             .transfer_syntax(ts_uid)
             .media_storage_sop_class_uid(sop_class_uid.as_str())
@@ -590,6 +595,16 @@ fn read_bare_dataset(
     Err(DeidError::Parse(format!(
         "no usable file meta header, and the bytes are not a readable data set ({last_err})"
     )))
+}
+
+/// Whether `uid` is a valid UID (PS3.5 9.1): digits and dots, at most 64 characters, no empty
+/// component, no leading zero in a component.
+pub fn is_valid_uid(uid: &str) -> bool {
+    !uid.is_empty()
+        && uid.len() <= 64
+        && uid.split('.').all(|c| {
+            !c.is_empty() && c.bytes().all(|b| b.is_ascii_digit()) && (c == "0" || !c.starts_with('0'))
+        })
 }
 
 /// The reader's error, without its backtrace and without any value it may quote.

@@ -189,6 +189,16 @@ fn check_one(deid: &Deidentifier, options: &[DeidOption], case: &Case) -> Seen {
             );
             Seen::NotAnInstance
         }
+        Err(DeidError::Encode(msg))
+            if msg.contains("not a valid UID") && options.contains(&DeidOption::RetainUids) =>
+        {
+            let (_, input) = read_instance(&case.bytes).expect("it was read");
+            ensure!(
+                !medledger_deid::is_valid_uid(&text(&input, tags::SOP_INSTANCE_UID)),
+                "{path}: refused a valid SOP Instance UID"
+            );
+            Seen::NotAnInstance
+        }
         Err(e) => Seen::Error(e.to_string()),
     }
 }

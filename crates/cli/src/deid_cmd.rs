@@ -11,13 +11,15 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use medledger_deid::{
-    DeidConfig, DeidError, DeidKey, DeidOption, DeidProvenance, Deidentifier, Finding,
-    OptionSet, PixelRules, ProfileTable, Quarantine, SafePrivateList,
+    DeidConfig, DeidError, DeidKey, DeidOption, DeidProvenance, Deidentifier, Finding, OptionSet,
+    PixelRules, ProfileTable, Quarantine, SafePrivateList,
 };
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::files::{collect_inputs, looks_like_dicom, write_atomically};
+use crate::files::{
+    collect_inputs, looks_like_dicom, sync_filesystem, write_atomically, write_atomically_unsynced,
+};
 
 #[derive(Args, Debug)]
 pub struct DeidArgs {
@@ -74,7 +76,11 @@ pub fn run_key(cmd: KeyCommand) -> Result<()> {
     match cmd {
         KeyCommand::Generate { file } => {
             let key = generate_key_file(&file)?;
-            println!("created de-identification key {} at {}", key.id(), file.display());
+            println!(
+                "created de-identification key {} at {}",
+                key.id(),
+                file.display()
+            );
             println!("keep it secret and backed up: the same key gives the same pseudonyms");
         }
         KeyCommand::Id { file } => println!("{}", load_key(&file)?.id()),
@@ -152,8 +158,8 @@ pub fn build_deidentifier(args: &DeidArgs) -> Result<Deidentifier> {
     if let Some(p) = &args.pixel_rules {
         let text = fs::read_to_string(p)
             .with_context(|| format!("cannot read pixel rules {}", p.display()))?;
-        let rules = PixelRules::from_json(&text)
-            .with_context(|| format!("pixel rules {}", p.display()))?;
+        let rules =
+            PixelRules::from_json(&text).with_context(|| format!("pixel rules {}", p.display()))?;
         config.pixel_rules.extend_front(rules);
     }
     if let Some(p) = &args.safe_private {
@@ -184,7 +190,9 @@ pub enum FileOutcome {
         findings: Vec<Finding>,
     },
     /// Not a DICOM file at all (a README beside the images, say).
-    Skipped { reason: String },
+    Skipped {
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -264,7 +272,7 @@ pub fn process_file(deid: &Deidentifier, input: &Path, out: &Path) -> FileReport
                 .join(&p.study_instance_uid)
                 .join(&p.series_instance_uid)
                 .join(format!("{}.dcm", p.sop_instance_uid));
-            match write_atomically(&path, &d.bytes) {
+            match write_atomically_unsynced(&path, &d.bytes) {
                 Ok(()) => FileOutcome::Deidentified {
                     output: path,
                     provenance: Box::new(d.provenance),
@@ -302,12 +310,7 @@ pub fn process_file(deid: &Deidentifier, input: &Path, out: &Path) -> FileReport
 }
 
 /// De-identifies every file, in parallel, with an optional progress bar.
-pub fn run_files(
-    deid: &Deidentifier,
-    files: &[PathBuf],
-    out: &Path,
-    progress: bool,
-) -> RunReport {
+pub fn run_files(deid: &Deidentifier, files: &[PathBuf], out: &Path, progress: bool) -> RunReport {
     let started = Instant::now();
     let bar = if progress {
         let bar = ProgressBar::new(files.len() as u64);
@@ -331,8 +334,21 @@ pub fn run_files(
         })
         .collect();
     bar.finish_and_clear();
+    // One flush for the whole batch: nothing is reported written before it is on disk.
+    let mut results = results;
+    if let Err(e) = sync_filesystem(out) {
+        for r in &mut results {
+            if matches!(r.outcome, FileOutcome::Deidentified { .. }) {
+                r.outcome = FileOutcome::Failed {
+                    reason: format!("{e:#}"),
+                    findings: Vec::new(),
+                };
+            }
+        }
+    }
     let seconds = started.elapsed().as_secs_f64();
-    let count = |pred: fn(&FileOutcome) -> bool| results.iter().filter(|r| pred(&r.outcome)).count();
+    let count =
+        |pred: fn(&FileOutcome) -> bool| results.iter().filter(|r| pred(&r.outcome)).count();
     let bytes_out = results
         .iter()
         .filter_map(|r| match &r.outcome {

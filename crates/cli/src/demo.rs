@@ -118,7 +118,11 @@ pub fn run(args: DemoArgs) -> Result<()> {
     ])?;
     println!(
         "    profile: Basic, options: {}; key {} ({})",
-        options.iter().map(|o| o.name()).collect::<Vec<_>>().join(", "),
+        options
+            .iter()
+            .map(|o| o.name())
+            .collect::<Vec<_>>()
+            .join(", "),
         key.id(),
         key_path.display()
     );
@@ -143,7 +147,10 @@ pub fn run(args: DemoArgs) -> Result<()> {
     }
 
     // 3. What came out: pseudonyms link rounds, dates shift together.
-    step(3, "Keyed pseudonyms keep each patient linkable across rounds");
+    step(
+        3,
+        "Keyed pseudonyms keep each patient linkable across rounds",
+    );
     let mut by_patient: BTreeMap<String, BTreeMap<String, (String, String)>> = BTreeMap::new();
     for r in &report.results {
         let FileOutcome::Deidentified { output, provenance } = &r.outcome else {
@@ -195,7 +202,10 @@ pub fn run(args: DemoArgs) -> Result<()> {
         .map(|r| &r.outcome)
         .find(|o| matches!(o, FileOutcome::Deidentified { .. }))
     {
-        println!("    provenance of {} (what the ledger records):", output.display());
+        println!(
+            "    provenance of {} (what the ledger records):",
+            output.display()
+        );
         for line in serde_json::to_string_pretty(provenance)?.lines() {
             println!("      {line}");
         }
@@ -208,10 +218,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     println!("    de-identified output:  {}", out.display());
     println!("    per-file report:       {}", report_path.display());
     println!("    compare a file:        dcmdump <file>   (apt-get install dcmtk)");
-    println!(
-        "\ndone in {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
+    println!("\ndone in {:.1} s", started.elapsed().as_secs_f64());
     if report.failed > 0 {
         bail!("{} file(s) failed de-identification", report.failed);
     }

@@ -44,8 +44,11 @@ enum Command {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MEDLEDGER_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            tracing_subscriber::EnvFilter::try_from_env("MEDLEDGER_LOG").unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new(
+                    "warn,dicom_parser=error,dicom_object=error,dicom_encoding=error",
+                )
+            }),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -71,6 +74,8 @@ pub fn medledger_home() -> PathBuf {
     if let Some(p) = std::env::var_os("MEDLEDGER_HOME") {
         return PathBuf::from(p);
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     home.join(".medledger")
 }

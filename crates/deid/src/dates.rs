@@ -54,7 +54,12 @@ pub fn date_like_spans(s: &str) -> Vec<(usize, usize)> {
     while i + 8 <= b.len() {
         let boundary_before = i == 0 || !b[i - 1].is_ascii_digit();
         if boundary_before {
-            for (len, sep) in [(8usize, None), (10, Some(b'-')), (10, Some(b'.')), (10, Some(b'/'))] {
+            for (len, sep) in [
+                (8usize, None),
+                (10, Some(b'-')),
+                (10, Some(b'.')),
+                (10, Some(b'/')),
+            ] {
                 if i + len > b.len() {
                     continue;
                 }

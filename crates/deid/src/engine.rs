@@ -8,8 +8,8 @@
 
 use std::collections::HashMap;
 
-use dicom_core::value::{DataSetSequence, PrimitiveValue, Value};
 use dicom_core::header::Header;
+use dicom_core::value::{DataSetSequence, PrimitiveValue, Value};
 use dicom_core::{DataElement, Length, Tag, VR};
 use dicom_dictionary_std::tags;
 use dicom_object::InMemDicomObject;
@@ -118,24 +118,80 @@ const IDENTIFIER_TAGS: &[(Tag, IdentifierKind, Option<DeidOption>)] = &[
     (tags::PATIENT_ID, IdentifierKind::PatientId, None),
     (Tag(0x0010, 0x1000), IdentifierKind::PatientId, None),
     (Tag(0x0010, 0x1090), IdentifierKind::PatientId, None),
-    (tags::ACCESSION_NUMBER, IdentifierKind::OtherIdentifier, None),
+    (
+        tags::ACCESSION_NUMBER,
+        IdentifierKind::OtherIdentifier,
+        None,
+    ),
     (tags::ADMISSION_ID, IdentifierKind::OtherIdentifier, None),
-    (tags::SERVICE_EPISODE_ID, IdentifierKind::OtherIdentifier, None),
-    (tags::REQUESTED_PROCEDURE_ID, IdentifierKind::OtherIdentifier, None),
-    (tags::SCHEDULED_PROCEDURE_STEP_ID, IdentifierKind::OtherIdentifier, None),
-    (tags::PERFORMED_PROCEDURE_STEP_ID, IdentifierKind::OtherIdentifier, None),
-    (tags::PLACER_ORDER_NUMBER_IMAGING_SERVICE_REQUEST, IdentifierKind::OtherIdentifier, None),
-    (tags::FILLER_ORDER_NUMBER_IMAGING_SERVICE_REQUEST, IdentifierKind::OtherIdentifier, None),
+    (
+        tags::SERVICE_EPISODE_ID,
+        IdentifierKind::OtherIdentifier,
+        None,
+    ),
+    (
+        tags::REQUESTED_PROCEDURE_ID,
+        IdentifierKind::OtherIdentifier,
+        None,
+    ),
+    (
+        tags::SCHEDULED_PROCEDURE_STEP_ID,
+        IdentifierKind::OtherIdentifier,
+        None,
+    ),
+    (
+        tags::PERFORMED_PROCEDURE_STEP_ID,
+        IdentifierKind::OtherIdentifier,
+        None,
+    ),
+    (
+        tags::PLACER_ORDER_NUMBER_IMAGING_SERVICE_REQUEST,
+        IdentifierKind::OtherIdentifier,
+        None,
+    ),
+    (
+        tags::FILLER_ORDER_NUMBER_IMAGING_SERVICE_REQUEST,
+        IdentifierKind::OtherIdentifier,
+        None,
+    ),
     (tags::STUDY_ID, IdentifierKind::OtherIdentifier, None),
     (tags::PATIENT_ADDRESS, IdentifierKind::AddressOrPhone, None),
-    (tags::PATIENT_TELEPHONE_NUMBERS, IdentifierKind::AddressOrPhone, None),
-    (tags::PATIENT_TELECOM_INFORMATION, IdentifierKind::AddressOrPhone, None),
-    (tags::REGION_OF_RESIDENCE, IdentifierKind::AddressOrPhone, None),
+    (
+        tags::PATIENT_TELEPHONE_NUMBERS,
+        IdentifierKind::AddressOrPhone,
+        None,
+    ),
+    (
+        tags::PATIENT_TELECOM_INFORMATION,
+        IdentifierKind::AddressOrPhone,
+        None,
+    ),
+    (
+        tags::REGION_OF_RESIDENCE,
+        IdentifierKind::AddressOrPhone,
+        None,
+    ),
     (tags::PERSON_ADDRESS, IdentifierKind::AddressOrPhone, None),
-    (tags::PERSON_TELEPHONE_NUMBERS, IdentifierKind::AddressOrPhone, None),
-    (tags::PERSON_TELECOM_INFORMATION, IdentifierKind::AddressOrPhone, None),
-    (tags::REFERRING_PHYSICIAN_ADDRESS, IdentifierKind::AddressOrPhone, None),
-    (tags::REFERRING_PHYSICIAN_TELEPHONE_NUMBERS, IdentifierKind::AddressOrPhone, None),
+    (
+        tags::PERSON_TELEPHONE_NUMBERS,
+        IdentifierKind::AddressOrPhone,
+        None,
+    ),
+    (
+        tags::PERSON_TELECOM_INFORMATION,
+        IdentifierKind::AddressOrPhone,
+        None,
+    ),
+    (
+        tags::REFERRING_PHYSICIAN_ADDRESS,
+        IdentifierKind::AddressOrPhone,
+        None,
+    ),
+    (
+        tags::REFERRING_PHYSICIAN_TELEPHONE_NUMBERS,
+        IdentifierKind::AddressOrPhone,
+        None,
+    ),
     (
         tags::INSTITUTION_NAME,
         IdentifierKind::InstitutionOrDevice,
@@ -197,7 +253,9 @@ impl Context<'_> {
                 }
                 continue;
             }
-            let dates_kept = self.options.contains(DeidOption::RetainLongitudinalFullDates);
+            let dates_kept = self
+                .options
+                .contains(DeidOption::RetainLongitudinalFullDates);
             // A date an option retains (a device's calibration date under Retain Device
             // Identity) is not a needle: the user chose to keep it.
             if matches!(vr, VR::DA | VR::DT)
@@ -293,7 +351,9 @@ impl Context<'_> {
         if safe && element >= 0x1000 {
             let block = (element >> 8) as u8;
             if let Some((_, creator, used)) = creators.get_mut(&(group, block)) {
-                if self.safe_private.allows(creator, group, (element & 0xFF) as u8)
+                if self
+                    .safe_private
+                    .allows(creator, group, (element & 0xFF) as u8)
                     && !matches!(elem.value(), Value::Sequence(_))
                 {
                     *used = true;
@@ -376,7 +436,10 @@ impl Context<'_> {
     }
 
     fn date_policy(&mut self, elem: InMemElement) -> Option<InMemElement> {
-        if self.options.contains(DeidOption::RetainLongitudinalFullDates) {
+        if self
+            .options
+            .contains(DeidOption::RetainLongitudinalFullDates)
+        {
             return Some(elem);
         }
         let tag = elem.tag();
@@ -448,7 +511,9 @@ impl Context<'_> {
             VR::PN => Some(self.dummy(elem)),
             VR::DA | VR::DT => self.date_policy(elem),
             VR::TM => {
-                let dates_kept = self.options.contains(DeidOption::RetainLongitudinalFullDates)
+                let dates_kept = self
+                    .options
+                    .contains(DeidOption::RetainLongitudinalFullDates)
                     || self.date_shift.is_some();
                 if dates_kept {
                     // Whole-day shifts keep times of day.
@@ -531,7 +596,9 @@ impl Context<'_> {
         let Some(values) = strings_of(&elem) else {
             return elem;
         };
-        let keep_dates = self.options.contains(DeidOption::RetainLongitudinalFullDates);
+        let keep_dates = self
+            .options
+            .contains(DeidOption::RetainLongitudinalFullDates);
         let cleaned: Vec<String> = values
             .iter()
             .map(|v| {
@@ -655,13 +722,31 @@ pub fn normalize_un(obj: &mut InMemDicomObject) {
         };
         let string_vr = matches!(
             vr,
-            VR::AE | VR::AS | VR::CS | VR::DA | VR::DS | VR::DT | VR::IS | VR::LO | VR::LT
-                | VR::PN | VR::SH | VR::ST | VR::TM | VR::UC | VR::UI | VR::UR | VR::UT
+            VR::AE
+                | VR::AS
+                | VR::CS
+                | VR::DA
+                | VR::DS
+                | VR::DT
+                | VR::IS
+                | VR::LO
+                | VR::LT
+                | VR::PN
+                | VR::SH
+                | VR::ST
+                | VR::TM
+                | VR::UC
+                | VR::UI
+                | VR::UR
+                | VR::UT
         );
         if !string_vr {
             continue;
         }
-        let Some(bytes) = obj.get(tag).and_then(|e| e.to_bytes().ok()).map(|b| b.into_owned())
+        let Some(bytes) = obj
+            .get(tag)
+            .and_then(|e| e.to_bytes().ok())
+            .map(|b| b.into_owned())
         else {
             continue;
         };

@@ -165,7 +165,9 @@ pub struct Deidentifier {
     config: DeidConfig,
 }
 
-const RISKY_MODALITIES: &[&str] = &["US", "SC", "OT", "XC", "ES", "GM", "DOC", "OP", "SM", "IVUS"];
+const RISKY_MODALITIES: &[&str] = &[
+    "US", "SC", "OT", "XC", "ES", "GM", "DOC", "OP", "SM", "IVUS",
+];
 
 impl Deidentifier {
     pub fn new(config: DeidConfig) -> Deidentifier {
@@ -214,9 +216,10 @@ impl Deidentifier {
                 "the data set has no SOP Instance UID (0008,0018)".into(),
             ));
         }
-        if sop_class_uid.starts_with("1.2.840.10008.5.1.4.1.1.104.")
-            || obj.get(tags::ENCAPSULATED_DOCUMENT).is_some()
-        {
+        // An encapsulated document is the document: removing its attribute would leave
+        // nothing, keeping it would keep whatever the PDF or CDA says. Elsewhere the
+        // attribute is just removed by the table.
+        if sop_class_uid.starts_with("1.2.840.10008.5.1.4.1.1.104.") {
             return Err(DeidError::Quarantined(Quarantine::EncapsulatedDocument {
                 sop_class_uid,
             }));
@@ -243,12 +246,14 @@ impl Deidentifier {
             || sop_class_uid.starts_with("1.2.840.10008.5.1.4.1.1.3.1");
         let at_risk = if burned == "YES" {
             Some("Burned In Annotation (0028,0301) is YES".to_string())
-        } else if burned != "NO"
-            && (RISKY_MODALITIES.contains(&modality.as_str()) || risky_class)
-        {
+        } else if burned != "NO" && (RISKY_MODALITIES.contains(&modality.as_str()) || risky_class) {
             Some(format!(
                 "modality {} / SOP class {sop_class_uid} often carries burned-in text and Burned In Annotation is not NO",
-                if modality.is_empty() { "(none)" } else { &modality }
+                if modality.is_empty() {
+                    "(none)"
+                } else {
+                    &modality
+                }
             ))
         } else {
             None
@@ -310,7 +315,11 @@ impl Deidentifier {
             } else {
                 VR::LO
             };
-            out.put(DataElement::new(tag, vr, PrimitiveValue::from(pseudonym.as_str())));
+            out.put(DataElement::new(
+                tag,
+                vr,
+                PrimitiveValue::from(pseudonym.as_str()),
+            ));
         }
         self.record_method(&mut out, date_shift.is_some(), pixel_cleaning.is_some());
 
@@ -406,7 +415,10 @@ impl Deidentifier {
             VR::SQ,
             DataSetSequence::new(items, Length::UNDEFINED),
         ));
-        let longitudinal = if cfg.options.contains(DeidOption::RetainLongitudinalFullDates) {
+        let longitudinal = if cfg
+            .options
+            .contains(DeidOption::RetainLongitudinalFullDates)
+        {
             "UNMODIFIED"
         } else if dates_shifted {
             "MODIFIED"
@@ -458,7 +470,7 @@ pub fn read_instance(input: &[u8]) -> Result<(String, InMemDicomObject), DeidErr
     };
     let meta = scan_meta_group(&input[at + 4..]);
     if let Some((end, Some(ts))) = &meta {
-        prescan_dataset(&input[at + 4 + end..], ts)?;
+        prescan_dataset(&input[at + 4 + end..], ts, false)?;
     }
     match OpenFileOptions::new()
         .read_preamble(dicom_object::file::ReadPreamble::Never)
@@ -499,10 +511,14 @@ fn scan_meta_group(data: &[u8]) -> Option<(usize, Option<String>)> {
             if pos + 12 > data.len() {
                 return None;
             }
-            let l = u32::from_le_bytes([data[pos + 8], data[pos + 9], data[pos + 10], data[pos + 11]]);
+            let l =
+                u32::from_le_bytes([data[pos + 8], data[pos + 9], data[pos + 10], data[pos + 11]]);
             (12, l as usize)
         } else if vr[0].is_ascii_uppercase() && vr[1].is_ascii_uppercase() {
-            (8, u16::from_le_bytes([data[pos + 6], data[pos + 7]]) as usize)
+            (
+                8,
+                u16::from_le_bytes([data[pos + 6], data[pos + 7]]) as usize,
+            )
         } else {
             return None;
         };
@@ -520,7 +536,7 @@ fn scan_meta_group(data: &[u8]) -> Option<(usize, Option<String>)> {
     Some((pos, ts))
 }
 
-fn prescan_dataset(data: &[u8], ts: &str) -> Result<(), DeidError> {
+fn prescan_dataset(data: &[u8], ts: &str, strict: bool) -> Result<(), DeidError> {
     let (explicit, big_endian) = match ts.trim_end_matches(['\0', ' ']) {
         "1.2.840.10008.1.2" => (false, false),
         "1.2.840.10008.1.2.2" => (true, true),
@@ -528,7 +544,7 @@ fn prescan_dataset(data: &[u8], ts: &str) -> Result<(), DeidError> {
         "1.2.840.10008.1.2.1.99" | "1.2.840.10008.1.2.8.1" => return Ok(()),
         _ => (true, false),
     };
-    prescan::check_lengths(data, explicit, big_endian).map_err(DeidError::Parse)
+    prescan::check_lengths(data, explicit, big_endian, strict).map_err(DeidError::Parse)
 }
 
 fn read_bare_dataset(
@@ -562,7 +578,10 @@ fn read_bare_dataset(
     };
     // The declared transfer syntax first, then what the bytes look like: files whose meta
     // group is broken are often wrong about the encoding too.
-    let candidates: Vec<&str> = ts_hint.into_iter().chain(detected.iter().copied()).collect();
+    let candidates: Vec<&str> = ts_hint
+        .into_iter()
+        .chain(detected.iter().copied())
+        .collect();
     let mut first_readable = None;
     let mut last_err = String::new();
     for uid in candidates {
@@ -570,7 +589,7 @@ fn read_bare_dataset(
             last_err = format!("transfer syntax {uid} is not supported");
             continue;
         };
-        if let Err(e) = prescan_dataset(input, uid) {
+        if let Err(e) = prescan_dataset(input, uid, true) {
             last_err = e.to_string();
             continue;
         }
@@ -603,7 +622,9 @@ pub fn is_valid_uid(uid: &str) -> bool {
     !uid.is_empty()
         && uid.len() <= 64
         && uid.split('.').all(|c| {
-            !c.is_empty() && c.bytes().all(|b| b.is_ascii_digit()) && (c == "0" || !c.starts_with('0'))
+            !c.is_empty()
+                && c.bytes().all(|b| b.is_ascii_digit())
+                && (c == "0" || !c.starts_with('0'))
         })
 }
 

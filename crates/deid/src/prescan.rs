@@ -10,16 +10,51 @@
 fn long_length_vr(vr: [u8; 2]) -> bool {
     matches!(
         &vr,
-        b"OB" | b"OD" | b"OF" | b"OL" | b"OV" | b"OW" | b"SQ" | b"SV" | b"UC" | b"UN" | b"UR"
-            | b"UT" | b"UV"
+        b"OB"
+            | b"OD"
+            | b"OF"
+            | b"OL"
+            | b"OV"
+            | b"OW"
+            | b"SQ"
+            | b"SV"
+            | b"UC"
+            | b"UN"
+            | b"UR"
+            | b"UT"
+            | b"UV"
     )
 }
 
 const UNDEFINED: u32 = 0xFFFF_FFFF;
 
+/// Whether the dictionary knows the tag as a sequence (or it is pixel data, which may be
+/// encapsulated).
+fn is_sequence(group: u16, element: u16) -> bool {
+    use dicom_core::dictionary::{DataDictionary, DataDictionaryEntry, VirtualVr};
+    if (group, element) == (0x7FE0, 0x0010) {
+        return true;
+    }
+    matches!(
+        dicom_dictionary_std::StandardDataDictionary
+            .by_tag(dicom_core::Tag(group, element))
+            .map(|e| e.vr()),
+        Some(VirtualVr::Exact(dicom_core::VR::SQ))
+    )
+}
+
 /// Checks the headers of a data set encoded with `explicit` VR and `big_endian` byte order.
 /// Returns a message naming the first element whose length runs past the end.
-pub fn check_lengths(data: &[u8], explicit: bool, big_endian: bool) -> Result<(), String> {
+///
+/// `strict` is for data sets read without a usable file meta group, where the encoding is a
+/// guess: there a walk that loses its way, or an undefined length on an element that is not
+/// a sequence, means the guess is wrong, and the reader would misread it expensively.
+pub fn check_lengths(
+    data: &[u8],
+    explicit: bool,
+    big_endian: bool,
+    strict: bool,
+) -> Result<(), String> {
     let u16_at = |p: usize| {
         let b = [data[p], data[p + 1]];
         if big_endian {
@@ -45,6 +80,11 @@ pub fn check_lengths(data: &[u8], explicit: bool, big_endian: bool) -> Result<()
         } else if explicit {
             let vr = [data[pos + 4], data[pos + 5]];
             if !(vr[0].is_ascii_uppercase() && vr[1].is_ascii_uppercase()) {
+                if strict {
+                    return Err(format!(
+                        "no value representation where one was expected at byte {pos}: not explicit VR"
+                    ));
+                }
                 return Ok(()); // lost: leave the verdict to the parser
             }
             if long_length_vr(vr) {
@@ -67,6 +107,16 @@ pub fn check_lengths(data: &[u8], explicit: bool, big_endian: bool) -> Result<()
             (8, u32_at(pos + 4))
         };
         pos += header;
+        if length == UNDEFINED
+            && strict
+            && !explicit
+            && group != 0xFFFE
+            && !is_sequence(group, element)
+        {
+            return Err(format!(
+                "element ({group:04X},{element:04X}) has an undefined length but is not a sequence: not implicit VR"
+            ));
+        }
         if length == UNDEFINED {
             // A sequence, an item or encapsulated pixel data: its contents are headers too.
             continue;
@@ -91,17 +141,25 @@ mod tests {
         // (0010,0010) PN "DOE^J " then (7FE0,0010) OW of 4 bytes, explicit little endian.
         let mut ok = vec![0x10, 0x00, 0x10, 0x00, b'P', b'N', 6, 0];
         ok.extend_from_slice(b"DOE^J ");
-        ok.extend_from_slice(&[0xE0, 0x7F, 0x10, 0x00, b'O', b'W', 0, 0, 4, 0, 0, 0, 1, 2, 3, 4]);
-        assert!(check_lengths(&ok, true, false).is_ok());
+        ok.extend_from_slice(&[
+            0xE0, 0x7F, 0x10, 0x00, b'O', b'W', 0, 0, 4, 0, 0, 0, 1, 2, 3, 4,
+        ]);
+        assert!(check_lengths(&ok, true, false, false).is_ok());
         let mut bad = ok.clone();
         bad[8 + 6 + 8] = 0xFF; // pixel data length 0x...FF04
         bad[8 + 6 + 10] = 0x10;
-        let err = check_lengths(&bad, true, false).unwrap_err();
+        let err = check_lengths(&bad, true, false, false).unwrap_err();
         assert!(err.contains("(7FE0,0010)"), "{err}");
         // Implicit: (0008,0018) with length 1,000,000.
         let implicit = [0x08, 0x00, 0x18, 0x00, 0x40, 0x42, 0x0F, 0x00, b'1', b'2'];
-        assert!(check_lengths(&implicit, false, false).is_err());
+        assert!(check_lengths(&implicit, false, false, false).is_err());
         // Lost sync (no VR letters) is not a verdict.
-        assert!(check_lengths(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], true, false).is_ok());
+        assert!(check_lengths(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], true, false, false).is_ok());
+        // ... unless the encoding is a guess.
+        assert!(check_lengths(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], true, false, true).is_err());
+        // Undefined length on a non-sequence in a guessed implicit data set.
+        let odd = [0x01, 0x00, 0x01, 0x00, 0xFF, 0xFF, 0xFF, 0xFF];
+        assert!(check_lengths(&odd, false, false, true).is_err());
+        assert!(check_lengths(&odd, false, false, false).is_ok());
     }
 }

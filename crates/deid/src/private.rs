@@ -16,7 +16,9 @@ pub struct SafePrivateList {
 /// A safe-private list that is not in the documented shape.
 #[derive(Debug, thiserror::Error)]
 pub enum SafePrivateError {
-    #[error("safe-private list is not valid JSON in the shape of crates/deid/data/safe-private.json: {0}")]
+    #[error(
+        "safe-private list is not valid JSON in the shape of crates/deid/data/safe-private.json: {0}"
+    )]
     Json(#[from] serde_json::Error),
     #[error("safe-private entry {index} ({creator}): {problem}")]
     Entry {

@@ -84,7 +84,8 @@ impl Needles {
     /// text: at least 3 characters (2 outside ASCII), at least 5 when all digits (short
     /// numbers occur everywhere), not a placeholder word.
     pub fn add(&mut self, value: &str, kind: IdentifierKind) {
-        let v = value.trim_matches(|c: char| c.is_whitespace() || c == '\0' || c == '^' || c == '=');
+        let v =
+            value.trim_matches(|c: char| c.is_whitespace() || c == '\0' || c == '^' || c == '=');
         let n = v.chars().count();
         // Names written in ideographs or Hangul are often two characters long: as specific
         // as a much longer Latin name.
@@ -92,7 +93,10 @@ impl Needles {
         if n < min {
             return;
         }
-        if v.bytes().all(|b| b.is_ascii_digit() || b == b'.' || b == b'-') && n < 5 {
+        if v.bytes()
+            .all(|b| b.is_ascii_digit() || b == b'.' || b == b'-')
+            && n < 5
+        {
             return;
         }
         let upper = v.to_uppercase();
@@ -158,7 +162,8 @@ impl Needles {
     /// The kind of the first identifying value found in `hay`, if any.
     pub fn find(&self, hay: &[u8]) -> Option<IdentifierKind> {
         let m = self.matcher.as_ref()?;
-        m.find(hay).map(|mat| self.values[mat.pattern().as_usize()].1)
+        m.find(hay)
+            .map(|mat| self.values[mat.pattern().as_usize()].1)
     }
 
     /// `text` with every identifying value replaced by `*`s of the same byte length.

@@ -174,7 +174,9 @@ impl ProfileTable {
                 .ok_or_else(|| bad(format!("unknown action code `{}`", r.basic_profile)))?;
             let mut options = Vec::new();
             for option in DeidOption::ALL {
-                let Some(col) = option.table_column() else { continue };
+                let Some(col) = option.table_column() else {
+                    continue;
+                };
                 if let Some(v) = r.rest.get(col) {
                     let code = v
                         .as_str()
@@ -243,7 +245,9 @@ fn parse_pattern(tag: &str, name: &str) -> Option<TagPattern> {
         return Some(TagPattern::CurveGroup);
     }
     if g == "60XX" {
-        return u16::from_str_radix(&e, 16).ok().map(TagPattern::OverlayElement);
+        return u16::from_str_radix(&e, 16)
+            .ok()
+            .map(TagPattern::OverlayElement);
     }
     let g = u16::from_str_radix(&g, 16).ok()?;
     let e = u16::from_str_radix(&e, 16).ok()?;
@@ -406,19 +410,11 @@ mod tests {
         let sr = "1.2.840.10008.5.1.4.1.1.88.22";
         let ct = "1.2.840.10008.5.1.4.1.1.2";
         assert_eq!(
-            resolve(
-                content_date,
-                &none,
-                attribute_type(Tag(0x0008, 0x0023), sr)
-            ),
+            resolve(content_date, &none, attribute_type(Tag(0x0008, 0x0023), sr)),
             Action::Dummy
         );
         assert_eq!(
-            resolve(
-                content_date,
-                &none,
-                attribute_type(Tag(0x0008, 0x0023), ct)
-            ),
+            resolve(content_date, &none, attribute_type(Tag(0x0008, 0x0023), ct)),
             Action::Empty
         );
         let serial = t.row(Tag(0x0018, 0x1000)).unwrap();

@@ -12,8 +12,7 @@ use dicom_core::value::Value;
 use dicom_dictionary_std::tags;
 use dicom_object::InMemDicomObject;
 use medledger_deid::{
-    DeidConfig, DeidError, DeidKey, DeidOption, Deidentifier, OptionSet, Quarantine,
-    read_instance,
+    DeidConfig, DeidError, DeidKey, DeidOption, Deidentifier, OptionSet, Quarantine, read_instance,
 };
 use medledger_testkit::{ManifestEntry, manifest, test_data_dir};
 use rayon::prelude::*;
@@ -113,11 +112,16 @@ fn check_one(deid: &Deidentifier, options: &[DeidOption], case: &Case) -> Seen {
             medledger_deid::normalize_un(&mut input);
             let out = medledger_deid::open_output(&d.bytes)
                 .map_err(|e| format!("{path}: output does not parse: {e}"));
-            let out = match out { Ok(o) => o, Err(e) => return Seen::Error(e) };
+            let out = match out {
+                Ok(o) => o,
+                Err(e) => return Seen::Error(e),
+            };
             ensure_eq!(text(&out, tags::PATIENT_IDENTITY_REMOVED), "YES", "{path}");
             ensure_eq!(text(&out, tags::PATIENT_ID), d.pseudonym, "{path}");
             ensure_eq!(
-                out.meta().media_storage_sop_instance_uid().trim_end_matches('\0'),
+                out.meta()
+                    .media_storage_sop_instance_uid()
+                    .trim_end_matches('\0'),
                 text(&out, tags::SOP_INSTANCE_UID),
                 "{path}: file meta and data set disagree on the SOP Instance UID"
             );
@@ -126,7 +130,9 @@ fn check_one(deid: &Deidentifier, options: &[DeidOption], case: &Case) -> Seen {
                 let (a, b) = (pixel_bytes(&input), pixel_bytes(&out));
                 // An odd-length value (non-conformant input) is written with its pad byte.
                 let padded = match (&a, &b) {
-                    (Some(a), Some(b)) => a.len() % 2 == 1 && b.len() == a.len() + 1 && b.starts_with(a),
+                    (Some(a), Some(b)) => {
+                        a.len() % 2 == 1 && b.len() == a.len() + 1 && b.starts_with(a)
+                    }
                     _ => false,
                 };
                 ensure!(a == b || padded, "{path}: pixel data changed");
@@ -138,7 +144,19 @@ fn check_one(deid: &Deidentifier, options: &[DeidOption], case: &Case) -> Seen {
             let mut needles: Vec<String> = name
                 .split(['^', '='])
                 .map(|s| s.trim().to_string())
-                .filter(|s| s.len() >= 4 && !["ANONYMIZED", "ANONYMOUS", "PATIENT", "TEST", "REMOVED", "UNKNOWN", "ANON"].contains(&s.as_str()))
+                .filter(|s| {
+                    s.len() >= 4
+                        && ![
+                            "ANONYMIZED",
+                            "ANONYMOUS",
+                            "PATIENT",
+                            "TEST",
+                            "REMOVED",
+                            "UNKNOWN",
+                            "ANON",
+                        ]
+                        .contains(&s.as_str())
+                })
                 .collect();
             let id = text(&input, tags::PATIENT_ID).to_uppercase();
             if id.len() >= 5 {
@@ -157,8 +175,8 @@ fn check_one(deid: &Deidentifier, options: &[DeidOption], case: &Case) -> Seen {
                 );
             }
             let original_uid = text(&input, tags::STUDY_INSTANCE_UID);
-            let uid_kept = !original_uid.is_empty()
-                && text(&out, tags::STUDY_INSTANCE_UID) == original_uid;
+            let uid_kept =
+                !original_uid.is_empty() && text(&out, tags::STUDY_INSTANCE_UID) == original_uid;
             ensure_eq!(
                 uid_kept,
                 options.contains(&DeidOption::RetainUids) && !original_uid.is_empty(),
@@ -232,6 +250,10 @@ const KNOWN_UNREADABLE: &[(&str, &str)] = &[
         "a DICOMDIR whose record sequence ends early (dicom-rs: premature data set end)",
     ),
     (
+        "pydicom/test_files/meta_missing_tsyntax.dcm",
+        "no transfer syntax, and a data set of undefined-length elements in the illegal group 0001: read as a guess it cannot be told from garbage",
+    ),
+    (
         "fo-dicom/GH179A.dcm",
         "(0028,0120) declares a value longer than the file; pydicom reads it leniently",
     ),
@@ -239,8 +261,10 @@ const KNOWN_UNREADABLE: &[(&str, &str)] = &[
 
 fn assert_config(options: &[DeidOption]) {
     let seen = run_config(options);
-    let by_path: HashMap<PathBuf, ManifestEntry> =
-        manifest().into_iter().map(|e| (e.path.clone(), e)).collect();
+    let by_path: HashMap<PathBuf, ManifestEntry> = manifest()
+        .into_iter()
+        .map(|e| (e.path.clone(), e))
+        .collect();
     let mut problems = Vec::new();
     let (mut ok, mut quarantined, mut errors) = (0, 0, 0);
     for (path, outcome) in &seen {
@@ -270,7 +294,10 @@ fn assert_config(options: &[DeidOption]) {
     // The data set is mostly clean CT/MR: most of it must come out.
     // 277 under the Basic Profile today; most of the rest are ultrasound and secondary
     // captures quarantined for burned-in text.
-    assert!(ok >= 270, "only {ok} de-identified under {options:?} ({quarantined} quarantined, {errors} errors)");
+    assert!(
+        ok >= 270,
+        "only {ok} de-identified under {options:?} ({quarantined} quarantined, {errors} errors)"
+    );
 }
 
 #[test]
@@ -300,7 +327,11 @@ fn malformed_files_give_clear_errors() {
             .unwrap_or_else(|_| panic!("{}: panicked", e.path.display()));
         if let Err(err) = r {
             let msg = err.to_string();
-            assert!(msg.len() > 20, "{}: unhelpful error `{msg}`", e.path.display());
+            assert!(
+                msg.len() > 20,
+                "{}: unhelpful error `{msg}`",
+                e.path.display()
+            );
         }
     }
     // Truncations of a good file at many points: an error or a result, never a panic.
@@ -310,7 +341,10 @@ fn malformed_files_give_clear_errors() {
         assert!(r.is_ok(), "truncated at {cut}: panicked");
     }
     // Garbage.
-    assert!(matches!(deid.deidentify(b"hello world, not dicom"), Err(DeidError::Parse(_))));
+    assert!(matches!(
+        deid.deidentify(b"hello world, not dicom"),
+        Err(DeidError::Parse(_))
+    ));
     assert!(matches!(deid.deidentify(&[]), Err(DeidError::Parse(_))));
 }
 
@@ -333,7 +367,10 @@ fn the_chest_series_keeps_one_pseudonym_and_consistent_references() {
         studies.insert(text(&out, tags::STUDY_INSTANCE_UID));
         frames.insert(text(&out, tags::FRAME_OF_REFERENCE_UID));
         dates.insert(text(&out, tags::STUDY_DATE));
-        assert_eq!(text(&out, tags::LONGITUDINAL_TEMPORAL_INFORMATION_MODIFIED), "MODIFIED");
+        assert_eq!(
+            text(&out, tags::LONGITUDINAL_TEMPORAL_INFORMATION_MODIFIED),
+            "MODIFIED"
+        );
     }
     assert_eq!(pseudonyms.len(), 1);
     assert_eq!(studies.len(), 1);

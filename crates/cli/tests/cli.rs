@@ -37,7 +37,12 @@ fn deid_folder_reports_every_file_and_never_touches_inputs() {
     let out = tmp.path().join("out");
     let report = tmp.path().join("report.json");
     let run = medledger(tmp.path())
-        .args(["deid", "--quiet", "--option", "retain-longitudinal-modified-dates"])
+        .args([
+            "deid",
+            "--quiet",
+            "--option",
+            "retain-longitudinal-modified-dates",
+        ])
         .arg(&input)
         .arg("--out")
         .arg(&out)
@@ -51,7 +56,10 @@ fn deid_folder_reports_every_file_and_never_touches_inputs() {
     assert_eq!(run.status.code(), Some(1), "{stdout}\n{stderr}");
     assert!(stdout.contains("de-identified 3 of 5 files"), "{stdout}");
     assert!(stderr.contains("truncated.dcm"), "{stderr}");
-    assert!(stderr.contains("created a new de-identification key"), "{stderr}");
+    assert!(
+        stderr.contains("created a new de-identification key"),
+        "{stderr}"
+    );
     // No identifier of the patient in any message.
     let family = patient.name.split('^').next().unwrap();
     assert!(!stdout.contains(family) && !stderr.contains(family));
@@ -74,15 +82,30 @@ fn deid_folder_reports_every_file_and_never_touches_inputs() {
         assert!(!text.contains(family), "{o} carries the patient's name");
         assert!(!text.contains(&patient.id), "{o} carries the patient's ID");
         // <out>/<pseudonym>/<study>/<series>/<sop>.dcm
-        assert_eq!(Path::new(o).strip_prefix(&out).unwrap().components().count(), 4);
+        assert_eq!(
+            Path::new(o)
+                .strip_prefix(&out)
+                .unwrap()
+                .components()
+                .count(),
+            4
+        );
     }
     for (i, b) in before.iter().enumerate() {
-        assert_eq!(&std::fs::read(input.join(format!("series/{i}.dcm"))).unwrap(), b);
+        assert_eq!(
+            &std::fs::read(input.join(format!("series/{i}.dcm"))).unwrap(),
+            b
+        );
     }
 
     // Same key, second run: the same pseudonymous paths (deterministic, idempotent).
     let run2 = medledger(tmp.path())
-        .args(["deid", "--quiet", "--option", "retain-longitudinal-modified-dates"])
+        .args([
+            "deid",
+            "--quiet",
+            "--option",
+            "retain-longitudinal-modified-dates",
+        ])
         .arg(input.join("series"))
         .arg("--out")
         .arg(tmp.path().join("out2"))
@@ -91,7 +114,11 @@ fn deid_folder_reports_every_file_and_never_touches_inputs() {
     assert_eq!(run2.status.code(), Some(0));
     for o in &outputs {
         let rel = Path::new(o).strip_prefix(&out).unwrap();
-        assert!(tmp.path().join("out2").join(rel).is_file(), "{} differs", rel.display());
+        assert!(
+            tmp.path().join("out2").join(rel).is_file(),
+            "{} differs",
+            rel.display()
+        );
     }
 }
 
@@ -156,7 +183,11 @@ fn demo_runs_end_to_end() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&run.stdout);
-    assert!(run.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&run.stderr));
+    assert!(
+        run.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
     assert!(stdout.contains("de-identified 8 of 8 files"), "{stdout}");
     // Two patients, each with two studies under one pseudonym.
     assert_eq!(stdout.matches(": 2 stud(ies)").count(), 2, "{stdout}");

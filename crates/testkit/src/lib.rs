@@ -4,6 +4,7 @@
 //! Test-only: nothing in a shipped code path may depend on this crate except the demo's
 //! synthetic study generator.
 
+pub mod garage;
 pub mod planted;
 pub mod synth;
 
@@ -50,6 +51,10 @@ pub struct ManifestEntry {
     pub size_bytes: u64,
     pub modality: String,
     pub transfer_syntax_uid: String,
+    /// Number of frames (1 when the file says nothing).
+    pub frames: u32,
+    /// Bits Allocated (0 when the file says nothing).
+    pub bits_allocated: u32,
 }
 
 impl ManifestEntry {
@@ -82,6 +87,8 @@ pub fn manifest() -> Vec<ManifestEntry> {
         col("modality"),
         col("transfer_syntax_uid"),
     );
+    let c_frames = col("frames");
+    let c_bits = col("bits_alloc");
     lines
         .filter(|l| !l.trim().is_empty())
         .map(|l| {
@@ -93,6 +100,8 @@ pub fn manifest() -> Vec<ManifestEntry> {
                 size_bytes: get(c_size).parse().unwrap_or(0),
                 modality: get(c_mod),
                 transfer_syntax_uid: get(c_ts),
+                frames: get(c_frames).parse().unwrap_or(1).max(1),
+                bits_allocated: get(c_bits).parse().unwrap_or(0),
             }
         })
         .collect()

@@ -1,0 +1,128 @@
+use std::fmt;
+
+use rand::RngCore;
+use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
+
+use crate::CryptoError;
+
+/// Length of an object key in bytes.
+pub const KEY_LEN: usize = 32;
+/// Bytes a sealed object has beyond its plaintext: the 4-byte header and the 16-byte tag.
+pub const SEAL_OVERHEAD: usize = MAGIC.len() + 16;
+
+/// Header of every sealed object; also the associated data, so a sealed object cannot be
+/// passed off as another format version.
+const MAGIC: &[u8; 4] = b"MLo\x01";
+
+/// The AES-256-GCM key of one sealed object.
+///
+/// Keys are created only by [`seal`], which uses each exactly once; that is why the nonce can
+/// be fixed at zero without ever repeating under a key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ObjectKey([u8; KEY_LEN]);
+
+impl ObjectKey {
+    /// A key received from elsewhere (a manifest, an unwrapped envelope).
+    pub fn from_bytes(bytes: [u8; KEY_LEN]) -> ObjectKey {
+        ObjectKey(bytes)
+    }
+
+    pub fn as_bytes(&self) -> &[u8; KEY_LEN] {
+        &self.0
+    }
+
+    fn generate() -> ObjectKey {
+        let mut k = [0u8; KEY_LEN];
+        rand::rngs::OsRng.fill_bytes(&mut k);
+        ObjectKey(k)
+    }
+
+    fn ring_key(&self) -> LessSafeKey {
+        LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &self.0).expect("32-byte AES-256 key"))
+    }
+}
+
+impl fmt::Debug for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ObjectKey(..)")
+    }
+}
+
+/// Seals `plaintext` under a fresh random key; returns the key and `header || ciphertext || tag`.
+pub fn seal(plaintext: &[u8]) -> (ObjectKey, Vec<u8>) {
+    seal_with(ObjectKey::generate(), plaintext)
+}
+
+/// Seals under a given key. Private: public callers cannot choose (and so cannot reuse) a key.
+fn seal_with(key: ObjectKey, plaintext: &[u8]) -> (ObjectKey, Vec<u8>) {
+    let mut out = Vec::with_capacity(plaintext.len() + SEAL_OVERHEAD);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(plaintext);
+    let tag = key
+        .ring_key()
+        .seal_in_place_separate_tag(
+            Nonce::assume_unique_for_key([0u8; 12]),
+            Aad::from(MAGIC),
+            &mut out[MAGIC.len()..],
+        )
+        .expect("AES-GCM seals any length below 64 GiB");
+    out.extend_from_slice(tag.as_ref());
+    (key, out)
+}
+
+/// Opens a sealed object; fails if a single bit was changed or the key is not its own.
+pub fn open(key: &ObjectKey, sealed: &[u8]) -> Result<Vec<u8>, CryptoError> {
+    if sealed.len() < SEAL_OVERHEAD {
+        return Err(CryptoError::Format("shorter than header and tag"));
+    }
+    if &sealed[..MAGIC.len()] != MAGIC {
+        return Err(CryptoError::Format("unknown header"));
+    }
+    let mut buf = sealed[MAGIC.len()..].to_vec();
+    let plain_len = key
+        .ring_key()
+        .open_in_place(
+            Nonce::assume_unique_for_key([0u8; 12]),
+            Aad::from(MAGIC),
+            &mut buf,
+        )
+        .map_err(|_| CryptoError::Authentication)?
+        .len();
+    buf.truncate(plain_len);
+    Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_tamper() {
+        let msg = b"a slice of a chest CT".repeat(100);
+        let (key, sealed) = seal(&msg);
+        assert_eq!(sealed.len(), msg.len() + SEAL_OVERHEAD);
+        assert_eq!(open(&key, &sealed).unwrap(), msg);
+        for i in [0, 3, 4, 100, sealed.len() - 1] {
+            let mut bad = sealed.clone();
+            bad[i] ^= 0x01;
+            assert!(open(&key, &bad).is_err(), "flip at {i} not caught");
+        }
+        assert!(open(&key, &sealed[..sealed.len() - 1]).is_err());
+        let (other, _) = seal(b"x");
+        assert_eq!(open(&other, &sealed), Err(CryptoError::Authentication));
+    }
+
+    #[test]
+    fn keys_are_fresh_per_seal() {
+        let (a, sa) = seal(b"same");
+        let (b, sb) = seal(b"same");
+        assert_ne!(a, b);
+        assert_ne!(sa, sb);
+    }
+
+    #[test]
+    fn empty_plaintext() {
+        let (k, s) = seal(b"");
+        assert_eq!(open(&k, &s).unwrap(), b"");
+    }
+}

@@ -1,0 +1,108 @@
+//! Where sealed objects live. Every backend stores opaque bytes under keys and passes the
+//! same conformance suite ([`conformance`]); the store above never depends on which one.
+
+mod fs;
+mod s3;
+
+pub mod conformance;
+
+use std::fmt;
+
+use bytes::Bytes;
+
+pub use fs::FsBackend;
+pub use s3::{S3Backend, S3Config};
+
+/// Why a backend operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("{0}: no such object")]
+    NotFound(String),
+    #[error("invalid object key {0:?}")]
+    InvalidKey(String),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("object store: {0}")]
+    Remote(String),
+    #[error("{0}")]
+    Config(String),
+}
+
+impl BackendError {
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> BackendError {
+        BackendError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, BackendError::NotFound(_))
+    }
+}
+
+/// Bytes under keys. Keys are `/`-separated segments of `[a-z0-9._-]`.
+///
+/// Contract, checked by [`conformance::run`]:
+/// - `put` returns only once the object is durable, and an object is never visible partly
+///   written: a reader sees the whole old value, the whole new value, or nothing;
+/// - `put_batch` returns only once every object of the batch is durable;
+/// - `get` of a missing key is [`BackendError::NotFound`];
+/// - `list(prefix)` returns every key under the prefix with its size, in no set order;
+/// - `delete` of a missing key succeeds.
+///
+/// Calls block; backends that talk to a network run their own runtime, so they may be called
+/// from any thread (an async caller uses `spawn_blocking`).
+pub trait Backend: Send + Sync + fmt::Debug {
+    /// Where the objects are, for messages.
+    fn describe(&self) -> String;
+    fn put(&self, key: &str, data: Bytes) -> Result<(), BackendError>;
+    fn put_batch(&self, items: Vec<(String, Bytes)>) -> Result<(), BackendError> {
+        for (k, v) in items {
+            self.put(&k, v)?;
+        }
+        Ok(())
+    }
+    fn get(&self, key: &str) -> Result<Bytes, BackendError>;
+    fn exists(&self, key: &str) -> Result<bool, BackendError> {
+        match self.get(key) {
+            Ok(_) => Ok(true),
+            Err(e) if e.is_not_found() => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+    fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>, BackendError>;
+    fn delete(&self, key: &str) -> Result<(), BackendError>;
+}
+
+/// Checks a key: non-empty segments of lowercase ASCII letters, digits, `.`, `_`, `-`.
+pub fn check_key(key: &str) -> Result<(), BackendError> {
+    let ok = !key.is_empty()
+        && key.split('/').all(|seg| {
+            !seg.is_empty()
+                && seg != "."
+                && seg != ".."
+                && seg
+                    .bytes()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"._-".contains(&c))
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(BackendError::InvalidKey(key.to_string()))
+    }
+}
+
+/// Opens a backend from a location: `s3://bucket/prefix` (configured from the usual `AWS_*`
+/// environment variables) or a directory.
+pub fn open(location: &str) -> Result<Box<dyn Backend>, BackendError> {
+    if location.starts_with("s3://") {
+        Ok(Box::new(S3Backend::from_url(location)?))
+    } else {
+        Ok(Box::new(FsBackend::open(location)?))
+    }
+}

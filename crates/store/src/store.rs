@@ -1,0 +1,922 @@
+//! The store: studies in, studies out, every byte checked.
+//!
+//! Putting a study is two passes over its files. The first ([`scan`]) splits each file and
+//! digests its objects, which is enough to compute the study's manifest root; if the store
+//! already holds that root the study is not written again. The second seals every object
+//! under its own key and writes the objects, then the sealed manifest, then the study's
+//! reference record (`refs/<root>.json`: the manifest's address, the addresses of all its
+//! objects, and the manifest key wrapped for each recipient). A study is acknowledged only
+//! after its reference record is durable, and the record is written last, so a crash leaves
+//! either a complete study or unreferenced objects that `verify` lists.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use medledger_crypto::{Digest, ObjectKey, PublicKey, SecretKey, WrappedKey};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{Backend, BackendError};
+use crate::codec::DecodeError;
+use crate::manifest::{InstanceEntry, ObjectRef, SeriesEntry, StudyManifest};
+use crate::split::{self, InstanceIds, Split, SplitError};
+
+/// Format tag of reference records.
+pub const REF_FORMAT: &str = "medledger-study-ref-1";
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{source_name}: {error}")]
+    Split {
+        source_name: String,
+        error: SplitError,
+    },
+    #[error("{source_name} changed while it was being stored")]
+    Changed { source_name: String },
+    #[error("no study with root {0} in this store")]
+    UnknownRoot(Digest),
+    #[error("study {0} is not shared with this key (no envelope for it)")]
+    NotRecipient(Digest),
+    #[error("{what} is corrupt: {reason}")]
+    Corrupt { what: String, reason: String },
+    #[error("{what}: {source}")]
+    Decode {
+        what: String,
+        #[source]
+        source: DecodeError,
+    },
+}
+
+fn corrupt(what: impl Into<String>, reason: impl Into<String>) -> StoreError {
+    StoreError::Corrupt {
+        what: what.into(),
+        reason: reason.into(),
+    }
+}
+
+/// Where an instance's bytes come from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    File(PathBuf),
+    Memory { name: String, bytes: Bytes },
+}
+
+impl Source {
+    pub fn name(&self) -> String {
+        match self {
+            Source::File(p) => p.display().to_string(),
+            Source::Memory { name, .. } => name.clone(),
+        }
+    }
+
+    fn load(&self) -> Result<Bytes, StoreError> {
+        match self {
+            Source::File(p) => std::fs::read(p)
+                .map(Bytes::from)
+                .map_err(|e| StoreError::Read {
+                    path: p.clone(),
+                    source: e,
+                }),
+            Source::Memory { bytes, .. } => Ok(bytes.clone()),
+        }
+    }
+}
+
+/// An instance after the first pass: how it splits and what its objects must digest to.
+#[derive(Debug, Clone)]
+pub struct Scanned {
+    pub source: Source,
+    pub split: Split,
+    pub file_len: u64,
+    header: (Digest, u64),
+    pixels: Vec<(Digest, u64)>,
+}
+
+impl Scanned {
+    pub fn ids(&self) -> &InstanceIds {
+        &self.split.ids
+    }
+    /// Digests of the pixel objects, in order.
+    pub fn pixel_digests(&self) -> impl Iterator<Item = &Digest> {
+        self.pixels.iter().map(|(d, _)| d)
+    }
+}
+
+/// First pass over one instance: read, split, digest.
+pub fn scan(source: Source) -> Result<Scanned, StoreError> {
+    let bytes = source.load()?;
+    scan_bytes(source, &bytes)
+}
+
+fn scan_bytes(source: Source, bytes: &[u8]) -> Result<Scanned, StoreError> {
+    let split = split::split(bytes).map_err(|error| StoreError::Split {
+        source_name: source.name(),
+        error,
+    })?;
+    let header = split.header_object(bytes);
+    let header = (Digest::of(&header), header.len() as u64);
+    let pixels = split
+        .pixels
+        .iter()
+        .map(|r| (Digest::of(&bytes[r.clone()]), r.len() as u64))
+        .collect();
+    Ok(Scanned {
+        source,
+        split,
+        file_len: bytes.len() as u64,
+        header,
+        pixels,
+    })
+}
+
+/// The instances of one study, in manifest order, with the root they will have.
+#[derive(Debug)]
+pub struct StudyPlan {
+    pub study_uid: String,
+    pub root: Digest,
+    /// Series UID -> instances, ordered as in the manifest.
+    instances: Vec<Scanned>,
+    skeleton: StudyManifest,
+}
+
+impl StudyPlan {
+    pub fn instances(&self) -> &[Scanned] {
+        &self.instances
+    }
+    pub fn file_bytes(&self) -> u64 {
+        self.instances.iter().map(|s| s.file_len).sum()
+    }
+}
+
+/// An instance left out of a plan, and why.
+#[derive(Debug)]
+pub struct Skipped {
+    pub source: String,
+    pub reason: String,
+}
+
+fn placeholder(d: Digest, len: u64) -> ObjectRef {
+    ObjectRef {
+        address: Digest::default(),
+        digest: d,
+        len,
+        key: ObjectKey::from_bytes([0; 32]),
+    }
+}
+
+/// Groups scanned instances into studies. The same SOP Instance UID twice with the same
+/// content is stored once; with different content the later file is skipped and reported.
+pub fn plan(scanned: Vec<Scanned>) -> (Vec<StudyPlan>, Vec<Skipped>) {
+    let mut studies: BTreeMap<String, BTreeMap<String, BTreeMap<String, Scanned>>> =
+        BTreeMap::new();
+    let mut skipped = Vec::new();
+    for s in scanned {
+        let ids = s.split.ids.clone();
+        let series = studies
+            .entry(ids.study_uid.clone())
+            .or_default()
+            .entry(ids.series_uid.clone())
+            .or_default();
+        match series.get(&ids.sop_instance_uid) {
+            Some(prev) if prev.header == s.header && prev.pixels == s.pixels => {}
+            Some(prev) => skipped.push(Skipped {
+                source: s.source.name(),
+                reason: format!(
+                    "SOP Instance UID {} already given by {} with different content",
+                    ids.sop_instance_uid,
+                    prev.source.name()
+                ),
+            }),
+            None => {
+                series.insert(ids.sop_instance_uid.clone(), s);
+            }
+        }
+    }
+    let mut plans = Vec::new();
+    for (study_uid, series) in studies {
+        let mut instances = Vec::new();
+        let mut skeleton = StudyManifest {
+            study_uid: study_uid.clone(),
+            series: Vec::new(),
+            derived_from: None,
+        };
+        for (series_uid, sops) in series {
+            let modality = sops
+                .values()
+                .map(|s| s.split.ids.modality.clone())
+                .find(|m| !m.is_empty())
+                .unwrap_or_default();
+            let mut entry = SeriesEntry {
+                series_uid,
+                modality,
+                instances: Vec::new(),
+            };
+            for (sop, s) in sops {
+                entry.instances.push(InstanceEntry {
+                    sop_instance_uid: sop,
+                    sop_class_uid: s.split.ids.sop_class_uid.clone(),
+                    header: placeholder(s.header.0, s.header.1),
+                    pixels: s.pixels.iter().map(|(d, n)| placeholder(*d, *n)).collect(),
+                });
+                instances.push(s);
+            }
+            skeleton.series.push(entry);
+        }
+        plans.push(StudyPlan {
+            study_uid,
+            root: skeleton.root(),
+            instances,
+            skeleton,
+        });
+    }
+    (plans, skipped)
+}
+
+/// The reference record of a stored study (`refs/<root>.json`), readable without keys.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StudyRef {
+    pub format: String,
+    pub root: Digest,
+    /// Address of the sealed manifest.
+    pub manifest: Digest,
+    /// Every object the study needs, its own and shared ones, manifest excluded.
+    pub objects: Vec<Digest>,
+    /// Sealed bytes of the objects this study wrote itself (shared ones not counted).
+    pub own_bytes: u64,
+    /// The manifest key, wrapped for each recipient, bound to the root.
+    pub envelopes: Vec<WrappedKey>,
+}
+
+/// How a study is put.
+#[derive(Debug, Default)]
+pub struct PutOptions<'a> {
+    /// Recipients besides the owner who can open the study.
+    pub recipients: &'a [PublicKey],
+    /// For a derivative: the root of the original.
+    pub derived_from: Option<Digest>,
+    /// Objects already stored, by plaintext digest, that this study may reference instead of
+    /// storing again (the pixel objects of the original, for its derivative).
+    pub reuse: Option<&'a HashMap<Digest, ObjectRef>>,
+}
+
+/// What putting one study did.
+#[derive(Debug, Clone)]
+pub struct PutOutcome {
+    pub root: Digest,
+    pub manifest: StudyManifest,
+    /// The store already held this study; nothing was written.
+    pub already_present: bool,
+    /// Objects written (manifest included) and their sealed bytes.
+    pub objects_written: u64,
+    pub bytes_written: u64,
+    /// Objects referenced from `reuse` rather than written.
+    pub objects_reused: u64,
+}
+
+impl PutOutcome {
+    /// Plaintext digest -> object, for a derivative to reuse.
+    pub fn object_index(&self) -> HashMap<Digest, ObjectRef> {
+        self.manifest
+            .instances()
+            .flat_map(|(_, i)| i.objects())
+            .map(|o| (o.digest, o.clone()))
+            .collect()
+    }
+}
+
+/// Limits on a write batch: objects are sealed and flushed in batches of about this size,
+/// so memory stays bounded however large the study.
+const BATCH_BYTES: u64 = 32 << 20;
+const BATCH_OBJECTS: usize = 256;
+
+fn object_key(address: &Digest) -> String {
+    format!("objects/{}", address.to_hex())
+}
+
+fn ref_key(root: &Digest) -> String {
+    format!("refs/{}.json", root.to_hex())
+}
+
+/// What getting a study did.
+#[derive(Debug, Clone)]
+pub struct GetOutcome {
+    pub manifest: StudyManifest,
+    pub instances: u64,
+    pub file_bytes: u64,
+}
+
+/// A problem `verify` found.
+#[derive(Debug, Clone, Serialize)]
+pub struct Problem {
+    pub key: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub study: Option<Digest>,
+    pub reason: String,
+}
+
+/// What `verify` found.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct VerifyReport {
+    pub objects_checked: u64,
+    pub bytes_checked: u64,
+    pub studies: u64,
+    /// Studies whose manifest was opened with the given key and checked against its root.
+    pub studies_opened: u64,
+    pub corrupt: Vec<Problem>,
+    pub missing: Vec<Problem>,
+    /// Objects no study refers to (left by an interrupted put): harmless, reclaimable.
+    pub unreferenced: Vec<String>,
+    /// Temporary files left by an interrupted writer (filesystem stores).
+    pub stale_tmp_files: u64,
+}
+
+impl VerifyReport {
+    pub fn is_clean(&self) -> bool {
+        self.corrupt.is_empty() && self.missing.is_empty()
+    }
+}
+
+/// An encrypted, content-addressed store of DICOM studies over one backend.
+#[derive(Debug)]
+pub struct Store {
+    backend: Box<dyn Backend>,
+}
+
+impl Store {
+    pub fn new(backend: Box<dyn Backend>) -> Store {
+        Store { backend }
+    }
+
+    /// Opens `s3://bucket/prefix` or a directory.
+    pub fn open(location: &str) -> Result<Store, StoreError> {
+        Ok(Store::new(crate::backend::open(location)?))
+    }
+
+    pub fn backend(&self) -> &dyn Backend {
+        self.backend.as_ref()
+    }
+
+    /// Puts one planned study, sealed for `owner` and `opts.recipients`.
+    pub fn put_study(
+        &self,
+        plan: StudyPlan,
+        owner: &SecretKey,
+        opts: &PutOptions<'_>,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<PutOutcome, StoreError> {
+        let root = plan.root;
+        if self.backend.exists(&ref_key(&root))? {
+            let (_, manifest) = self.open_manifest(&root, owner)?;
+            progress(plan.file_bytes());
+            return Ok(PutOutcome {
+                root,
+                manifest,
+                already_present: true,
+                objects_written: 0,
+                bytes_written: 0,
+                objects_reused: 0,
+            });
+        }
+        let mut manifest = plan.skeleton;
+        manifest.derived_from = opts.derived_from;
+        let slots: Vec<&mut InstanceEntry> = manifest
+            .series
+            .iter_mut()
+            .flat_map(|s| s.instances.iter_mut())
+            .collect();
+        let written = AtomicU64::new(0);
+        let written_bytes = AtomicU64::new(0);
+        let reused = AtomicU64::new(0);
+        let write_error: Mutex<Option<StoreError>> = Mutex::new(None);
+
+        // Seal batches on the CPU pool while the previous batch is being written and flushed.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<(String, Bytes)>>(1);
+        std::thread::scope(|s| -> Result<(), StoreError> {
+            let writer = s.spawn(|| {
+                for batch in rx {
+                    let n = batch.len() as u64;
+                    let bytes: u64 = batch.iter().map(|(_, b)| b.len() as u64).sum();
+                    if let Err(e) = self.backend.put_batch(batch) {
+                        *write_error.lock().expect("not poisoned") = Some(e.into());
+                        return;
+                    }
+                    written.fetch_add(n, Ordering::Relaxed);
+                    written_bytes.fetch_add(bytes, Ordering::Relaxed);
+                }
+            });
+            let mut pending: Vec<(&Scanned, &mut InstanceEntry)> =
+                plan.instances.iter().zip(slots).collect();
+            while !pending.is_empty() {
+                let mut take = 0;
+                let mut bytes = 0;
+                let mut objects = 0;
+                while take < pending.len() && bytes < BATCH_BYTES && objects < BATCH_OBJECTS {
+                    bytes += pending[take].0.file_len;
+                    objects += 1 + pending[take].0.pixels.len();
+                    take += 1;
+                }
+                let rest = pending.split_off(take);
+                let sealed: Vec<Vec<(String, Bytes)>> = pending
+                    .into_par_iter()
+                    .map(|(scanned, slot)| {
+                        let out = seal_instance(scanned, slot, opts.reuse, &reused)?;
+                        progress(scanned.file_len);
+                        Ok(out)
+                    })
+                    .collect::<Result<_, StoreError>>()?;
+                if write_error.lock().expect("not poisoned").is_some() {
+                    break;
+                }
+                let batch: Vec<(String, Bytes)> = sealed.into_iter().flatten().collect();
+                if !batch.is_empty() && tx.send(batch).is_err() {
+                    break;
+                }
+                pending = rest;
+            }
+            drop(tx);
+            writer.join().expect("writer thread does not panic");
+            Ok(())
+        })?;
+        if let Some(e) = write_error.into_inner().expect("not poisoned") {
+            return Err(e);
+        }
+
+        // Manifest, then the reference record: the study exists once the record is durable.
+        debug_assert_eq!(manifest.root(), root);
+        let (manifest_key, sealed_manifest) = medledger_crypto::seal(&manifest.encode());
+        let manifest_address = Digest::of(&sealed_manifest);
+        let manifest_bytes = sealed_manifest.len() as u64;
+        self.backend
+            .put(&object_key(&manifest_address), Bytes::from(sealed_manifest))?;
+        let mut envelopes = vec![medledger_crypto::wrap(
+            &manifest_key,
+            &owner.public(),
+            root.as_bytes(),
+        )];
+        for r in opts.recipients {
+            if r != &owner.public() {
+                envelopes.push(medledger_crypto::wrap(&manifest_key, r, root.as_bytes()));
+            }
+        }
+        let mut objects: Vec<Digest> = manifest
+            .instances()
+            .flat_map(|(_, i)| i.objects().map(|o| o.address))
+            .collect();
+        objects.sort();
+        objects.dedup();
+        let own_bytes = written_bytes.load(Ordering::Relaxed) + manifest_bytes;
+        let record = StudyRef {
+            format: REF_FORMAT.to_string(),
+            root,
+            manifest: manifest_address,
+            objects,
+            own_bytes,
+            envelopes,
+        };
+        self.write_ref(&record)?;
+        Ok(PutOutcome {
+            root,
+            manifest,
+            already_present: false,
+            objects_written: written.load(Ordering::Relaxed) + 1,
+            bytes_written: own_bytes,
+            objects_reused: reused.load(Ordering::Relaxed),
+        })
+    }
+
+    fn write_ref(&self, record: &StudyRef) -> Result<(), StoreError> {
+        let json = serde_json::to_vec_pretty(record).expect("a study reference serialises");
+        self.backend
+            .put(&ref_key(&record.root), Bytes::from(json))?;
+        Ok(())
+    }
+
+    /// The reference record of a study.
+    pub fn study_ref(&self, root: &Digest) -> Result<StudyRef, StoreError> {
+        let bytes = match self.backend.get(&ref_key(root)) {
+            Ok(b) => b,
+            Err(e) if e.is_not_found() => return Err(StoreError::UnknownRoot(*root)),
+            Err(e) => return Err(e.into()),
+        };
+        let record: StudyRef = serde_json::from_slice(&bytes)
+            .map_err(|e| corrupt(format!("reference record of {root}"), e.to_string()))?;
+        if record.format != REF_FORMAT {
+            return Err(corrupt(
+                format!("reference record of {root}"),
+                format!("unknown format {:?}", record.format),
+            ));
+        }
+        if &record.root != root {
+            return Err(corrupt(
+                format!("reference record of {root}"),
+                format!("it names another root, {}", record.root),
+            ));
+        }
+        Ok(record)
+    }
+
+    /// Roots of every study in the store.
+    pub fn studies(&self) -> Result<Vec<Digest>, StoreError> {
+        let mut out: Vec<Digest> = self
+            .backend
+            .list("refs/")?
+            .into_iter()
+            .filter_map(|(k, _)| {
+                k.strip_prefix("refs/")
+                    .and_then(|n| n.strip_suffix(".json"))
+                    .and_then(|h| Digest::from_hex(h).ok())
+            })
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// Opens a study's manifest with a recipient's key and checks it against the root.
+    pub fn open_manifest(
+        &self,
+        root: &Digest,
+        secret: &SecretKey,
+    ) -> Result<(StudyRef, StudyManifest), StoreError> {
+        let record = self.study_ref(root)?;
+        let me = secret.public();
+        let envelope = record
+            .envelopes
+            .iter()
+            .find(|e| e.is_for(&me))
+            .ok_or(StoreError::NotRecipient(*root))?;
+        let key = medledger_crypto::unwrap(envelope, secret, root.as_bytes())
+            .map_err(|e| corrupt(format!("the envelope of study {root}"), e.to_string()))?;
+        let sealed = self.get_object(&record.manifest)?;
+        let plain = medledger_crypto::open(&key, &sealed)
+            .map_err(|e| corrupt(format!("manifest of study {root}"), e.to_string()))?;
+        let manifest = StudyManifest::decode(&plain).map_err(|source| StoreError::Decode {
+            what: format!("manifest of study {root}"),
+            source,
+        })?;
+        let actual = manifest.root();
+        if &actual != root {
+            return Err(corrupt(
+                format!("manifest of study {root}"),
+                format!("its content has root {actual}"),
+            ));
+        }
+        Ok((record, manifest))
+    }
+
+    /// Fetches a sealed object and checks it against its address.
+    fn get_object(&self, address: &Digest) -> Result<Bytes, StoreError> {
+        let key = object_key(address);
+        let bytes = self.backend.get(&key)?;
+        let actual = Digest::of(&bytes);
+        if &actual != address {
+            return Err(corrupt(
+                key,
+                format!("its bytes digest to {actual} ({} bytes)", bytes.len()),
+            ));
+        }
+        Ok(bytes)
+    }
+
+    /// Fetches, opens and checks one object against its reference.
+    pub fn fetch(&self, r: &ObjectRef) -> Result<Vec<u8>, StoreError> {
+        let sealed = self.get_object(&r.address)?;
+        let plain = medledger_crypto::open(&r.key, &sealed)
+            .map_err(|e| corrupt(object_key(&r.address), e.to_string()))?;
+        if plain.len() as u64 != r.len || Digest::of(&plain) != r.digest {
+            return Err(corrupt(
+                object_key(&r.address),
+                "its plaintext does not match the manifest",
+            ));
+        }
+        Ok(plain)
+    }
+
+    /// Rebuilds one instance's Part 10 file, every object verified.
+    pub fn fetch_instance(&self, instance: &InstanceEntry) -> Result<Vec<u8>, StoreError> {
+        let header = self.fetch(&instance.header)?;
+        let pixels: Vec<Vec<u8>> = instance
+            .pixels
+            .iter()
+            .map(|p| self.fetch(p))
+            .collect::<Result<_, _>>()?;
+        split::rebuild(&header, &pixels)
+            .map_err(|reason| corrupt(format!("instance {}", instance.sop_instance_uid), reason))
+    }
+
+    /// Gets a whole study: every instance rebuilt, verified, and handed to `sink`.
+    pub fn get_study(
+        &self,
+        root: &Digest,
+        secret: &SecretKey,
+        sink: &(dyn Fn(&SeriesEntry, &InstanceEntry, Vec<u8>) -> Result<(), StoreError> + Sync),
+    ) -> Result<GetOutcome, StoreError> {
+        let (_, manifest) = self.open_manifest(root, secret)?;
+        let items: Vec<(&SeriesEntry, &InstanceEntry)> = manifest.instances().collect();
+        let bytes = AtomicU64::new(0);
+        items.par_iter().try_for_each(|(s, i)| {
+            let file = self.fetch_instance(i)?;
+            bytes.fetch_add(file.len() as u64, Ordering::Relaxed);
+            sink(s, i, file)
+        })?;
+        Ok(GetOutcome {
+            instances: items.len() as u64,
+            file_bytes: bytes.into_inner(),
+            manifest,
+        })
+    }
+
+    /// Shares a study with one more recipient: adds one wrapped key, re-encrypts nothing.
+    /// Returns false if the recipient already had an envelope.
+    pub fn share(
+        &self,
+        root: &Digest,
+        holder: &SecretKey,
+        recipient: &PublicKey,
+    ) -> Result<bool, StoreError> {
+        let mut record = self.study_ref(root)?;
+        if record.envelopes.iter().any(|e| e.is_for(recipient)) {
+            return Ok(false);
+        }
+        let envelope = record
+            .envelopes
+            .iter()
+            .find(|e| e.is_for(&holder.public()))
+            .ok_or(StoreError::NotRecipient(*root))?;
+        let key = medledger_crypto::unwrap(envelope, holder, root.as_bytes())
+            .map_err(|e| corrupt(format!("the envelope of study {root}"), e.to_string()))?;
+        record
+            .envelopes
+            .push(medledger_crypto::wrap(&key, recipient, root.as_bytes()));
+        self.write_ref(&record)?;
+        Ok(true)
+    }
+
+    /// Walks the whole store: every object against its address, every study's objects
+    /// present; with a key, every manifest it opens checked against its root and, if `deep`,
+    /// every object of those studies decrypted and checked against the manifest.
+    pub fn verify(
+        &self,
+        secret: Option<&SecretKey>,
+        deep: bool,
+        progress: &(dyn Fn(u64, u64) + Sync),
+    ) -> Result<VerifyReport, StoreError> {
+        let mut report = VerifyReport::default();
+        let listed = self.backend.list("objects/")?;
+        let total: u64 = listed.iter().map(|(_, n)| n).sum();
+        let done = AtomicU64::new(0);
+        let problems: Vec<Problem> = listed
+            .par_iter()
+            .filter_map(|(key, _)| {
+                let name = key.strip_prefix("objects/").unwrap_or(key);
+                let result = match Digest::from_hex(name) {
+                    Err(_) => Some("the name is not a content address".to_string()),
+                    Ok(address) => match self.backend.get(key) {
+                        Ok(bytes) => {
+                            let n = done.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                            progress(n + bytes.len() as u64, total);
+                            let actual = Digest::of(&bytes);
+                            (actual != address)
+                                .then(|| format!("its {} bytes digest to {actual}", bytes.len()))
+                        }
+                        Err(e) if e.is_not_found() => {
+                            Some("listed but vanished while being read".into())
+                        }
+                        Err(e) => Some(e.to_string()),
+                    },
+                };
+                result.map(|reason| Problem {
+                    key: key.clone(),
+                    study: None,
+                    reason,
+                })
+            })
+            .collect();
+        report.objects_checked = listed.len() as u64;
+        report.bytes_checked = total;
+        report.corrupt = problems;
+        let bad: HashSet<String> = report.corrupt.iter().map(|p| p.key.clone()).collect();
+        let present: HashSet<&str> = listed.iter().map(|(k, _)| k.as_str()).collect();
+        let mut referenced: HashSet<String> = HashSet::new();
+
+        for (key, _) in self.backend.list("refs/")? {
+            let Some(root) = key
+                .strip_prefix("refs/")
+                .and_then(|n| n.strip_suffix(".json"))
+                .and_then(|h| Digest::from_hex(h).ok())
+            else {
+                report.corrupt.push(Problem {
+                    key,
+                    study: None,
+                    reason: "not a reference record name".into(),
+                });
+                continue;
+            };
+            report.studies += 1;
+            let record = match self.study_ref(&root) {
+                Ok(r) => r,
+                Err(e) => {
+                    report.corrupt.push(Problem {
+                        key,
+                        study: Some(root),
+                        reason: e.to_string(),
+                    });
+                    continue;
+                }
+            };
+            for address in record.objects.iter().chain([&record.manifest]) {
+                let k = object_key(address);
+                if !present.contains(k.as_str()) {
+                    report.missing.push(Problem {
+                        key: k.clone(),
+                        study: Some(root),
+                        reason: "referenced by the study but not in the store".into(),
+                    });
+                }
+                referenced.insert(k);
+            }
+            if let Some(secret) = secret
+                && record.envelopes.iter().any(|e| e.is_for(&secret.public()))
+                && !bad.contains(&object_key(&record.manifest))
+                && present.contains(object_key(&record.manifest).as_str())
+            {
+                match self.open_manifest(&root, secret) {
+                    Ok((_, manifest)) => {
+                        report.studies_opened += 1;
+                        self.check_manifest(
+                            &root,
+                            &record,
+                            &manifest,
+                            deep,
+                            &present,
+                            &bad,
+                            &mut report,
+                        );
+                    }
+                    Err(e) => report.corrupt.push(Problem {
+                        key: object_key(&record.manifest),
+                        study: Some(root),
+                        reason: e.to_string(),
+                    }),
+                }
+            }
+        }
+        report.unreferenced = present
+            .iter()
+            .filter(|k| !referenced.contains(**k))
+            .map(|k| k.to_string())
+            .collect();
+        report.unreferenced.sort();
+        report.missing.sort_by(|a, b| a.key.cmp(&b.key));
+        report.corrupt.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(report)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn check_manifest(
+        &self,
+        root: &Digest,
+        record: &StudyRef,
+        manifest: &StudyManifest,
+        deep: bool,
+        present: &HashSet<&str>,
+        bad: &HashSet<String>,
+        report: &mut VerifyReport,
+    ) {
+        let listed: HashSet<&Digest> = record.objects.iter().collect();
+        let refs: Vec<&ObjectRef> = manifest
+            .instances()
+            .flat_map(|(_, i)| i.objects())
+            .collect();
+        for r in &refs {
+            if !listed.contains(&r.address) {
+                report.corrupt.push(Problem {
+                    key: ref_key(root),
+                    study: Some(*root),
+                    reason: format!("does not list object {} of its manifest", r.address),
+                });
+            }
+        }
+        if !deep {
+            return;
+        }
+        let problems: Vec<Problem> = refs
+            .par_iter()
+            .filter(|r| {
+                let k = object_key(&r.address);
+                present.contains(k.as_str()) && !bad.contains(&k)
+            })
+            .filter_map(|r| {
+                self.fetch(r).err().map(|e| Problem {
+                    key: object_key(&r.address),
+                    study: Some(*root),
+                    reason: e.to_string(),
+                })
+            })
+            .collect();
+        report.corrupt.extend(problems);
+    }
+}
+
+/// Seals one instance's objects (reusing those in `reuse`), filling in its manifest entry;
+/// returns the objects to write.
+fn seal_instance(
+    scanned: &Scanned,
+    slot: &mut InstanceEntry,
+    reuse: Option<&HashMap<Digest, ObjectRef>>,
+    reused: &AtomicU64,
+) -> Result<Vec<(String, Bytes)>, StoreError> {
+    let file = scanned.source.load()?;
+    let changed = || StoreError::Changed {
+        source_name: scanned.source.name(),
+    };
+    if file.len() as u64 != scanned.file_len {
+        return Err(changed());
+    }
+    let mut out = Vec::with_capacity(1 + scanned.pixels.len());
+    let header = scanned.split.header_object(&file);
+    if Digest::of(&header) != scanned.header.0 {
+        return Err(changed());
+    }
+    slot.header = seal_object(&header, &mut out);
+    for (i, range) in scanned.split.pixels.iter().enumerate() {
+        let expected = scanned.pixels[i].0;
+        if let Some(existing) = reuse.and_then(|m| m.get(&expected)) {
+            // The plaintext is identical to an object already stored: reference it.
+            if Digest::of(&file[range.clone()]) != expected {
+                return Err(changed());
+            }
+            slot.pixels[i] = existing.clone();
+            reused.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        let plain = &file[range.clone()];
+        if Digest::of(plain) != expected {
+            return Err(changed());
+        }
+        slot.pixels[i] = seal_object(plain, &mut out);
+    }
+    Ok(out)
+}
+
+fn seal_object(plain: &[u8], out: &mut Vec<(String, Bytes)>) -> ObjectRef {
+    let (key, sealed) = medledger_crypto::seal(plain);
+    let address = Digest::of(&sealed);
+    out.push((object_key(&address), Bytes::from(sealed)));
+    ObjectRef {
+        address,
+        digest: Digest::of(plain),
+        len: plain.len() as u64,
+        key,
+    }
+}
+
+/// Scans files in parallel: (scanned instances, files that could not be scanned).
+pub fn scan_all(
+    sources: Vec<Source>,
+    progress: &(dyn Fn(u64) + Sync),
+) -> (Vec<Scanned>, Vec<Skipped>) {
+    let results: Vec<Result<Scanned, (String, StoreError)>> = sources
+        .into_par_iter()
+        .map(|s| {
+            let name = s.name();
+            let r = scan(s).map_err(|e| (name, e));
+            if let Ok(sc) = &r {
+                progress(sc.file_len);
+            }
+            r
+        })
+        .collect();
+    let mut ok = Vec::new();
+    let mut skipped = Vec::new();
+    for r in results {
+        match r {
+            Ok(s) => ok.push(s),
+            Err((source, e)) => skipped.push(Skipped {
+                source,
+                reason: match e {
+                    StoreError::Split { error, .. } => error.to_string(),
+                    e => e.to_string(),
+                },
+            }),
+        }
+    }
+    (ok, skipped)
+}
+
+/// Scans in-memory files (derivatives made on the way in).
+pub fn scan_memory(name: String, bytes: Bytes) -> Result<Scanned, StoreError> {
+    let b = bytes.clone();
+    scan_bytes(Source::Memory { name, bytes }, &b)
+}

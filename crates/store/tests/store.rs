@@ -1,0 +1,392 @@
+//! The store end to end on real DICOM: put, get byte for byte, share, derivatives that share
+//! pixel objects, and every kind of damage found by `verify` and refused by `get`.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use medledger_crypto::{Digest, SecretKey};
+use medledger_store::{
+    PutOptions, Source, Store, StoreError, StudyPlan, backend::FsBackend, plan, scan_all,
+    scan_memory,
+};
+use medledger_testkit::{chest_ct_series_dir, test_data_dir};
+
+fn files_under(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.file_name().is_some_and(|n| n != "MANIFEST.tsv") {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn plans_for(files: &[PathBuf]) -> Vec<StudyPlan> {
+    let sources = files.iter().cloned().map(Source::File).collect();
+    let (scanned, _) = scan_all(sources, &|_| {});
+    plan(scanned).0
+}
+
+fn fs_store() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::new(Box::new(FsBackend::open(dir.path().join("store")).unwrap()));
+    (dir, store)
+}
+
+/// Gets a study and returns its files by SOP Instance UID.
+fn get_all(
+    store: &Store,
+    root: &Digest,
+    key: &SecretKey,
+) -> Result<HashMap<String, Vec<u8>>, StoreError> {
+    let out = Mutex::new(HashMap::new());
+    store.get_study(root, key, &|_, inst, bytes| {
+        out.lock()
+            .unwrap()
+            .insert(inst.sop_instance_uid.clone(), bytes);
+        Ok(())
+    })?;
+    Ok(out.into_inner().unwrap())
+}
+
+fn sop_uid(bytes: &[u8]) -> String {
+    medledger_store::split::split(bytes)
+        .unwrap()
+        .ids
+        .sop_instance_uid
+}
+
+#[test]
+fn chest_ct_round_trips_byte_for_byte_and_is_idempotent() {
+    let files = files_under(&chest_ct_series_dir());
+    assert_eq!(files.len(), 64);
+    let owner = SecretKey::generate();
+    let (_dir, store) = fs_store();
+    let mut plans = plans_for(&files);
+    assert_eq!(plans.len(), 1, "one study");
+    let root = plans[0].root;
+    let out = store
+        .put_study(plans.remove(0), &owner, &PutOptions::default(), &|_| {})
+        .unwrap();
+    assert_eq!(out.root, root);
+    assert!(!out.already_present);
+    assert_eq!(out.manifest.instance_count(), 64);
+    assert_eq!(
+        out.objects_written,
+        64 * 2 + 1,
+        "header + one frame each, and the manifest"
+    );
+
+    let got = get_all(&store, &root, &owner).unwrap();
+    assert_eq!(got.len(), 64);
+    for f in &files {
+        let original = std::fs::read(f).unwrap();
+        assert_eq!(got[&sop_uid(&original)], original, "{}", f.display());
+    }
+
+    // Putting the same study again writes nothing and gives the same root.
+    let again = store
+        .put_study(
+            plans_for(&files).remove(0),
+            &owner,
+            &PutOptions::default(),
+            &|_| {},
+        )
+        .unwrap();
+    assert!(again.already_present);
+    assert_eq!(again.root, root);
+    let report = store.verify(Some(&owner), true, &|_, _| {}).unwrap();
+    assert!(report.is_clean(), "{report:?}");
+    assert_eq!(report.studies_opened, 1);
+    assert!(report.unreferenced.is_empty());
+}
+
+#[test]
+fn the_whole_test_data_set_round_trips() {
+    let files = files_under(&test_data_dir());
+    let owner = SecretKey::generate();
+    let (_dir, store) = fs_store();
+    let sources = files.iter().cloned().map(Source::File).collect();
+    let (scanned, refused) = scan_all(sources, &|_| {});
+    assert!(refused.iter().all(|s| !s.reason.is_empty()));
+    let (plans, skipped) = plan(scanned);
+    // Same SOP Instance UID with other content is reported, never silently dropped.
+    for s in &skipped {
+        assert!(s.reason.contains("different content"), "{s:?}");
+    }
+    let skipped_names: Vec<String> = skipped.iter().map(|s| s.source.clone()).collect();
+    let mut returned: HashMap<String, Vec<u8>> = HashMap::new();
+    for p in plans {
+        let out = store
+            .put_study(p, &owner, &PutOptions::default(), &|_| {})
+            .unwrap();
+        returned.extend(get_all(&store, &out.root, &owner).unwrap());
+    }
+    // Every file that split comes back byte for byte, or was reported as a conflicting
+    // duplicate: nothing is lost silently.
+    let mut stored_files = 0;
+    for f in &files {
+        let b = std::fs::read(f).unwrap();
+        let Ok(s) = medledger_store::split::split(&b) else {
+            continue;
+        };
+        if returned.get(&s.ids.sop_instance_uid) == Some(&b) {
+            stored_files += 1;
+        } else {
+            assert!(
+                skipped_names.contains(&f.display().to_string()),
+                "{} neither came back nor was reported",
+                f.display()
+            );
+        }
+    }
+    assert!(stored_files >= 290, "{stored_files} files stored");
+    assert!(returned.len() >= 290, "{} instances", returned.len());
+    assert!(
+        store
+            .verify(Some(&owner), false, &|_, _| {})
+            .unwrap()
+            .is_clean()
+    );
+}
+
+#[test]
+fn sharing_adds_an_envelope_and_nothing_else() {
+    let files: Vec<PathBuf> = files_under(&chest_ct_series_dir())
+        .into_iter()
+        .take(4)
+        .collect();
+    let (owner, reader, stranger) = (
+        SecretKey::generate(),
+        SecretKey::generate(),
+        SecretKey::generate(),
+    );
+    let (_dir, store) = fs_store();
+    let root = store
+        .put_study(
+            plans_for(&files).remove(0),
+            &owner,
+            &PutOptions::default(),
+            &|_| {},
+        )
+        .unwrap()
+        .root;
+    assert!(matches!(
+        get_all(&store, &root, &reader),
+        Err(StoreError::NotRecipient(r)) if r == root
+    ));
+    let objects_before = store.backend().list("objects/").unwrap();
+    assert!(store.share(&root, &owner, &reader.public()).unwrap());
+    assert!(
+        !store.share(&root, &owner, &reader.public()).unwrap(),
+        "already shared"
+    );
+    assert_eq!(
+        store.backend().list("objects/").unwrap().len(),
+        objects_before.len()
+    );
+    assert_eq!(get_all(&store, &root, &reader).unwrap().len(), 4);
+    // A stranger can neither read nor share onwards.
+    assert!(matches!(
+        get_all(&store, &root, &stranger),
+        Err(StoreError::NotRecipient(_))
+    ));
+    assert!(store.share(&root, &stranger, &stranger.public()).is_err());
+    // An envelope moved onto another study does not open it: wraps are bound to the root.
+    let other = store
+        .put_study(
+            plans_for(&files[..1]).remove(0),
+            &owner,
+            &PutOptions::default(),
+            &|_| {},
+        )
+        .unwrap()
+        .root;
+    let key = format!("refs/{}.json", other.to_hex());
+    let mut record: serde_json::Value =
+        serde_json::from_slice(&store.backend().get(&key).unwrap()).unwrap();
+    let theirs: serde_json::Value = serde_json::from_slice(
+        &store
+            .backend()
+            .get(&format!("refs/{}.json", root.to_hex()))
+            .unwrap(),
+    )
+    .unwrap();
+    record["envelopes"]
+        .as_array_mut()
+        .unwrap()
+        .push(theirs["envelopes"][1].clone());
+    store
+        .backend()
+        .put(&key, Bytes::from(serde_json::to_vec(&record).unwrap()))
+        .unwrap();
+    let err = get_all(&store, &other, &reader).unwrap_err().to_string();
+    assert!(err.contains("envelope"), "{err}");
+}
+
+#[test]
+fn derivative_shares_pixel_objects_and_costs_only_headers() {
+    let files = files_under(&chest_ct_series_dir());
+    let owner = SecretKey::generate();
+    let (_dir, store) = fs_store();
+    let original = store
+        .put_study(
+            plans_for(&files).remove(0),
+            &owner,
+            &PutOptions::default(),
+            &|_| {},
+        )
+        .unwrap();
+    let deid = medledger_deid::Deidentifier::new(medledger_deid::DeidConfig::new(
+        medledger_deid::DeidKey::from_bytes([9; 32]),
+        medledger_deid::OptionSet::new([]).unwrap(),
+    ));
+    let scanned = files
+        .iter()
+        .map(|f| {
+            let d = deid.deidentify(&std::fs::read(f).unwrap()).unwrap();
+            scan_memory(f.display().to_string(), Bytes::from(d.bytes)).unwrap()
+        })
+        .collect();
+    let (mut plans, _) = plan(scanned);
+    assert_eq!(plans.len(), 1);
+    let index = original.object_index();
+    let derived = store
+        .put_study(
+            plans.remove(0),
+            &owner,
+            &PutOptions {
+                derived_from: Some(original.root),
+                reuse: Some(&index),
+                ..PutOptions::default()
+            },
+            &|_| {},
+        )
+        .unwrap();
+    assert_ne!(derived.root, original.root);
+    assert_eq!(derived.manifest.derived_from, Some(original.root));
+    assert_eq!(
+        derived.objects_reused, 64,
+        "every frame is shared with the original"
+    );
+    let ratio = derived.bytes_written as f64 / original.bytes_written as f64;
+    assert!(
+        ratio <= 0.02,
+        "derivative costs {:.2}% of the original",
+        ratio * 100.0
+    );
+    // The derivative reads back as de-identified files with the original's pixels.
+    let got = get_all(&store, &derived.root, &owner).unwrap();
+    assert_eq!(got.len(), 64);
+    for bytes in got.values() {
+        let s = medledger_store::split::split(bytes).unwrap();
+        assert!(index.contains_key(&Digest::of(&bytes[s.pixels[0].clone()])));
+        assert!(
+            !bytes.windows(8).any(|w| w == b"A0001^^^"),
+            "no original name"
+        );
+    }
+    assert!(
+        store
+            .verify(Some(&owner), true, &|_, _| {})
+            .unwrap()
+            .is_clean()
+    );
+}
+
+#[test]
+fn every_damaged_object_is_reported_and_refused() {
+    let files: Vec<PathBuf> = files_under(&chest_ct_series_dir())
+        .into_iter()
+        .take(8)
+        .collect();
+    let owner = SecretKey::generate();
+    let (dir, store) = fs_store();
+    let out = store
+        .put_study(
+            plans_for(&files).remove(0),
+            &owner,
+            &PutOptions::default(),
+            &|_| {},
+        )
+        .unwrap();
+    let root = out.root;
+    let object_path = |a: &Digest| {
+        let h = a.to_hex();
+        dir.path().join("store/objects").join(&h[..2]).join(&h)
+    };
+    let refs: Vec<_> = out
+        .manifest
+        .instances()
+        .flat_map(|(_, i)| i.objects().cloned())
+        .collect();
+    // A bit flip, a truncation, a deletion, a zero-length object.
+    let flipped = &refs[1];
+    let mut b = std::fs::read(object_path(&flipped.address)).unwrap();
+    let mid = b.len() / 2;
+    b[mid] ^= 0x10;
+    std::fs::write(object_path(&flipped.address), b).unwrap();
+    let truncated = &refs[4];
+    let b = std::fs::read(object_path(&truncated.address)).unwrap();
+    std::fs::write(object_path(&truncated.address), &b[..b.len() - 100]).unwrap();
+    let deleted = &refs[7];
+    std::fs::remove_file(object_path(&deleted.address)).unwrap();
+    let emptied = &refs[10];
+    std::fs::write(object_path(&emptied.address), b"").unwrap();
+
+    let report = store.verify(Some(&owner), true, &|_, _| {}).unwrap();
+    let key = |a: &Digest| format!("objects/{}", a.to_hex());
+    let mut corrupt: Vec<String> = report.corrupt.iter().map(|p| p.key.clone()).collect();
+    corrupt.dedup();
+    let mut expected = vec![
+        key(&flipped.address),
+        key(&truncated.address),
+        key(&emptied.address),
+    ];
+    expected.sort();
+    assert_eq!(corrupt, expected, "{report:#?}");
+    let missing: Vec<String> = report.missing.iter().map(|p| p.key.clone()).collect();
+    assert_eq!(missing, vec![key(&deleted.address)]);
+    assert!(report.missing[0].study == Some(root));
+
+    // get refuses, naming the damaged object, instead of writing bad bytes.
+    let err = get_all(&store, &root, &owner).unwrap_err().to_string();
+    assert!(
+        expected
+            .iter()
+            .chain(&missing)
+            .any(|k| err.contains(k.as_str())),
+        "{err}"
+    );
+
+    // A damaged manifest is found too, and the study cannot be opened.
+    let manifest = store.study_ref(&root).unwrap().manifest;
+    let mut b = std::fs::read(object_path(&manifest)).unwrap();
+    b[10] ^= 1;
+    std::fs::write(object_path(&manifest), b).unwrap();
+    let report = store.verify(Some(&owner), false, &|_, _| {}).unwrap();
+    assert!(report.corrupt.iter().any(|p| p.key == key(&manifest)));
+    assert!(store.open_manifest(&root, &owner).is_err());
+
+    // A reference record that is not JSON is reported, not a crash.
+    std::fs::write(
+        dir.path()
+            .join(format!("store/refs/{}.json", root.to_hex())),
+        b"{oops",
+    )
+    .unwrap();
+    let report = store.verify(None, false, &|_, _| {}).unwrap();
+    assert!(
+        report.corrupt.iter().any(|p| p.key.starts_with("refs/")),
+        "{report:#?}"
+    );
+}

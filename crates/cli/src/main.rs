@@ -6,6 +6,7 @@ mod cea;
 mod deid_cmd;
 mod demo;
 mod files;
+mod store_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -36,6 +37,9 @@ enum Command {
     /// Cost-effectiveness analysis: run a model file, write its report.
     #[command(subcommand)]
     Cea(cea::CeaCommand),
+    /// The encrypted image store: put, get, verify, share studies.
+    #[command(subcommand)]
+    Store(store_cmd::StoreCommand),
     /// Measure throughput (run in release builds).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -58,6 +62,7 @@ fn main() -> ExitCode {
         Command::Key(cmd) => deid_cmd::run_key(cmd).map(|()| ExitCode::SUCCESS),
         Command::Demo(args) => demo::run(args).map(|()| ExitCode::SUCCESS),
         Command::Cea(cmd) => cea::run(cmd).map(|()| ExitCode::SUCCESS),
+        Command::Store(cmd) => store_cmd::run(cmd),
         Command::Bench(cmd) => bench::run(cmd).map(|()| ExitCode::SUCCESS),
     };
     match result {

@@ -35,32 +35,8 @@ impl FsBackend {
     /// is not empty and is not a store is refused rather than written into.
     pub fn open(root: impl AsRef<Path>) -> Result<FsBackend, BackendError> {
         let root = root.as_ref().to_path_buf();
-        let marker = root.join(MARKER);
-        if !marker.exists() {
-            if root.exists() {
-                let mut entries = fs::read_dir(&root)
-                    .map_err(|e| BackendError::io(root.display().to_string(), e))?;
-                if entries.next().is_some() {
-                    return Err(BackendError::Config(format!(
-                        "{} is not empty and is not a medledger store (no {MARKER} file)",
-                        root.display()
-                    )));
-                }
-            }
-            for d in ["objects", "refs", "tmp"] {
-                fs::create_dir_all(root.join(d))
-                    .map_err(|e| BackendError::io(root.join(d).display().to_string(), e))?;
-            }
-            let b = FsBackend::with_root(root.clone())?;
-            b.write_file(&marker, MARKER_TEXT.as_bytes())?;
-            if let Some(parent) = root.parent() {
-                sync_dir(if parent.as_os_str().is_empty() {
-                    Path::new(".")
-                } else {
-                    parent
-                })?;
-            }
-            return Ok(b);
+        if !root.join(MARKER).exists() {
+            create(&root)?;
         }
         FsBackend::with_root(root)
     }
@@ -149,6 +125,55 @@ impl FsBackend {
         }
         Ok(stale.len())
     }
+}
+
+/// Creates a store atomically: the layout is built in a hidden sibling folder and renamed
+/// into place, so a crash leaves either no store or a whole one.
+fn create(root: &Path) -> Result<(), BackendError> {
+    let io = |p: &Path, e| BackendError::io(p.display().to_string(), e);
+    if root.exists() {
+        let mut entries = fs::read_dir(root).map_err(|e| io(root, e))?;
+        if entries.next().is_some() {
+            return Err(BackendError::Config(format!(
+                "{} is not empty and is not a medledger store (no {MARKER} file)",
+                root.display()
+            )));
+        }
+    }
+    let parent = match root.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    fs::create_dir_all(&parent).map_err(|e| io(&parent, e))?;
+    let mut suffix = [0u8; 8];
+    rand::rngs::OsRng.fill_bytes(&mut suffix);
+    let name = root
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let staging = parent.join(format!(".{name}.creating-{}", hex::encode(suffix)));
+    for d in ["objects", "refs", "tmp"] {
+        fs::create_dir_all(staging.join(d)).map_err(|e| io(&staging, e))?;
+    }
+    let marker = staging.join(MARKER);
+    File::create(&marker)
+        .and_then(|mut f| {
+            f.write_all(MARKER_TEXT.as_bytes())?;
+            f.sync_all()
+        })
+        .map_err(|e| io(&marker, e))?;
+    for d in ["objects", "refs", "tmp", ""] {
+        sync_dir(&staging.join(d))?;
+    }
+    // Renaming onto an empty directory replaces it; onto a store another process has just
+    // created, fails: then that store is used.
+    if let Err(e) = fs::rename(&staging, root) {
+        let _ = fs::remove_dir_all(&staging);
+        if !root.join(MARKER).exists() {
+            return Err(io(root, e));
+        }
+    }
+    sync_dir(&parent)
 }
 
 fn sync_dir(dir: &Path) -> Result<(), BackendError> {

@@ -16,6 +16,9 @@ use crate::files::collect_inputs;
 pub enum BenchCommand {
     /// De-identification throughput (instances/s, MB/s) with the residual scan on.
     Deid(BenchDeidArgs),
+    /// Store put and get throughput beside the disk's raw durable write speed (dd), and the
+    /// cost of a de-identified derivative.
+    Store(crate::bench_store::BenchStoreArgs),
 }
 
 #[derive(Args, Debug)]
@@ -55,10 +58,11 @@ struct Measurement {
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Deid(args) => bench_deid(args),
+        BenchCommand::Store(args) => crate::bench_store::run(args),
     }
 }
 
-fn default_sets() -> Result<Vec<(String, PathBuf)>> {
+pub fn default_sets() -> Result<Vec<(String, PathBuf)>> {
     let data = std::env::var_os("MEDLEDGER_TEST_DATA")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("../shared/data/dicom"));

@@ -315,38 +315,49 @@ fn put(args: PutArgs) -> Result<ExitCode> {
     let total: u64 = plans.iter().map(StudyPlan::file_bytes).sum();
     let pb = bar(total, args.quiet, "put ");
     let mut lines = Vec::new();
-    for p in plans {
-        let study_uid = p.study_uid.clone();
-        let sources: Vec<Scanned> = if deid.is_some() {
-            p.instances().to_vec()
-        } else {
-            Vec::new()
-        };
-        let out = store
-            .put_study(
-                p,
-                &owner,
-                &PutOptions {
-                    recipients: &recipients,
-                    ..PutOptions::default()
-                },
-                &|n| pb.inc(n),
-            )
-            .with_context(|| format!("storing study {study_uid}"))?;
-        let line = study_line(&out, &study_uid, 0);
-        if !args.json {
-            pb.suspend(|| print_line("stored ", &line));
-        }
-        lines.push(line);
-        if let Some(deid) = &deid {
-            let (derived, quarantined) =
-                put_derivative(&store, deid, &owner, &recipients, &out, sources)?;
-            skipped.extend(quarantined);
-            if let Some(d) = derived {
-                if !args.json {
-                    pb.suspend(|| print_line("derived", &d));
+    let put_opts = PutOptions {
+        recipients: &recipients,
+        ..PutOptions::default()
+    };
+    match &deid {
+        None => {
+            // Studies in parallel; each line is printed once its study is durable.
+            let done = |uid: &str, r: &Result<PutOutcome, medledger_store::StoreError>| {
+                if let (Ok(out), false) = (r, args.json) {
+                    pb.suspend(|| print_line("stored ", &study_line(out, uid, 0)));
                 }
-                lines.push(d);
+            };
+            let uids: Vec<String> = plans.iter().map(|p| p.study_uid.clone()).collect();
+            for (r, uid) in store
+                .put_studies(plans, &owner, &put_opts, &|n| pb.inc(n), &done)
+                .into_iter()
+                .zip(uids)
+            {
+                let out = r.with_context(|| format!("storing study {uid}"))?;
+                lines.push(study_line(&out, &uid, 0));
+            }
+        }
+        Some(deid) => {
+            for p in plans {
+                let study_uid = p.study_uid.clone();
+                let sources: Vec<Scanned> = p.instances().to_vec();
+                let out = store
+                    .put_study(p, &owner, &put_opts, &|n| pb.inc(n))
+                    .with_context(|| format!("storing study {study_uid}"))?;
+                let line = study_line(&out, &study_uid, 0);
+                if !args.json {
+                    pb.suspend(|| print_line("stored ", &line));
+                }
+                lines.push(line);
+                let (derived, quarantined) =
+                    put_derivative(&store, deid, &owner, &recipients, &out, sources)?;
+                skipped.extend(quarantined);
+                if let Some(d) = derived {
+                    if !args.json {
+                        pb.suspend(|| print_line("derived", &d));
+                    }
+                    lines.push(d);
+                }
             }
         }
     }

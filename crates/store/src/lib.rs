@@ -17,6 +17,7 @@ pub use manifest::{
     InstanceEntry, InstanceProof, ObjectRef, SeriesEntry, SeriesProof, StudyManifest,
 };
 pub use store::{
-    GetOutcome, Problem, PutOptions, PutOutcome, REF_FORMAT, Scanned, Skipped, Source, Store,
-    StoreError, StudyPlan, StudyRef, VerifyReport, plan, scan, scan_all, scan_memory,
+    GetOutcome, InstanceSink, Problem, PutOptions, PutOutcome, REF_FORMAT, Scanned, Skipped,
+    Source, Store, StoreError, StudyPlan, StudyRef, VerifyReport, plan, scan, scan_all,
+    scan_memory,
 };

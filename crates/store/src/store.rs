@@ -100,6 +100,9 @@ pub struct Scanned {
     pub source: Source,
     pub split: Split,
     pub file_len: u64,
+    /// The file's bytes, kept from the first pass while they fit the memory budget, so the
+    /// second pass neither reads nor digests them again.
+    kept: Option<Bytes>,
     header: (Digest, u64),
     pixels: Vec<(Digest, u64)>,
 }
@@ -114,10 +117,17 @@ impl Scanned {
     }
 }
 
+/// Bytes of input files the first pass keeps in memory for the second (in all).
+const KEEP_BUDGET: u64 = 1 << 30;
+/// Files above this size are read again in the second pass rather than kept.
+const KEEP_MAX_FILE: u64 = 256 << 20;
+
 /// First pass over one instance: read, split, digest.
 pub fn scan(source: Source) -> Result<Scanned, StoreError> {
     let bytes = source.load()?;
-    scan_bytes(source, &bytes)
+    let mut s = scan_bytes(source, &bytes)?;
+    s.kept = Some(bytes);
+    Ok(s)
 }
 
 fn scan_bytes(source: Source, bytes: &[u8]) -> Result<Scanned, StoreError> {
@@ -136,6 +146,7 @@ fn scan_bytes(source: Source, bytes: &[u8]) -> Result<Scanned, StoreError> {
         source,
         split,
         file_len: bytes.len() as u64,
+        kept: None,
         header,
         pixels,
     })
@@ -298,8 +309,11 @@ impl PutOutcome {
 
 /// Limits on a write batch: objects are sealed and flushed in batches of about this size,
 /// so memory stays bounded however large the study.
-const BATCH_BYTES: u64 = 32 << 20;
-const BATCH_OBJECTS: usize = 256;
+const BATCH_BYTES: u64 = 8 << 20;
+const BATCH_OBJECTS: usize = 64;
+
+/// Studies put at once by [`Store::put_studies`].
+pub const CONCURRENT_STUDIES: usize = 4;
 
 fn object_key(address: &Digest) -> String {
     format!("objects/{}", address.to_hex())
@@ -308,6 +322,10 @@ fn object_key(address: &Digest) -> String {
 fn ref_key(root: &Digest) -> String {
     format!("refs/{}.json", root.to_hex())
 }
+
+/// Receives each instance of a study being read: its series, its entry, its rebuilt file.
+pub type InstanceSink<'a> =
+    dyn Fn(&SeriesEntry, &InstanceEntry, Vec<u8>) -> Result<(), StoreError> + Sync + 'a;
 
 /// What getting a study did.
 #[derive(Debug, Clone)]
@@ -496,6 +514,42 @@ impl Store {
         })
     }
 
+    /// Puts several studies, up to [`CONCURRENT_STUDIES`] at once so that the flushes of small
+    /// studies overlap; `done` is called as each one is durable (in completion order).
+    pub fn put_studies(
+        &self,
+        plans: Vec<StudyPlan>,
+        owner: &SecretKey,
+        opts: &PutOptions<'_>,
+        progress: &(dyn Fn(u64) + Sync),
+        done: &(dyn Fn(&str, &Result<PutOutcome, StoreError>) + Sync),
+    ) -> Vec<Result<PutOutcome, StoreError>> {
+        let n = plans.len();
+        let queue = Mutex::new(plans.into_iter().enumerate());
+        let results: Mutex<Vec<Option<Result<PutOutcome, StoreError>>>> =
+            Mutex::new((0..n).map(|_| None).collect());
+        std::thread::scope(|s| {
+            for _ in 0..CONCURRENT_STUDIES.min(n) {
+                s.spawn(|| {
+                    loop {
+                        let next = queue.lock().expect("not poisoned").next();
+                        let Some((i, plan)) = next else { break };
+                        let uid = plan.study_uid.clone();
+                        let r = self.put_study(plan, owner, opts, progress);
+                        done(&uid, &r);
+                        results.lock().expect("not poisoned")[i] = Some(r);
+                    }
+                });
+            }
+        });
+        results
+            .into_inner()
+            .expect("not poisoned")
+            .into_iter()
+            .map(|r| r.expect("every study was put"))
+            .collect()
+    }
+
     fn write_ref(&self, record: &StudyRef) -> Result<(), StoreError> {
         let json = serde_json::to_vec_pretty(record).expect("a study reference serialises");
         self.backend
@@ -620,7 +674,7 @@ impl Store {
         &self,
         root: &Digest,
         secret: &SecretKey,
-        sink: &(dyn Fn(&SeriesEntry, &InstanceEntry, Vec<u8>) -> Result<(), StoreError> + Sync),
+        sink: &InstanceSink<'_>,
     ) -> Result<GetOutcome, StoreError> {
         let (_, manifest) = self.open_manifest(root, secret)?;
         let items: Vec<(&SeriesEntry, &InstanceEntry)> = manifest.instances().collect();
@@ -837,46 +891,47 @@ fn seal_instance(
     reuse: Option<&HashMap<Digest, ObjectRef>>,
     reused: &AtomicU64,
 ) -> Result<Vec<(String, Bytes)>, StoreError> {
-    let file = scanned.source.load()?;
     let changed = || StoreError::Changed {
         source_name: scanned.source.name(),
+    };
+    // Kept bytes are the ones digested in the first pass; re-read ones are checked again.
+    let (file, check) = match &scanned.kept {
+        Some(b) => (b.clone(), false),
+        None => (scanned.source.load()?, true),
     };
     if file.len() as u64 != scanned.file_len {
         return Err(changed());
     }
     let mut out = Vec::with_capacity(1 + scanned.pixels.len());
     let header = scanned.split.header_object(&file);
-    if Digest::of(&header) != scanned.header.0 {
+    if check && Digest::of(&header) != scanned.header.0 {
         return Err(changed());
     }
-    slot.header = seal_object(&header, &mut out);
+    slot.header = seal_object(&header, scanned.header.0, &mut out);
     for (i, range) in scanned.split.pixels.iter().enumerate() {
         let expected = scanned.pixels[i].0;
+        let plain = &file[range.clone()];
+        if check && Digest::of(plain) != expected {
+            return Err(changed());
+        }
         if let Some(existing) = reuse.and_then(|m| m.get(&expected)) {
             // The plaintext is identical to an object already stored: reference it.
-            if Digest::of(&file[range.clone()]) != expected {
-                return Err(changed());
-            }
             slot.pixels[i] = existing.clone();
             reused.fetch_add(1, Ordering::Relaxed);
             continue;
         }
-        let plain = &file[range.clone()];
-        if Digest::of(plain) != expected {
-            return Err(changed());
-        }
-        slot.pixels[i] = seal_object(plain, &mut out);
+        slot.pixels[i] = seal_object(plain, expected, &mut out);
     }
     Ok(out)
 }
 
-fn seal_object(plain: &[u8], out: &mut Vec<(String, Bytes)>) -> ObjectRef {
+fn seal_object(plain: &[u8], digest: Digest, out: &mut Vec<(String, Bytes)>) -> ObjectRef {
     let (key, sealed) = medledger_crypto::seal(plain);
     let address = Digest::of(&sealed);
     out.push((object_key(&address), Bytes::from(sealed)));
     ObjectRef {
         address,
-        digest: Digest::of(plain),
+        digest,
         len: plain.len() as u64,
         key,
     }
@@ -887,13 +942,19 @@ pub fn scan_all(
     sources: Vec<Source>,
     progress: &(dyn Fn(u64) + Sync),
 ) -> (Vec<Scanned>, Vec<Skipped>) {
+    let kept = AtomicU64::new(0);
     let results: Vec<Result<Scanned, (String, StoreError)>> = sources
         .into_par_iter()
         .map(|s| {
             let name = s.name();
-            let r = scan(s).map_err(|e| (name, e));
-            if let Ok(sc) = &r {
+            let mut r = scan(s).map_err(|e| (name, e));
+            if let Ok(sc) = &mut r {
                 progress(sc.file_len);
+                let within = sc.file_len <= KEEP_MAX_FILE
+                    && kept.fetch_add(sc.file_len, Ordering::Relaxed) + sc.file_len <= KEEP_BUDGET;
+                if !within {
+                    sc.kept = None;
+                }
             }
             r
         })
@@ -918,5 +979,7 @@ pub fn scan_all(
 /// Scans in-memory files (derivatives made on the way in).
 pub fn scan_memory(name: String, bytes: Bytes) -> Result<Scanned, StoreError> {
     let b = bytes.clone();
-    scan_bytes(Source::Memory { name, bytes }, &b)
+    let mut s = scan_bytes(Source::Memory { name, bytes }, &b)?;
+    s.kept = Some(b);
+    Ok(s)
 }

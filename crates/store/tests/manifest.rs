@@ -181,7 +181,7 @@ fn decode_refuses_malformed_and_non_canonical_input() {
     // Random garbage never panics.
     for seed in 0..200u64 {
         let garbage: Vec<u8> = (0..(seed * 7 % 300))
-            .map(|i| (i as u64 * 2654435761 ^ seed) as u8)
+            .map(|i| ((i * 2654435761) ^ seed) as u8)
             .collect();
         let _ = StudyManifest::decode(&garbage);
         let _ = SeriesProof::decode(&garbage);

@@ -155,6 +155,11 @@ fn create(root: &Path) -> Result<(), BackendError> {
     for d in ["objects", "refs", "tmp"] {
         fs::create_dir_all(staging.join(d)).map_err(|e| io(&staging, e))?;
     }
+    // All 256 fan-out folders up front: a put never has to create (and flush) one.
+    for i in 0..=255u8 {
+        let d = staging.join("objects").join(format!("{i:02x}"));
+        fs::create_dir(&d).map_err(|e| io(&d, e))?;
+    }
     let marker = staging.join(MARKER);
     File::create(&marker)
         .and_then(|mut f| {
@@ -213,10 +218,13 @@ impl Backend for FsBackend {
                 .map(|(_, data)| self.write_tmp(data))
                 .collect::<Result<_, _>>()
         })?;
-        let mut dirs = BTreeSet::new();
-        for (tmp, dest) in tmps.iter().zip(&dests) {
-            dirs.insert(self.install(tmp, dest)?);
-        }
+        let dirs: Vec<PathBuf> = self.pool.install(|| {
+            tmps.par_iter()
+                .zip(&dests)
+                .map(|(tmp, dest)| self.install(tmp, dest))
+                .collect::<Result<_, _>>()
+        })?;
+        let dirs: BTreeSet<PathBuf> = dirs.into_iter().collect();
         self.pool
             .install(|| dirs.par_iter().try_for_each(|d| sync_dir(d)))
     }

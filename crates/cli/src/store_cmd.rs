@@ -34,6 +34,9 @@ pub enum StoreCommand {
     Verify(VerifyArgs),
     /// Let another key open a study (adds one wrapped key; re-encrypts nothing).
     Share(ShareArgs),
+    /// Revoke: seal a study again under new keys for the given recipients only, and delete
+    /// its old objects (those another study shares stay). The root does not change.
+    Rekey(RekeyArgs),
     /// List the studies in a store.
     Ls(LsArgs),
     /// Create a store key pair: FILE (secret, mode 0600) and FILE.pub.
@@ -121,6 +124,17 @@ pub struct ShareArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct RekeyArgs {
+    pub root: String,
+    #[command(flatten)]
+    pub location: StoreLocation,
+    /// Who besides the key's holder may open the study from now on (repeatable); everyone
+    /// else's envelope is dropped.
+    #[arg(long = "recipient", value_name = "KEY|FILE")]
+    pub recipients: Vec<String>,
+}
+
+#[derive(Args, Debug)]
 pub struct LsArgs {
     #[command(flatten)]
     pub location: StoreLocation,
@@ -132,6 +146,7 @@ pub fn run(cmd: StoreCommand) -> Result<ExitCode> {
         StoreCommand::Get(a) => get(a).map(|()| ExitCode::SUCCESS),
         StoreCommand::Verify(a) => verify(a),
         StoreCommand::Share(a) => share(a).map(|()| ExitCode::SUCCESS),
+        StoreCommand::Rekey(a) => rekey(a).map(|()| ExitCode::SUCCESS),
         StoreCommand::Ls(a) => ls(a).map(|()| ExitCode::SUCCESS),
         StoreCommand::Keygen { file } => {
             let key = generate_key(&file)?;
@@ -683,6 +698,27 @@ fn share(args: ShareArgs) -> Result<()> {
             recipient.fingerprint()
         );
     }
+    Ok(())
+}
+
+fn rekey(args: RekeyArgs) -> Result<()> {
+    let root = parse_root(&args.root)?;
+    let key = key_for(&args.location, false)?;
+    let recipients: Vec<PublicKey> = args
+        .recipients
+        .iter()
+        .map(|r| parse_public(r))
+        .collect::<Result<_>>()?;
+    let store = open_store(&args.location)?;
+    let out = store.rekey(&root, &key, &recipients)?;
+    println!(
+        "study {root} sealed again under new keys ({} objects) for {} recipient(s); {} old \
+         objects deleted, {} kept because another study uses them",
+        out.objects_resealed,
+        recipients.len() + 1,
+        out.objects_deleted,
+        out.objects_kept_shared
+    );
     Ok(())
 }
 

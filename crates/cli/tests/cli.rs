@@ -192,4 +192,22 @@ fn demo_runs_end_to_end() {
     // Two patients, each with two studies under one pseudonym.
     assert_eq!(stdout.matches(": 2 stud(ies)").count(), 2, "{stdout}");
     assert!(tmp.path().join("medledger-demo/deid-report.json").is_file());
+    // The store step: four originals, four derivatives sharing their pixels, the researcher
+    // refused the original, tampering caught.
+    assert_eq!(stdout.matches("    original   ").count(), 4, "{stdout}");
+    assert_eq!(
+        stdout.matches("2 pixel objects shared").count(),
+        4,
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("refused, not shared with that key"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("tampering caught by verify"), "{stdout}");
+    assert!(
+        stdout.contains("retrieval of the tampered study refused"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("verify clean"), "{stdout}");
 }

@@ -181,6 +181,21 @@ fn put_get_verify_share_on_a_folder() {
         .unwrap();
     assert!(share.status.success(), "{}", text(&share));
     assert!(get_other("o2").status.success());
+    // Revocation: re-keyed for the owner only, the other key opens nothing any more.
+    let rekey = medledger(tmp.path())
+        .args(["store", "rekey", &roots[1].to_hex(), "--store"])
+        .arg(&store)
+        .arg("--key-file")
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(rekey.status.success(), "{}", text(&rekey));
+    assert!(
+        String::from_utf8_lossy(&rekey.stdout).contains("old objects deleted"),
+        "{}",
+        text(&rekey)
+    );
+    assert!(!get_other("o4").status.success());
 
     // A root that is not in the store, and one that is not a root at all.
     for (root, says) in [

@@ -335,6 +335,16 @@ pub struct GetOutcome {
     pub file_bytes: u64,
 }
 
+/// What re-keying a study did.
+#[derive(Debug, Clone, Serialize)]
+pub struct RekeyOutcome {
+    pub objects_resealed: u64,
+    /// Old objects deleted (the old manifest included).
+    pub objects_deleted: u64,
+    /// Old objects kept because another study refers to them.
+    pub objects_kept_shared: u64,
+}
+
 /// A problem `verify` found.
 #[derive(Debug, Clone, Serialize)]
 pub struct Problem {
@@ -715,6 +725,95 @@ impl Store {
             .push(medledger_crypto::wrap(&key, recipient, root.as_bytes()));
         self.write_ref(&record)?;
         Ok(true)
+    }
+
+    /// Seals a study again under new keys, for the owner and exactly `recipients`, and deletes
+    /// its old objects that no other study refers to. After this, keys handed out before open
+    /// nothing that remains of the study (objects shared with another study, such as pixel
+    /// objects a derivative references, stay for that study). The root does not change.
+    pub fn rekey(
+        &self,
+        root: &Digest,
+        owner: &SecretKey,
+        recipients: &[PublicKey],
+    ) -> Result<RekeyOutcome, StoreError> {
+        let (old_record, old) = self.open_manifest(root, owner)?;
+        let mut manifest = old.clone();
+        let mut slots: Vec<&mut ObjectRef> = manifest
+            .series
+            .iter_mut()
+            .flat_map(|s| s.instances.iter_mut())
+            .flat_map(|i| std::iter::once(&mut i.header).chain(i.pixels.iter_mut()))
+            .collect();
+        let mut resealed = 0u64;
+        let mut written_bytes = 0u64;
+        for chunk in slots.chunks_mut(BATCH_OBJECTS) {
+            let batch: Vec<(String, Bytes)> = chunk
+                .par_iter_mut()
+                .map(|slot| {
+                    let plain = self.fetch(slot)?;
+                    let mut out = Vec::with_capacity(1);
+                    **slot = seal_object(&plain, slot.digest, &mut out);
+                    Ok(out.pop().expect("one object sealed"))
+                })
+                .collect::<Result<_, StoreError>>()?;
+            resealed += batch.len() as u64;
+            written_bytes += batch.iter().map(|(_, b)| b.len() as u64).sum::<u64>();
+            self.backend.put_batch(batch)?;
+        }
+        debug_assert_eq!(manifest.root(), *root);
+        let (manifest_key, sealed) = medledger_crypto::seal(&manifest.encode());
+        let manifest_address = Digest::of(&sealed);
+        written_bytes += sealed.len() as u64;
+        self.backend
+            .put(&object_key(&manifest_address), Bytes::from(sealed))?;
+        let mut envelopes = vec![medledger_crypto::wrap(
+            &manifest_key,
+            &owner.public(),
+            root.as_bytes(),
+        )];
+        for r in recipients {
+            if r != &owner.public() && !envelopes.iter().any(|e| e.is_for(r)) {
+                envelopes.push(medledger_crypto::wrap(&manifest_key, r, root.as_bytes()));
+            }
+        }
+        let mut objects: Vec<Digest> = manifest
+            .instances()
+            .flat_map(|(_, i)| i.objects().map(|o| o.address))
+            .collect();
+        objects.sort();
+        objects.dedup();
+        self.write_ref(&StudyRef {
+            format: REF_FORMAT.to_string(),
+            root: *root,
+            manifest: manifest_address,
+            objects,
+            own_bytes: written_bytes,
+            envelopes,
+        })?;
+
+        // The new record is durable: old objects no study refers to any more can go.
+        let mut still_used: HashSet<Digest> = HashSet::new();
+        for other in self.studies()? {
+            let r = self.study_ref(&other)?;
+            still_used.extend(r.objects);
+            still_used.insert(r.manifest);
+        }
+        let mut deleted = 0;
+        let mut kept_shared = 0;
+        for address in old_record.objects.iter().chain([&old_record.manifest]) {
+            if still_used.contains(address) {
+                kept_shared += 1;
+            } else {
+                self.backend.delete(&object_key(address))?;
+                deleted += 1;
+            }
+        }
+        Ok(RekeyOutcome {
+            objects_resealed: resealed,
+            objects_deleted: deleted,
+            objects_kept_shared: kept_shared,
+        })
     }
 
     /// Walks the whole store: every object against its address, every study's objects

@@ -390,3 +390,91 @@ fn every_damaged_object_is_reported_and_refused() {
         "{report:#?}"
     );
 }
+
+#[test]
+fn rekey_revokes_old_keys_and_keeps_derivatives_working() {
+    let files: Vec<PathBuf> = files_under(&chest_ct_series_dir())
+        .into_iter()
+        .take(6)
+        .collect();
+    let (owner, reader) = (SecretKey::generate(), SecretKey::generate());
+    let (_dir, store) = fs_store();
+    let original = store
+        .put_study(
+            plans_for(&files).remove(0),
+            &owner,
+            &PutOptions {
+                recipients: &[reader.public()],
+                ..PutOptions::default()
+            },
+            &|_| {},
+        )
+        .unwrap();
+    let root = original.root;
+    // A derivative that shares the original's pixel objects.
+    let deid = medledger_deid::Deidentifier::new(medledger_deid::DeidConfig::new(
+        medledger_deid::DeidKey::from_bytes([3; 32]),
+        medledger_deid::OptionSet::new([]).unwrap(),
+    ));
+    let scanned = files
+        .iter()
+        .map(|f| {
+            let d = deid.deidentify(&std::fs::read(f).unwrap()).unwrap();
+            scan_memory(f.display().to_string(), Bytes::from(d.bytes)).unwrap()
+        })
+        .collect();
+    let index = original.object_index();
+    let derived = store
+        .put_study(
+            plan(scanned).0.remove(0),
+            &owner,
+            &PutOptions {
+                reuse: Some(&index),
+                derived_from: Some(root),
+                ..PutOptions::default()
+            },
+            &|_| {},
+        )
+        .unwrap();
+    // What the reader held before: the manifest with every object key.
+    let (_, held) = store.open_manifest(&root, &reader).unwrap();
+    let before = get_all(&store, &root, &owner).unwrap();
+
+    let out = store.rekey(&root, &owner, &[]).unwrap();
+    assert_eq!(out.objects_resealed, 12);
+    assert_eq!(
+        out.objects_kept_shared, 6,
+        "pixel objects the derivative uses stay"
+    );
+    assert_eq!(
+        out.objects_deleted, 7,
+        "six header objects and the old manifest"
+    );
+
+    // Same root, same bytes for the owner; the reader is no longer a recipient.
+    assert_eq!(get_all(&store, &root, &owner).unwrap(), before);
+    assert!(matches!(
+        store.open_manifest(&root, &reader),
+        Err(StoreError::NotRecipient(_))
+    ));
+    // The keys the reader kept open nothing of the study's current objects, and the old
+    // header objects (the identified part) are gone.
+    let (_, now) = store.open_manifest(&root, &owner).unwrap();
+    for ((_, old_i), (_, new_i)) in held.instances().zip(now.instances()) {
+        assert!(
+            store.fetch(&old_i.header).is_err(),
+            "old header object still readable"
+        );
+        for (old_o, new_o) in old_i.objects().zip(new_i.objects()) {
+            assert_ne!(old_o.address, new_o.address);
+            let mut with_old_key = new_o.clone();
+            with_old_key.key = old_o.key.clone();
+            assert!(store.fetch(&with_old_key).is_err());
+        }
+    }
+    // The derivative still reads back in full.
+    assert_eq!(get_all(&store, &derived.root, &owner).unwrap().len(), 6);
+    let report = store.verify(Some(&owner), true, &|_, _| {}).unwrap();
+    assert!(report.is_clean(), "{report:#?}");
+    assert!(report.unreferenced.is_empty(), "{report:#?}");
+}

@@ -483,37 +483,13 @@ impl Store {
 
         // Manifest, then the reference record: the study exists once the record is durable.
         debug_assert_eq!(manifest.root(), root);
-        let (manifest_key, sealed_manifest) = medledger_crypto::seal(&manifest.encode());
-        let manifest_address = Digest::of(&sealed_manifest);
-        let manifest_bytes = sealed_manifest.len() as u64;
-        self.backend
-            .put(&object_key(&manifest_address), Bytes::from(sealed_manifest))?;
-        let mut envelopes = vec![medledger_crypto::wrap(
-            &manifest_key,
-            &owner.public(),
-            root.as_bytes(),
-        )];
-        for r in opts.recipients {
-            if r != &owner.public() {
-                envelopes.push(medledger_crypto::wrap(&manifest_key, r, root.as_bytes()));
-            }
-        }
-        let mut objects: Vec<Digest> = manifest
-            .instances()
-            .flat_map(|(_, i)| i.objects().map(|o| o.address))
-            .collect();
-        objects.sort();
-        objects.dedup();
-        let own_bytes = written_bytes.load(Ordering::Relaxed) + manifest_bytes;
-        let record = StudyRef {
-            format: REF_FORMAT.to_string(),
-            root,
-            manifest: manifest_address,
-            objects,
-            own_bytes,
-            envelopes,
-        };
-        self.write_ref(&record)?;
+        let record = self.commit(
+            &manifest,
+            owner,
+            opts.recipients,
+            written_bytes.load(Ordering::Relaxed),
+        )?;
+        let own_bytes = record.own_bytes;
         Ok(PutOutcome {
             root,
             manifest,
@@ -558,6 +534,51 @@ impl Store {
             .into_iter()
             .map(|r| r.expect("every study was put"))
             .collect()
+    }
+
+    /// Seals and writes a manifest, then the study's reference record with envelopes for the
+    /// owner and `recipients`: once this returns, the study is durable. `object_bytes` are
+    /// the sealed bytes of the objects this study wrote itself.
+    fn commit(
+        &self,
+        manifest: &StudyManifest,
+        owner: &SecretKey,
+        recipients: &[PublicKey],
+        object_bytes: u64,
+    ) -> Result<StudyRef, StoreError> {
+        let root = manifest.root();
+        let (manifest_key, sealed) = medledger_crypto::seal(&manifest.encode());
+        let manifest_address = Digest::of(&sealed);
+        let manifest_bytes = sealed.len() as u64;
+        self.backend
+            .put(&object_key(&manifest_address), Bytes::from(sealed))?;
+        let mut envelopes = vec![medledger_crypto::wrap(
+            &manifest_key,
+            &owner.public(),
+            root.as_bytes(),
+        )];
+        for r in recipients {
+            if !envelopes.iter().any(|e| e.is_for(r)) {
+                envelopes.push(medledger_crypto::wrap(&manifest_key, r, root.as_bytes()));
+            }
+        }
+        let mut objects: Vec<Digest> = manifest
+            .instances()
+            .flat_map(|(_, i)| i.objects().map(|o| o.address))
+            .collect();
+        objects.sort();
+        objects.dedup();
+        let own_bytes = object_bytes + manifest_bytes;
+        let record = StudyRef {
+            format: REF_FORMAT.to_string(),
+            root,
+            manifest: manifest_address,
+            objects,
+            own_bytes,
+            envelopes,
+        };
+        self.write_ref(&record)?;
+        Ok(record)
     }
 
     fn write_ref(&self, record: &StudyRef) -> Result<(), StoreError> {
@@ -762,35 +783,7 @@ impl Store {
             self.backend.put_batch(batch)?;
         }
         debug_assert_eq!(manifest.root(), *root);
-        let (manifest_key, sealed) = medledger_crypto::seal(&manifest.encode());
-        let manifest_address = Digest::of(&sealed);
-        written_bytes += sealed.len() as u64;
-        self.backend
-            .put(&object_key(&manifest_address), Bytes::from(sealed))?;
-        let mut envelopes = vec![medledger_crypto::wrap(
-            &manifest_key,
-            &owner.public(),
-            root.as_bytes(),
-        )];
-        for r in recipients {
-            if r != &owner.public() && !envelopes.iter().any(|e| e.is_for(r)) {
-                envelopes.push(medledger_crypto::wrap(&manifest_key, r, root.as_bytes()));
-            }
-        }
-        let mut objects: Vec<Digest> = manifest
-            .instances()
-            .flat_map(|(_, i)| i.objects().map(|o| o.address))
-            .collect();
-        objects.sort();
-        objects.dedup();
-        self.write_ref(&StudyRef {
-            format: REF_FORMAT.to_string(),
-            root: *root,
-            manifest: manifest_address,
-            objects,
-            own_bytes: written_bytes,
-            envelopes,
-        })?;
+        self.commit(&manifest, owner, recipients, written_bytes)?;
 
         // The new record is durable: old objects no study refers to any more can go.
         let mut still_used: HashSet<Digest> = HashSet::new();

@@ -36,6 +36,44 @@ fn plans_for(files: &[PathBuf]) -> Vec<StudyPlan> {
     plan(scanned).0
 }
 
+/// The de-identified derivatives of `files` (Basic Profile, key bytes `key`), planned.
+fn derivative_plans(files: &[PathBuf], key: u8) -> Vec<StudyPlan> {
+    let deid = medledger_deid::Deidentifier::new(medledger_deid::DeidConfig::new(
+        medledger_deid::DeidKey::from_bytes([key; 32]),
+        medledger_deid::OptionSet::new([]).unwrap(),
+    ));
+    let scanned = files
+        .iter()
+        .map(|f| {
+            let d = deid.deidentify(&std::fs::read(f).unwrap()).unwrap();
+            scan_memory(f.display().to_string(), Bytes::from(d.bytes)).unwrap()
+        })
+        .collect();
+    plan(scanned).0
+}
+
+/// The first `n` files of the chest CT series.
+fn chest_files(n: usize) -> Vec<PathBuf> {
+    files_under(&chest_ct_series_dir())
+        .into_iter()
+        .take(n)
+        .collect()
+}
+
+/// Verify (deeply or not) with the owner's key finds nothing wrong.
+fn assert_clean(store: &Store, owner: &SecretKey, deep: bool) {
+    let report = store.verify(Some(owner), deep, &|_, _| {}).unwrap();
+    assert!(report.is_clean(), "{report:#?}");
+}
+
+/// Puts the one study `files` make, for `owner` alone.
+fn put_one(store: &Store, files: &[PathBuf], owner: &SecretKey) -> medledger_store::PutOutcome {
+    let plan = plans_for(files).remove(0);
+    store
+        .put_study(plan, owner, &PutOptions::default(), &|_| {})
+        .unwrap()
+}
+
 fn fs_store() -> (tempfile::TempDir, Store) {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::new(Box::new(FsBackend::open(dir.path().join("store")).unwrap()));
@@ -94,14 +132,7 @@ fn chest_ct_round_trips_byte_for_byte_and_is_idempotent() {
     }
 
     // Putting the same study again writes nothing and gives the same root.
-    let again = store
-        .put_study(
-            plans_for(&files).remove(0),
-            &owner,
-            &PutOptions::default(),
-            &|_| {},
-        )
-        .unwrap();
+    let again = put_one(&store, &files, &owner);
     assert!(again.already_present);
     assert_eq!(again.root, root);
     let report = store.verify(Some(&owner), true, &|_, _| {}).unwrap();
@@ -151,35 +182,19 @@ fn the_whole_test_data_set_round_trips() {
     }
     assert!(stored_files >= 290, "{stored_files} files stored");
     assert!(returned.len() >= 290, "{} instances", returned.len());
-    assert!(
-        store
-            .verify(Some(&owner), false, &|_, _| {})
-            .unwrap()
-            .is_clean()
-    );
+    assert_clean(&store, &owner, false);
 }
 
 #[test]
 fn sharing_adds_an_envelope_and_nothing_else() {
-    let files: Vec<PathBuf> = files_under(&chest_ct_series_dir())
-        .into_iter()
-        .take(4)
-        .collect();
+    let files = chest_files(4);
     let (owner, reader, stranger) = (
         SecretKey::generate(),
         SecretKey::generate(),
         SecretKey::generate(),
     );
     let (_dir, store) = fs_store();
-    let root = store
-        .put_study(
-            plans_for(&files).remove(0),
-            &owner,
-            &PutOptions::default(),
-            &|_| {},
-        )
-        .unwrap()
-        .root;
+    let root = put_one(&store, &files, &owner).root;
     assert!(matches!(
         get_all(&store, &root, &reader),
         Err(StoreError::NotRecipient(r)) if r == root
@@ -202,15 +217,7 @@ fn sharing_adds_an_envelope_and_nothing_else() {
     ));
     assert!(store.share(&root, &stranger, &stranger.public()).is_err());
     // An envelope moved onto another study does not open it: wraps are bound to the root.
-    let other = store
-        .put_study(
-            plans_for(&files[..1]).remove(0),
-            &owner,
-            &PutOptions::default(),
-            &|_| {},
-        )
-        .unwrap()
-        .root;
+    let other = put_one(&store, &files[..1], &owner).root;
     let key = format!("refs/{}.json", other.to_hex());
     let mut record: serde_json::Value =
         serde_json::from_slice(&store.backend().get(&key).unwrap()).unwrap();
@@ -238,26 +245,8 @@ fn derivative_shares_pixel_objects_and_costs_only_headers() {
     let files = files_under(&chest_ct_series_dir());
     let owner = SecretKey::generate();
     let (_dir, store) = fs_store();
-    let original = store
-        .put_study(
-            plans_for(&files).remove(0),
-            &owner,
-            &PutOptions::default(),
-            &|_| {},
-        )
-        .unwrap();
-    let deid = medledger_deid::Deidentifier::new(medledger_deid::DeidConfig::new(
-        medledger_deid::DeidKey::from_bytes([9; 32]),
-        medledger_deid::OptionSet::new([]).unwrap(),
-    ));
-    let scanned = files
-        .iter()
-        .map(|f| {
-            let d = deid.deidentify(&std::fs::read(f).unwrap()).unwrap();
-            scan_memory(f.display().to_string(), Bytes::from(d.bytes)).unwrap()
-        })
-        .collect();
-    let (mut plans, _) = plan(scanned);
+    let original = put_one(&store, &files, &owner);
+    let mut plans = derivative_plans(&files, 9);
     assert_eq!(plans.len(), 1);
     let index = original.object_index();
     let derived = store
@@ -295,30 +284,15 @@ fn derivative_shares_pixel_objects_and_costs_only_headers() {
             "no original name"
         );
     }
-    assert!(
-        store
-            .verify(Some(&owner), true, &|_, _| {})
-            .unwrap()
-            .is_clean()
-    );
+    assert_clean(&store, &owner, true);
 }
 
 #[test]
 fn every_damaged_object_is_reported_and_refused() {
-    let files: Vec<PathBuf> = files_under(&chest_ct_series_dir())
-        .into_iter()
-        .take(8)
-        .collect();
+    let files = chest_files(8);
     let owner = SecretKey::generate();
     let (dir, store) = fs_store();
-    let out = store
-        .put_study(
-            plans_for(&files).remove(0),
-            &owner,
-            &PutOptions::default(),
-            &|_| {},
-        )
-        .unwrap();
+    let out = put_one(&store, &files, &owner);
     let root = out.root;
     let object_path = |a: &Digest| {
         let h = a.to_hex();
@@ -393,10 +367,7 @@ fn every_damaged_object_is_reported_and_refused() {
 
 #[test]
 fn rekey_revokes_old_keys_and_keeps_derivatives_working() {
-    let files: Vec<PathBuf> = files_under(&chest_ct_series_dir())
-        .into_iter()
-        .take(6)
-        .collect();
+    let files = chest_files(6);
     let (owner, reader) = (SecretKey::generate(), SecretKey::generate());
     let (_dir, store) = fs_store();
     let original = store
@@ -412,21 +383,10 @@ fn rekey_revokes_old_keys_and_keeps_derivatives_working() {
         .unwrap();
     let root = original.root;
     // A derivative that shares the original's pixel objects.
-    let deid = medledger_deid::Deidentifier::new(medledger_deid::DeidConfig::new(
-        medledger_deid::DeidKey::from_bytes([3; 32]),
-        medledger_deid::OptionSet::new([]).unwrap(),
-    ));
-    let scanned = files
-        .iter()
-        .map(|f| {
-            let d = deid.deidentify(&std::fs::read(f).unwrap()).unwrap();
-            scan_memory(f.display().to_string(), Bytes::from(d.bytes)).unwrap()
-        })
-        .collect();
     let index = original.object_index();
     let derived = store
         .put_study(
-            plan(scanned).0.remove(0),
+            derivative_plans(&files, 3).remove(0),
             &owner,
             &PutOptions {
                 reuse: Some(&index),

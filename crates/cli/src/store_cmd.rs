@@ -234,8 +234,15 @@ fn parse_root(text: &str) -> Result<Digest> {
         .with_context(|| format!("{text:?} is not a manifest root (64 hex digits)"))
 }
 
+/// The store, created if missing (for `put`).
 fn open_store(location: &StoreLocation) -> Result<Store> {
     Store::open(&location.store).with_context(|| format!("cannot open store {}", location.store))
+}
+
+/// An existing store (for every command but `put`).
+fn existing_store(location: &StoreLocation) -> Result<Store> {
+    Store::open_existing(&location.store)
+        .with_context(|| format!("cannot open store {}", location.store))
 }
 
 fn bar(total: u64, quiet: bool, what: &str) -> ProgressBar {
@@ -532,7 +539,7 @@ fn get(args: GetArgs) -> Result<()> {
     let started = Instant::now();
     let root = parse_root(&args.root)?;
     let key = key_for(&args.location, false)?;
-    let store = open_store(&args.location)?;
+    let store = existing_store(&args.location)?;
     let (_, manifest) = store.open_manifest(&root, &key)?;
     let series: Vec<usize> = match &args.series {
         None => (0..manifest.series.len()).collect(),
@@ -616,18 +623,21 @@ fn verify(args: VerifyArgs) -> Result<ExitCode> {
         Some(_) => Some(key_for(&args.location, false)?),
         None => key_for(&args.location, false).ok(),
     };
-    let store = open_store(&args.location)?;
+    let store = existing_store(&args.location)?;
     let pb = bar(0, args.json, "verify");
     let report = store.verify(key.as_ref(), args.deep, &|done, total| {
         pb.set_length(total);
         pb.set_position(done);
     })?;
     pb.finish_and_clear();
-    let stale = match medledger_store::FsBackend::open(&args.location.store) {
-        Ok(fs) if !args.location.store.starts_with("s3://") => {
-            fs.stale_tmp_files().map(|v| v.len()).unwrap_or(0)
-        }
-        _ => 0,
+    // Temporary files of interrupted writers exist only in folder stores.
+    let stale = if args.location.store.starts_with("s3://") {
+        0
+    } else {
+        medledger_store::FsBackend::open_existing(&args.location.store)
+            .and_then(|fs| fs.stale_tmp_files())
+            .map(|v| v.len())
+            .unwrap_or(0)
     };
     if args.json {
         let mut v = serde_json::to_value(&report)?;
@@ -686,7 +696,7 @@ fn share(args: ShareArgs) -> Result<()> {
     let root = parse_root(&args.root)?;
     let key = key_for(&args.location, false)?;
     let recipient = parse_public(&args.recipient)?;
-    let store = open_store(&args.location)?;
+    let store = existing_store(&args.location)?;
     if store.share(&root, &key, &recipient)? {
         println!(
             "study {root} can now be opened by key {}",
@@ -709,7 +719,7 @@ fn rekey(args: RekeyArgs) -> Result<()> {
         .iter()
         .map(|r| parse_public(r))
         .collect::<Result<_>>()?;
-    let store = open_store(&args.location)?;
+    let store = existing_store(&args.location)?;
     let out = store.rekey(&root, &key, &recipients)?;
     println!(
         "study {root} sealed again under new keys ({} objects) for {} recipient(s); {} old \
@@ -724,7 +734,7 @@ fn rekey(args: RekeyArgs) -> Result<()> {
 
 fn ls(args: LsArgs) -> Result<()> {
     let key = key_for(&args.location, false).ok();
-    let store = open_store(&args.location)?;
+    let store = existing_store(&args.location)?;
     for root in store.studies()? {
         match key.as_ref().map(|k| store.open_manifest(&root, k)) {
             Some(Ok((_, m))) => println!(

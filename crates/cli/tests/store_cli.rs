@@ -197,6 +197,21 @@ fn put_get_verify_share_on_a_folder() {
     );
     assert!(!get_other("o4").status.success());
 
+    // Readers never create a store where none is.
+    let nowhere = tmp.path().join("no-store-here");
+    let o = medledger(tmp.path())
+        .args(["store", "verify", "--store"])
+        .arg(&nowhere)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("no medledger store at"),
+        "{}",
+        text(&o)
+    );
+    assert!(!nowhere.exists());
+
     // A root that is not in the store, and one that is not a root at all.
     for (root, says) in [
         ("00".repeat(32), "no study with root"),

@@ -387,9 +387,14 @@ impl Store {
         Store { backend }
     }
 
-    /// Opens `s3://bucket/prefix` or a directory.
+    /// Opens `s3://bucket/prefix` or a directory (created if missing).
     pub fn open(location: &str) -> Result<Store, StoreError> {
         Ok(Store::new(crate::backend::open(location)?))
+    }
+
+    /// Opens an existing store; creates nothing.
+    pub fn open_existing(location: &str) -> Result<Store, StoreError> {
+        Ok(Store::new(crate::backend::open_existing(location)?))
     }
 
     pub fn backend(&self) -> &dyn Backend {

@@ -41,6 +41,18 @@ impl FsBackend {
         FsBackend::with_root(root)
     }
 
+    /// Opens an existing store; a folder that is not one is an error, and nothing is created.
+    pub fn open_existing(root: impl AsRef<Path>) -> Result<FsBackend, BackendError> {
+        let root = root.as_ref().to_path_buf();
+        if !root.join(MARKER).is_file() {
+            return Err(BackendError::Config(format!(
+                "no medledger store at {}",
+                root.display()
+            )));
+        }
+        FsBackend::with_root(root)
+    }
+
     fn with_root(root: PathBuf) -> Result<FsBackend, BackendError> {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(IO_THREADS)

@@ -98,11 +98,21 @@ pub fn check_key(key: &str) -> Result<(), BackendError> {
 }
 
 /// Opens a backend from a location: `s3://bucket/prefix` (configured from the usual `AWS_*`
-/// environment variables) or a directory.
+/// environment variables) or a directory, created if missing.
 pub fn open(location: &str) -> Result<Box<dyn Backend>, BackendError> {
     if location.starts_with("s3://") {
         Ok(Box::new(S3Backend::from_url(location)?))
     } else {
         Ok(Box::new(FsBackend::open(location)?))
+    }
+}
+
+/// Like [`open`], but a directory must already be a store: for readers, which must not
+/// create an empty store where they expected one.
+pub fn open_existing(location: &str) -> Result<Box<dyn Backend>, BackendError> {
+    if location.starts_with("s3://") {
+        Ok(Box::new(S3Backend::from_url(location)?))
+    } else {
+        Ok(Box::new(FsBackend::open_existing(location)?))
     }
 }

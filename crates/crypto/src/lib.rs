@@ -1,6 +1,6 @@
 //! The cryptography medledger's store and ledger share: BLAKE3 content digests, single-use
 //! AES-256-GCM sealing of objects, HPKE (RFC 9180) wrapping of object keys for recipients,
-//! and RFC 9162-shaped Merkle trees with inclusion proofs.
+//! RFC 9162-shaped Merkle trees with inclusion proofs, and Ed25519 signatures.
 //!
 //! Nothing here does I/O. Every key that seals data is generated inside [`seal`] and used
 //! exactly once, so nonces can never repeat.
@@ -8,10 +8,12 @@
 mod aead;
 mod digest;
 pub mod merkle;
+mod sign;
 mod wrap;
 
 pub use aead::{KEY_LEN, ObjectKey, SEAL_OVERHEAD, open, seal};
 pub use digest::Digest;
+pub use sign::{Signature, SigningKey, VerifyingKey};
 pub use wrap::{PublicKey, SecretKey, WrappedKey, unwrap, wrap};
 
 /// Why a cryptographic operation failed.

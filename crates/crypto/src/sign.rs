@@ -1,0 +1,158 @@
+//! Ed25519 signatures (RFC 8032) for ledger members and nodes, through ring.
+
+use std::fmt;
+
+use rand::RngCore;
+use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::{CryptoError, Digest};
+
+const SECRET_PREFIX: &str = "medledger-ed25519-secret-v1:";
+
+/// A member's or node's signing key (the 32-byte Ed25519 seed).
+pub struct SigningKey {
+    seed: [u8; 32],
+    pair: Ed25519KeyPair,
+}
+
+/// An Ed25519 public key: a member's identity on the ledger.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VerifyingKey(pub [u8; 32]);
+
+/// An Ed25519 signature.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Signature(pub [u8; 64]);
+
+impl SigningKey {
+    pub fn generate() -> SigningKey {
+        let mut seed = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut seed);
+        SigningKey::from_seed(seed)
+    }
+
+    /// A key from its seed (deterministic test and demo identities).
+    pub fn from_seed(seed: [u8; 32]) -> SigningKey {
+        let pair = Ed25519KeyPair::from_seed_unchecked(&seed).expect("any 32 bytes are a seed");
+        SigningKey { seed, pair }
+    }
+
+    pub fn verifying_key(&self) -> VerifyingKey {
+        let mut out = [0u8; 32];
+        out.copy_from_slice(self.pair.public_key().as_ref());
+        VerifyingKey(out)
+    }
+
+    pub fn sign(&self, message: &[u8]) -> Signature {
+        let mut out = [0u8; 64];
+        out.copy_from_slice(self.pair.sign(message).as_ref());
+        Signature(out)
+    }
+
+    /// `medledger-ed25519-secret-v1:<64 hex digits>`.
+    pub fn to_text(&self) -> String {
+        format!("{SECRET_PREFIX}{}", hex::encode(self.seed))
+    }
+
+    pub fn from_text(text: &str) -> Result<SigningKey, CryptoError> {
+        let h = text.trim().strip_prefix(SECRET_PREFIX).ok_or_else(|| {
+            CryptoError::KeyFormat(format!("a signing key starts with {SECRET_PREFIX}"))
+        })?;
+        let mut seed = [0u8; 32];
+        hex::decode_to_slice(h, &mut seed)
+            .map_err(|e| CryptoError::KeyFormat(format!("expected 64 hex digits: {e}")))?;
+        Ok(SigningKey::from_seed(seed))
+    }
+}
+
+impl fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SigningKey({})", self.verifying_key())
+    }
+}
+
+impl VerifyingKey {
+    /// Whether `signature` is this key's signature of `message`.
+    pub fn verify(&self, message: &[u8], signature: &Signature) -> bool {
+        UnparsedPublicKey::new(&ED25519, &self.0)
+            .verify(message, &signature.0)
+            .is_ok()
+    }
+
+    /// A short name: the first 8 bytes of the key's digest, in hex.
+    pub fn fingerprint(&self) -> String {
+        Digest::of(&self.0).to_hex()[..16].to_string()
+    }
+
+    pub fn from_hex(s: &str) -> Result<VerifyingKey, CryptoError> {
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(s.trim(), &mut out)
+            .map_err(|e| CryptoError::KeyFormat(format!("a public key is 64 hex digits: {e}")))?;
+        Ok(VerifyingKey(out))
+    }
+}
+
+impl fmt::Display for VerifyingKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for VerifyingKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "VerifyingKey({})", self.fingerprint())
+    }
+}
+
+impl fmt::Debug for Signature {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Signature({}..)", &hex::encode(self.0)[..16])
+    }
+}
+
+impl Serialize for VerifyingKey {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for VerifyingKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        VerifyingKey::from_hex(&String::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for Signature {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for Signature {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let mut out = [0u8; 64];
+        hex::decode_to_slice(s.trim(), &mut out).map_err(serde::de::Error::custom)?;
+        Ok(Signature(out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sign_verify_and_refuse() {
+        let k = SigningKey::from_seed([7; 32]);
+        let s = k.sign(b"register study");
+        assert!(k.verifying_key().verify(b"register study", &s));
+        assert!(!k.verifying_key().verify(b"register study!", &s));
+        let other = SigningKey::generate();
+        assert!(!other.verifying_key().verify(b"register study", &s));
+        let mut bad = s;
+        bad.0[3] ^= 1;
+        assert!(!k.verifying_key().verify(b"register study", &bad));
+        let again = SigningKey::from_text(&k.to_text()).unwrap();
+        assert_eq!(again.verifying_key(), k.verifying_key());
+    }
+}

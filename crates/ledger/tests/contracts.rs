@@ -1,0 +1,716 @@
+//! The contracts as the story of issue and retrieval goes: a network of four organisations,
+//! a study registered with its derivative, consent, requests, grants, delegation, retrieval
+//! audit, revocation, datasets, governance; and every refusal a forged, replayed or
+//! unauthorised transaction must meet.
+
+use medledger_crypto::{Digest, SigningKey};
+use medledger_ledger::*;
+
+const CHAIN: &str = "medledger-test";
+const PATIENT: &str = "MLABCDEFGHIJKLMNOP";
+const OTHER_PATIENT: &str = "MLQRSTUVWXYZ234567";
+
+fn key(n: u8) -> SigningKey {
+    SigningKey::from_seed([n; 32])
+}
+
+/// Signs and numbers transactions per signer, and applies them one block each.
+struct Net {
+    ledger: Ledger,
+    nonces: std::collections::HashMap<[u8; 32], u64>,
+    time: u64,
+}
+
+// Keys: 1-4 org admins, 11-14 org nodes, 21 clinician A, 22 clinician B, 23 researcher,
+// 24 ethics board (research org), 25 patient (patients' agent), 26 agent staff.
+impl Net {
+    fn new() -> Net {
+        let orgs = [
+            ("hospital-a", OrgClass::Hospital),
+            ("hospital-b", OrgClass::Hospital),
+            ("research", OrgClass::Research),
+            ("patients", OrgClass::PatientAgent),
+        ];
+        let g = Genesis {
+            chain: CHAIN.into(),
+            orgs: orgs
+                .iter()
+                .enumerate()
+                .map(|(i, (id, class))| GenesisOrg {
+                    id: id.to_string(),
+                    class: *class,
+                    admin: key(1 + i as u8).verifying_key(),
+                    node: key(11 + i as u8).verifying_key(),
+                })
+                .collect(),
+        };
+        let mut net = Net {
+            ledger: Ledger::genesis(&g).unwrap(),
+            nonces: Default::default(),
+            time: 1_700_000_000_000,
+        };
+        for (admin, member, roles, patient) in [
+            (1, 21, vec![Role::Clinician], None),
+            (2, 22, vec![Role::Clinician], None),
+            (3, 23, vec![Role::Researcher], None),
+            (3, 24, vec![Role::EthicsBoard], None),
+            (4, 25, vec![Role::Patient], Some(PATIENT.to_string())),
+            (4, 26, vec![Role::Clinician], None),
+        ] {
+            net.ok(
+                admin,
+                Op::AddMember {
+                    key: key(member).verifying_key(),
+                    roles,
+                    patient,
+                },
+            );
+        }
+        net
+    }
+
+    fn tx(&mut self, signer: u8, op: Op) -> Tx {
+        let k = key(signer);
+        let n = self.nonces.entry(k.verifying_key().0).or_insert(0);
+        *n += 1;
+        Tx::sign(CHAIN, &k, *n, op)
+    }
+
+    fn submit(&mut self, tx: Tx) -> Receipt {
+        self.time += 1000;
+        self.ledger.apply_block(self.time, &[tx]).remove(0)
+    }
+
+    fn run(&mut self, signer: u8, op: Op) -> Receipt {
+        let tx = self.tx(signer, op);
+        self.submit(tx)
+    }
+
+    fn ok(&mut self, signer: u8, op: Op) -> Option<String> {
+        let r = self.run(signer, op.clone());
+        assert!(r.is_ok(), "{op:?} refused: {:?}", r.error);
+        r.created
+    }
+
+    fn refused(&mut self, signer: u8, op: Op) -> LedgerError {
+        let before = self.ledger.state().clone();
+        let r = self.run(signer, op);
+        let e = r.error.expect("must be refused");
+        // Only the signer's nonce may have changed.
+        let after = self.ledger.state();
+        for k in after.keys("") {
+            if !k.starts_with("nonce/") {
+                assert_eq!(
+                    before.get_raw(&k),
+                    after.get_raw(&k),
+                    "{k} changed by a refused tx"
+                );
+            }
+        }
+        e
+    }
+}
+
+fn register(net: &mut Net, root: Digest, derived_from: Option<Digest>) {
+    net.ok(
+        21,
+        Op::RegisterStudy {
+            root,
+            patient: PATIENT.into(),
+            modality: "CT".into(),
+            instances: 64,
+            bytes: 33_800_000,
+            derived_from,
+            deid: derived_from.map(|_| DeidRecord {
+                profile: "basic".into(),
+                options: vec!["retain-longitudinal-modified-dates".into()],
+                table_edition: "2024b".into(),
+                key_id: "0123456789abcdef".into(),
+            }),
+        },
+    );
+}
+
+fn consent(net: &mut Net, purpose: Purpose, recipient: Recipient) -> String {
+    net.ok(
+        25,
+        Op::GrantConsent {
+            patient: PATIENT.into(),
+            purpose,
+            recipient,
+            expires_ms: None,
+        },
+    )
+    .unwrap()
+}
+
+fn retrieval(net: &mut Net, grant: &str, receiver_node: u8) -> Receipt {
+    let statement = retrieval_statement(grant, 129, 33_900_000);
+    let op = Op::RecordRetrieval {
+        grant: grant.into(),
+        objects: 129,
+        bytes: 33_900_000,
+        receiver: key(receiver_node).verifying_key(),
+        receiver_signature: key(receiver_node).sign(&statement),
+    };
+    net.run(11, op)
+}
+
+#[test]
+fn care_sharing_with_consent_grant_audit_and_revocation() {
+    let mut net = Net::new();
+    let original = Digest::of(b"original study");
+    register(&mut net, original, None);
+    // The prototype's queryAllRecs.
+    assert_eq!(net.ledger.studies(Some("hospital-a")).len(), 1);
+    assert_eq!(net.ledger.studies_of_patient(PATIENT)[0].root, original);
+
+    // B asks for the patient's priors; without consent A cannot grant.
+    let request = net
+        .ok(
+            22,
+            Op::RequestAccess {
+                target: Target::Patient(PATIENT.into()),
+                purpose: Purpose::Care,
+                break_glass: false,
+            },
+        )
+        .unwrap();
+    let grant_op = |request: &str| Op::GrantAccess {
+        request: request.into(),
+        study: original,
+        envelope: "wrapped-key-for-hospital-b".into(),
+        expires_ms: None,
+        delegable: false,
+    };
+    assert!(matches!(
+        net.refused(21, grant_op(&request)),
+        LedgerError::NoConsent(_)
+    ));
+
+    // The patient consents to care by hospital B; the grant goes through.
+    let c = consent(&mut net, Purpose::Care, Recipient::Org("hospital-b".into()));
+    let grant = net.ok(21, grant_op(&request)).unwrap();
+    assert!(matches!(
+        net.refused(21, grant_op(&request)),
+        LedgerError::Conflict(_)
+    ));
+    assert!(net.ledger.may_retrieve(&grant, "hospital-b").is_ok());
+    assert!(net.ledger.may_retrieve(&grant, "research").is_err());
+
+    // A's node records the retrieval, countersigned by B's node; not by a stranger.
+    assert!(retrieval(&mut net, &grant, 12).is_ok());
+    let wrong = retrieval(&mut net, &grant, 13);
+    assert!(
+        matches!(wrong.error, Some(LedgerError::Unauthorized(_))),
+        "{wrong:?}"
+    );
+    let (grants, audit) = net.ledger.patient_view(PATIENT);
+    assert_eq!(grants.len(), 1);
+    assert_eq!(audit.len(), 1);
+    assert_eq!(audit[0].receiver_org, "hospital-b");
+
+    // The patient withdraws consent: the grant no longer lets B retrieve.
+    net.ok(25, Op::RevokeConsent { consent: c });
+    assert!(matches!(
+        net.ledger.may_retrieve(&grant, "hospital-b"),
+        Err(LedgerError::NoConsent(_))
+    ));
+}
+
+#[test]
+fn revocation_binds_from_its_block_and_expiry_from_its_time() {
+    let mut net = Net::new();
+    let original = Digest::of(b"s");
+    register(&mut net, original, None);
+    consent(
+        &mut net,
+        Purpose::Care,
+        Recipient::Class(OrgClass::Hospital),
+    );
+    let request = net
+        .ok(
+            22,
+            Op::RequestAccess {
+                target: Target::Study(original),
+                purpose: Purpose::Care,
+                break_glass: false,
+            },
+        )
+        .unwrap();
+    let expires = net.time + 10_000;
+    let grant = net
+        .ok(
+            21,
+            Op::GrantAccess {
+                request: request.clone(),
+                study: original,
+                envelope: "k".into(),
+                expires_ms: Some(expires),
+                delegable: true,
+            },
+        )
+        .unwrap();
+    assert!(net.ledger.may_retrieve(&grant, "hospital-b").is_ok());
+    // Time passes beyond expiry (blocks carry time): refused.
+    net.time = expires;
+    net.ok(
+        22,
+        Op::RequestAccess {
+            target: Target::Study(original),
+            purpose: Purpose::Care,
+            break_glass: false,
+        },
+    );
+    assert!(net.ledger.may_retrieve(&grant, "hospital-b").is_err());
+
+    // A fresh grant, revoked by the owner: refused from that block on.
+    let request2 = net
+        .ok(
+            22,
+            Op::RequestAccess {
+                target: Target::Study(original),
+                purpose: Purpose::Care,
+                break_glass: false,
+            },
+        )
+        .unwrap();
+    let grant2 = net
+        .ok(
+            21,
+            Op::GrantAccess {
+                request: request2,
+                study: original,
+                envelope: "k".into(),
+                expires_ms: None,
+                delegable: false,
+            },
+        )
+        .unwrap();
+    assert!(net.ledger.may_retrieve(&grant2, "hospital-b").is_ok());
+    // A stranger (the research org's admin) cannot revoke it; the owner can.
+    assert!(matches!(
+        net.refused(
+            3,
+            Op::RevokeAccess {
+                grant: grant2.clone()
+            }
+        ),
+        LedgerError::Unauthorized(_)
+    ));
+    net.ok(
+        21,
+        Op::RevokeAccess {
+            grant: grant2.clone(),
+        },
+    );
+    assert!(net.ledger.may_retrieve(&grant2, "hospital-b").is_err());
+    // Delegation is refused for a grant that does not allow it.
+    assert!(
+        net.refused(
+            22,
+            Op::Delegate {
+                grant: grant2,
+                to_org: "hospital-a".into(),
+                envelope: "k".into()
+            }
+        )
+        .to_string()
+        .contains("revoked")
+    );
+}
+
+#[test]
+fn research_sees_derivatives_only_and_datasets_need_endorsements() {
+    let mut net = Net::new();
+    let original = Digest::of(b"o");
+    let derivative = Digest::of(b"d");
+    register(&mut net, original, None);
+    register(&mut net, derivative, Some(original));
+    consent(
+        &mut net,
+        Purpose::Research,
+        Recipient::Class(OrgClass::Research),
+    );
+    // A clinician cannot ask for research, a researcher cannot ask for care.
+    assert!(matches!(
+        net.refused(
+            22,
+            Op::RequestAccess {
+                target: Target::Study(derivative),
+                purpose: Purpose::Research,
+                break_glass: false
+            }
+        ),
+        LedgerError::Unauthorized(_)
+    ));
+    let req = |s| Op::RequestAccess {
+        target: Target::Study(s),
+        purpose: Purpose::Research,
+        break_glass: false,
+    };
+    let r_orig = net.ok(23, req(original)).unwrap();
+    let r_der = net.ok(23, req(derivative)).unwrap();
+    let grant = |r: &str, s| Op::GrantAccess {
+        request: r.into(),
+        study: s,
+        envelope: "k".into(),
+        expires_ms: None,
+        delegable: false,
+    };
+    assert!(
+        net.refused(21, grant(&r_orig, original))
+            .to_string()
+            .contains("derivatives only")
+    );
+    net.ok(21, grant(&r_der, derivative));
+    // Break glass is for care only.
+    assert!(matches!(
+        net.refused(
+            23,
+            Op::RequestAccess {
+                target: Target::Study(derivative),
+                purpose: Purpose::Research,
+                break_glass: true
+            }
+        ),
+        LedgerError::Invalid(_)
+    ));
+
+    let publish = |version| Op::PublishDataset {
+        name: "lung-screening".into(),
+        version,
+        manifest: Digest::of(b"dataset manifest"),
+        studies: vec![derivative],
+    };
+    // Without endorsements, with the ethics board only, then with the data owner too.
+    assert!(
+        net.refused(23, publish(1))
+            .to_string()
+            .contains("ethics board")
+    );
+    let tx = net.tx(23, publish(1)).endorse(&key(24));
+    assert!(
+        net.submit(tx)
+            .error
+            .unwrap()
+            .to_string()
+            .contains("data owner hospital-a")
+    );
+    let tx = net.tx(23, publish(1)).endorse(&key(24)).endorse(&key(1));
+    assert!(net.submit(tx).is_ok());
+    assert_eq!(net.ledger.datasets().len(), 1);
+    // Versions go 1, 2, ...
+    let tx = net.tx(23, publish(3)).endorse(&key(24)).endorse(&key(1));
+    assert!(matches!(
+        net.submit(tx).error,
+        Some(LedgerError::Conflict(_))
+    ));
+    // A forged endorsement (signature of something else) fails the whole transaction.
+    let mut tx = net.tx(23, publish(2)).endorse(&key(24)).endorse(&key(1));
+    tx.endorsements[1].signature = key(1).sign(b"something else");
+    assert!(matches!(
+        net.submit(tx).error,
+        Some(LedgerError::BadSignature(_))
+    ));
+}
+
+#[test]
+fn break_glass_is_granted_without_consent_and_flagged() {
+    let mut net = Net::new();
+    let original = Digest::of(b"emergency");
+    register(&mut net, original, None);
+    let r = net
+        .ok(
+            22,
+            Op::RequestAccess {
+                target: Target::Study(original),
+                purpose: Purpose::Care,
+                break_glass: true,
+            },
+        )
+        .unwrap();
+    let g = net
+        .ok(
+            21,
+            Op::GrantAccess {
+                request: r,
+                study: original,
+                envelope: "k".into(),
+                expires_ms: None,
+                delegable: false,
+            },
+        )
+        .unwrap();
+    assert!(net.ledger.may_retrieve(&g, "hospital-b").is_ok());
+    assert!(retrieval(&mut net, &g, 12).is_ok());
+    assert!(
+        net.ledger.audit()[0].break_glass,
+        "break-glass retrievals are flagged"
+    );
+}
+
+#[test]
+fn forged_replayed_and_unauthorised_transactions_are_refused() {
+    let mut net = Net::new();
+    let root = Digest::of(b"x");
+    let op = Op::RegisterStudy {
+        root,
+        patient: PATIENT.into(),
+        modality: "CT".into(),
+        instances: 1,
+        bytes: 1,
+        derived_from: None,
+        deid: None,
+    };
+    // A tampered body.
+    let mut tx = net.tx(21, op.clone());
+    if let Op::RegisterStudy { instances, .. } = &mut tx.body.op {
+        *instances = 2;
+    }
+    assert!(matches!(
+        net.submit(tx).error,
+        Some(LedgerError::BadSignature(_))
+    ));
+    // Another chain.
+    let tx = Tx::sign("other-chain", &key(21), 2, op.clone());
+    assert!(matches!(
+        net.submit(tx).error,
+        Some(LedgerError::Invalid(_))
+    ));
+    // A non-member.
+    let tx = Tx::sign(CHAIN, &key(99), 1, op.clone());
+    assert!(matches!(
+        net.submit(tx).error,
+        Some(LedgerError::Unauthorized(_))
+    ));
+    // Refused before their nonce was checked, none of these spent one. A good one, then its
+    // replay, then a nonce from the future.
+    let tx = Tx::sign(CHAIN, &key(21), 1, op.clone());
+    net.nonces.insert(key(21).verifying_key().0, 1);
+    assert!(net.submit(tx.clone()).is_ok());
+    assert!(matches!(net.submit(tx).error, Some(LedgerError::Nonce(_))));
+    let tx = Tx::sign(CHAIN, &key(21), 9, op.clone());
+    assert!(matches!(net.submit(tx).error, Some(LedgerError::Nonce(_))));
+    // A refused operation spends its nonce: it cannot be replayed into success later.
+    let early = net.tx(
+        22,
+        Op::RequestAccess {
+            target: Target::Study(Digest::of(b"later")),
+            purpose: Purpose::Care,
+            break_glass: false,
+        },
+    );
+    assert!(matches!(
+        net.submit(early.clone()).error,
+        Some(LedgerError::NotFound(_))
+    ));
+    let later_root = Digest::of(b"later");
+    net.ok(
+        21,
+        Op::RegisterStudy {
+            root: later_root,
+            patient: PATIENT.into(),
+            modality: "CT".into(),
+            instances: 1,
+            bytes: 1,
+            derived_from: None,
+            deid: None,
+        },
+    );
+    assert!(matches!(
+        net.submit(early).error,
+        Some(LedgerError::Nonce(_))
+    ));
+
+    // No patient identifier gets in: anything but a pseudonym is refused.
+    for bad in ["DOE^JOHN", "123456", "19700101", "MLabcdefghijklmnop"] {
+        let e = net.refused(
+            21,
+            Op::RegisterStudy {
+                root: Digest::of(bad.as_bytes()),
+                patient: bad.into(),
+                modality: "CT".into(),
+                instances: 1,
+                bytes: 1,
+                derived_from: None,
+                deid: None,
+            },
+        );
+        assert!(e.to_string().contains("pseudonym"), "{e}");
+    }
+    // Roles: a researcher cannot register studies; a clinician cannot add members; the
+    // patient cannot consent for another patient; a hospital cannot issue patient identities.
+    assert!(matches!(
+        net.refused(
+            23,
+            Op::RegisterStudy {
+                root: Digest::of(b"r"),
+                patient: PATIENT.into(),
+                modality: "CT".into(),
+                instances: 1,
+                bytes: 1,
+                derived_from: None,
+                deid: None
+            }
+        ),
+        LedgerError::Unauthorized(_)
+    ));
+    assert!(matches!(
+        net.refused(
+            21,
+            Op::AddMember {
+                key: key(77).verifying_key(),
+                roles: vec![Role::Clinician],
+                patient: None
+            }
+        ),
+        LedgerError::Unauthorized(_)
+    ));
+    assert!(matches!(
+        net.refused(
+            25,
+            Op::GrantConsent {
+                patient: OTHER_PATIENT.into(),
+                purpose: Purpose::Care,
+                recipient: Recipient::AnyMember,
+                expires_ms: None
+            }
+        ),
+        LedgerError::Unauthorized(_)
+    ));
+    assert!(matches!(
+        net.refused(
+            1,
+            Op::AddMember {
+                key: key(78).verifying_key(),
+                roles: vec![Role::Patient],
+                patient: Some(OTHER_PATIENT.into())
+            }
+        ),
+        LedgerError::Unauthorized(_)
+    ));
+    // Someone else's study cannot be granted; a study is registered once.
+    assert!(matches!(
+        net.refused(
+            21,
+            Op::RegisterStudy {
+                root,
+                patient: PATIENT.into(),
+                modality: "CT".into(),
+                instances: 1,
+                bytes: 1,
+                derived_from: None,
+                deid: None
+            }
+        ),
+        LedgerError::Conflict(_)
+    ));
+}
+
+#[test]
+fn governance_admits_and_removes_organisations_by_majority() {
+    let mut net = Net::new();
+    let change = OrgChange::Add {
+        org: "hospital-c".into(),
+        class: OrgClass::Hospital,
+        admin: key(5).verifying_key(),
+        node: key(15).verifying_key(),
+    };
+    let p = net.ok(1, Op::Propose { change }).unwrap();
+    assert!(net.ledger.org("hospital-c").is_none());
+    assert!(matches!(
+        net.refused(
+            1,
+            Op::Approve {
+                proposal: p.clone()
+            }
+        ),
+        LedgerError::Conflict(_)
+    ));
+    assert!(matches!(
+        net.refused(
+            21,
+            Op::Approve {
+                proposal: p.clone()
+            }
+        ),
+        LedgerError::Unauthorized(_)
+    ));
+    net.ok(
+        2,
+        Op::Approve {
+            proposal: p.clone(),
+        },
+    );
+    assert!(
+        net.ledger.org("hospital-c").is_none(),
+        "2 of 4 is not a majority"
+    );
+    net.ok(
+        3,
+        Op::Approve {
+            proposal: p.clone(),
+        },
+    );
+    assert!(net.ledger.org("hospital-c").is_some_and(|o| o.active));
+    // The new organisation's admin can act at once.
+    net.ok(
+        5,
+        Op::AddMember {
+            key: key(31).verifying_key(),
+            roles: vec![Role::Clinician],
+            patient: None,
+        },
+    );
+
+    // Removing hospital-b: 3 of 5 needed; after it, B's members are refused.
+    let p = net
+        .ok(
+            1,
+            Op::Propose {
+                change: OrgChange::Remove {
+                    org: "hospital-b".into(),
+                },
+            },
+        )
+        .unwrap();
+    net.ok(
+        3,
+        Op::Approve {
+            proposal: p.clone(),
+        },
+    );
+    net.ok(4, Op::Approve { proposal: p });
+    assert!(matches!(
+        net.refused(
+            22,
+            Op::RequestAccess {
+                target: Target::Patient(PATIENT.into()),
+                purpose: Purpose::Care,
+                break_glass: false
+            }
+        ),
+        LedgerError::Unauthorized(_)
+    ));
+}
+
+#[test]
+fn same_blocks_same_root_and_proofs_verify() {
+    let build = || {
+        let mut net = Net::new();
+        register(&mut net, Digest::of(b"a"), None);
+        consent(&mut net, Purpose::Care, Recipient::AnyMember);
+        net
+    };
+    let (a, b) = (build(), build());
+    assert_eq!(a.ledger.root(), b.ledger.root());
+    let root = a.ledger.root();
+    let key = format!("study/{}", Digest::of(b"a"));
+    let proof = a.ledger.state().prove(&key).unwrap();
+    assert!(proof.verify(&root));
+    let mut forged = proof.clone();
+    forged.value = forged.value.replace("hospital-a", "hospital-b");
+    assert!(!forged.verify(&root));
+    assert!(a.ledger.state().prove("study/none").is_none());
+}

@@ -37,6 +37,9 @@ pub enum StoreCommand {
     /// Revoke: seal a study again under new keys for the given recipients only, and delete
     /// its old objects (those another study shares stay). The root does not change.
     Rekey(RekeyArgs),
+    /// Delete objects no study refers to, and temporary files of interrupted writers. Run it
+    /// only while no `put` is writing to the store.
+    Gc(LsArgs),
     /// List the studies in a store.
     Ls(LsArgs),
     /// Create a store key pair: FILE (secret, mode 0600) and FILE.pub.
@@ -147,6 +150,7 @@ pub fn run(cmd: StoreCommand) -> Result<ExitCode> {
         StoreCommand::Verify(a) => verify(a),
         StoreCommand::Share(a) => share(a).map(|()| ExitCode::SUCCESS),
         StoreCommand::Rekey(a) => rekey(a).map(|()| ExitCode::SUCCESS),
+        StoreCommand::Gc(a) => gc(a).map(|()| ExitCode::SUCCESS),
         StoreCommand::Ls(a) => ls(a).map(|()| ExitCode::SUCCESS),
         StoreCommand::Keygen { file } => {
             let key = generate_key(&file)?;
@@ -728,6 +732,22 @@ fn rekey(args: RekeyArgs) -> Result<()> {
         recipients.len() + 1,
         out.objects_deleted,
         out.objects_kept_shared
+    );
+    Ok(())
+}
+
+fn gc(args: LsArgs) -> Result<()> {
+    let store = existing_store(&args.location)?;
+    let out = store.gc()?;
+    let tmp = if args.location.store.starts_with("s3://") {
+        0
+    } else {
+        medledger_store::FsBackend::open_existing(&args.location.store)?.clean_tmp()?
+    };
+    println!(
+        "deleted {} unreferenced objects ({:.1} MB) and {tmp} temporary files",
+        out.objects_deleted,
+        out.bytes_freed as f64 / 1e6
     );
     Ok(())
 }

@@ -458,4 +458,25 @@ fn sigkill_during_put_loses_nothing_acknowledged() {
             .unwrap()
             .is_clean()
     );
+    // What the killed runs left behind is reclaimed, and nothing any study needs.
+    let gc = medledger(tmp.path())
+        .args(["store", "gc", "--store"])
+        .arg(&store_dir)
+        .output()
+        .unwrap();
+    assert!(gc.status.success(), "{}", text(&gc));
+    let report = store.verify(Some(&key), true, &|_, _| {}).unwrap();
+    assert!(
+        report.is_clean() && report.unreferenced.is_empty(),
+        "{report:#?}"
+    );
+    assert!(
+        std::fs::read_dir(store_dir.join("tmp"))
+            .unwrap()
+            .next()
+            .is_none()
+    );
+    for root in &all_roots {
+        assert!(store.get_study(root, &key, &|_, _, _| Ok(())).is_ok());
+    }
 }

@@ -17,7 +17,7 @@ pub use manifest::{
     InstanceEntry, InstanceProof, ObjectRef, SeriesEntry, SeriesProof, StudyManifest,
 };
 pub use store::{
-    GetOutcome, InstanceSink, Problem, PutOptions, PutOutcome, REF_FORMAT, RekeyOutcome, Scanned,
-    Skipped, Source, Store, StoreError, StudyPlan, StudyRef, VerifyReport, plan, scan, scan_all,
-    scan_memory,
+    GcOutcome, GetOutcome, InstanceSink, Problem, PutOptions, PutOutcome, REF_FORMAT, RekeyOutcome,
+    Scanned, Skipped, Source, Store, StoreError, StudyPlan, StudyRef, VerifyReport, plan, scan,
+    scan_all, scan_memory,
 };

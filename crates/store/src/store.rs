@@ -335,6 +335,13 @@ pub struct GetOutcome {
     pub file_bytes: u64,
 }
 
+/// What garbage collection did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GcOutcome {
+    pub objects_deleted: u64,
+    pub bytes_freed: u64,
+}
+
 /// What re-keying a study did.
 #[derive(Debug, Clone, Serialize)]
 pub struct RekeyOutcome {
@@ -812,6 +819,31 @@ impl Store {
             objects_deleted: deleted,
             objects_kept_shared: kept_shared,
         })
+    }
+
+    /// Deletes objects no study refers to (left by interrupted puts or by re-keying while
+    /// another study still used them). Only safe while no put is running on this store: a
+    /// running put's objects are unreferenced until its record is written.
+    pub fn gc(&self) -> Result<GcOutcome, StoreError> {
+        let mut used: HashSet<Digest> = HashSet::new();
+        for root in self.studies()? {
+            let r = self.study_ref(&root)?;
+            used.extend(r.objects);
+            used.insert(r.manifest);
+        }
+        let mut out = GcOutcome::default();
+        for (key, len) in self.backend.list("objects/")? {
+            let referenced = key
+                .strip_prefix("objects/")
+                .and_then(|h| Digest::from_hex(h).ok())
+                .is_some_and(|d| used.contains(&d));
+            if !referenced {
+                self.backend.delete(&key)?;
+                out.objects_deleted += 1;
+                out.bytes_freed += len;
+            }
+        }
+        Ok(out)
     }
 
     /// Walks the whole store: every object against its address, every study's objects

@@ -1,0 +1,396 @@
+//! The application side of consensus: proposes blocks from the mempool, verifies proposed
+//! blocks, ships block bytes to the other nodes, and applies finalised blocks to the ledger.
+
+use std::collections::{BTreeMap, HashMap};
+use std::marker::PhantomData;
+use std::sync::{Arc, Mutex};
+
+use commonware_actor::Feedback;
+use commonware_consensus::simplex::Plan;
+use commonware_consensus::simplex::types::{Activity, Context};
+use commonware_consensus::{Automaton, CertifiableAutomaton, Relay, Reporter};
+use commonware_cryptography::certificate::Scheme;
+use commonware_cryptography::ed25519::PublicKey;
+use commonware_cryptography::sha256::Digest;
+use commonware_p2p::Recipients;
+use commonware_runtime::{Clock, Handle, IoBuf, Spawner};
+use commonware_utils::channel::{mpsc, oneshot};
+use medledger_ledger::{Ledger, Receipt, Tx};
+
+use crate::block::{Block, digest_of, genesis_digest, hex};
+
+/// Most transactions in one block.
+pub const MAX_BLOCK_TXS: usize = 2_000;
+
+enum Message {
+    Propose {
+        context: Context<Digest, PublicKey>,
+        response: oneshot::Sender<Digest>,
+    },
+    Verify {
+        context: Context<Digest, PublicKey>,
+        payload: Digest,
+        response: oneshot::Sender<bool>,
+    },
+    Broadcast {
+        payload: Digest,
+    },
+    Finalized {
+        payload: Digest,
+    },
+    Received {
+        bytes: Vec<u8>,
+    },
+    Submit {
+        tx: Tx,
+    },
+}
+
+/// What a node has finalised: block digests by height, the ledger's root after each, and
+/// the receipts. Shared with whoever started the node (tests, the API).
+#[derive(Debug, Default)]
+pub struct Finalized {
+    pub blocks: BTreeMap<u64, (String, String)>,
+    pub receipts: Vec<Receipt>,
+}
+
+/// The handle consensus and clients talk to.
+pub struct Mailbox<S> {
+    sender: mpsc::UnboundedSender<Message>,
+    _scheme: PhantomData<fn() -> S>,
+}
+
+impl<S> Clone for Mailbox<S> {
+    fn clone(&self) -> Self {
+        Mailbox {
+            sender: self.sender.clone(),
+            _scheme: PhantomData,
+        }
+    }
+}
+
+impl<S> std::fmt::Debug for Mailbox<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Mailbox")
+    }
+}
+
+impl<S> Mailbox<S> {
+    /// Adds a transaction to this node's mempool.
+    pub fn submit(&self, tx: Tx) {
+        let _ = self.sender.send(Message::Submit { tx });
+    }
+}
+
+impl<S: Scheme + 'static> Automaton for Mailbox<S> {
+    type Context = Context<Digest, PublicKey>;
+    type Digest = Digest;
+
+    async fn propose(&mut self, context: Self::Context) -> oneshot::Receiver<Digest> {
+        let (response, rx) = oneshot::channel();
+        let _ = self.sender.send(Message::Propose { context, response });
+        rx
+    }
+
+    async fn verify(&mut self, context: Self::Context, payload: Digest) -> oneshot::Receiver<bool> {
+        let (response, rx) = oneshot::channel();
+        let _ = self.sender.send(Message::Verify {
+            context,
+            payload,
+            response,
+        });
+        rx
+    }
+}
+
+impl<S: Scheme + 'static> CertifiableAutomaton for Mailbox<S> {}
+
+impl<S: Scheme + 'static> Relay for Mailbox<S> {
+    type Digest = Digest;
+    type PublicKey = PublicKey;
+    type Plan = Plan<PublicKey>;
+
+    fn broadcast(&mut self, payload: Digest, _plan: Plan<PublicKey>) -> Feedback {
+        match self.sender.send(Message::Broadcast { payload }) {
+            Ok(()) => Feedback::Ok,
+            Err(_) => Feedback::Closed,
+        }
+    }
+}
+
+impl<S: Scheme + 'static> Reporter for Mailbox<S> {
+    type Activity = Activity<S, Digest>;
+
+    fn report(&mut self, activity: Self::Activity) -> Feedback {
+        if let Activity::Finalization(f) = activity {
+            let payload = f.proposal.payload;
+            if self.sender.send(Message::Finalized { payload }).is_err() {
+                return Feedback::Closed;
+            }
+        }
+        Feedback::Ok
+    }
+}
+
+/// A verification waiting for its block's bytes.
+type PendingVerify = (Context<Digest, PublicKey>, oneshot::Sender<bool>);
+
+/// The application actor of one node.
+#[allow(missing_debug_implementations)]
+pub struct Application<E> {
+    context: E,
+    receiver: mpsc::UnboundedReceiver<Message>,
+    chain: String,
+    ledger: Ledger,
+    genesis: Digest,
+    blocks: HashMap<Digest, Block>,
+    waiting: HashMap<Digest, Vec<PendingVerify>>,
+    mempool: Vec<Tx>,
+    applied: Digest,
+    applied_height: u64,
+    finalized: Arc<Mutex<Finalized>>,
+}
+
+impl<E: Spawner + Clock> Application<E> {
+    pub fn new<S>(context: E, ledger: Ledger) -> (Self, Mailbox<S>, Arc<Mutex<Finalized>>) {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let chain = ledger.chain().to_string();
+        let genesis = genesis_digest(&chain);
+        let finalized = Arc::new(Mutex::new(Finalized::default()));
+        let app = Application {
+            context,
+            receiver,
+            chain,
+            ledger,
+            genesis,
+            blocks: HashMap::new(),
+            waiting: HashMap::new(),
+            mempool: Vec::new(),
+            applied: genesis,
+            applied_height: 0,
+            finalized: finalized.clone(),
+        };
+        let mailbox = Mailbox {
+            sender,
+            _scheme: PhantomData,
+        };
+        (app, mailbox, finalized)
+    }
+
+    /// The digest consensus starts from (the `Floor::Genesis` of the engine).
+    pub fn genesis(&self) -> Digest {
+        self.genesis
+    }
+
+    /// Runs the actor; `blocks` is the p2p channel that carries block bytes between nodes.
+    pub fn start<Snd, Rcv>(mut self, blocks: (Snd, Rcv)) -> Handle<()>
+    where
+        Snd: commonware_p2p::Sender<PublicKey = PublicKey>,
+        Rcv: commonware_p2p::Receiver<PublicKey = PublicKey>,
+    {
+        let (mut block_sender, mut block_receiver) = blocks;
+        // Incoming block bytes join the actor's queue.
+        let inbox = {
+            let (tx, rx) = mpsc::unbounded_channel::<Message>();
+            let fwd = tx.clone();
+            self.context
+                .child("block_receiver")
+                .spawn(move |_| async move {
+                    while let Ok((_, bytes)) = block_receiver.recv().await {
+                        let b: &[u8] = bytes.as_ref();
+                        if fwd.send(Message::Received { bytes: b.to_vec() }).is_err() {
+                            break;
+                        }
+                    }
+                });
+            (tx, rx)
+        };
+        let (_keep, mut received) = inbox;
+        self.context
+            .child("application")
+            .spawn(move |_| async move {
+                loop {
+                    let msg = tokio_select(&mut self.receiver, &mut received).await;
+                    let Some(msg) = msg else { break };
+                    self.handle(msg, &mut block_sender);
+                }
+            })
+    }
+
+    fn handle<Snd: commonware_p2p::Sender<PublicKey = PublicKey>>(
+        &mut self,
+        msg: Message,
+        sender: &mut Snd,
+    ) {
+        match msg {
+            Message::Submit { tx } => {
+                // Forged or foreign transactions never enter the mempool, nor duplicates.
+                let signed = tx
+                    .body
+                    .signer
+                    .verify(&tx.body.signing_bytes(), &tx.signature);
+                let id = tx.id();
+                if signed
+                    && tx.body.chain == self.chain
+                    && !self.mempool.iter().any(|t| t.id() == id)
+                {
+                    self.mempool.push(tx);
+                }
+            }
+            Message::Propose { context, response } => {
+                let parent = context.parent.1;
+                let Some(parent_height) = self.height_of(&parent) else {
+                    // The parent's bytes have not arrived: no proposal this view.
+                    return;
+                };
+                // Leave out what the unapplied ancestors of this proposal already carry.
+                let mut pending = std::collections::HashSet::new();
+                let mut cursor = parent;
+                while cursor != self.applied {
+                    let Some(b) = self.blocks.get(&cursor) else {
+                        break;
+                    };
+                    pending.extend(b.txs.iter().map(Tx::id));
+                    match b.parent_digest() {
+                        Some(p) if b.height > self.applied_height => cursor = p,
+                        _ => break,
+                    }
+                }
+                let txs: Vec<Tx> = self
+                    .mempool
+                    .iter()
+                    .filter(|t| !pending.contains(&t.id()))
+                    .take(MAX_BLOCK_TXS)
+                    .cloned()
+                    .collect();
+                let time_ms = self
+                    .context
+                    .current()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or(0);
+                let block = Block {
+                    height: parent_height + 1,
+                    parent: hex(&parent),
+                    time_ms,
+                    txs,
+                };
+                let digest = block.digest();
+                self.blocks.insert(digest, block);
+                let _ = response.send(digest);
+            }
+            Message::Broadcast { payload } => {
+                if let Some(b) = self.blocks.get(&payload) {
+                    let _ = sender.send(Recipients::All, IoBuf::from(b.encode()), false);
+                }
+            }
+            Message::Verify {
+                context,
+                payload,
+                response,
+            } => {
+                if self.blocks.contains_key(&payload) {
+                    let ok = self.valid(&context, &payload);
+                    let _ = response.send(ok);
+                } else {
+                    // Keep the request pending until the bytes arrive.
+                    self.waiting
+                        .entry(payload)
+                        .or_default()
+                        .push((context, response));
+                }
+            }
+            Message::Received { bytes } => {
+                let digest = digest_of(&bytes);
+                let Some(block) = Block::decode(&bytes) else {
+                    return; // not a block: ignored (a faulty peer)
+                };
+                self.blocks.entry(digest).or_insert(block);
+                if let Some(waiters) = self.waiting.remove(&digest) {
+                    for (context, response) in waiters {
+                        let ok = self.valid(&context, &digest);
+                        let _ = response.send(ok);
+                    }
+                }
+            }
+            Message::Finalized { payload } => self.finalize(payload),
+        }
+    }
+
+    fn height_of(&self, digest: &Digest) -> Option<u64> {
+        if *digest == self.genesis {
+            return Some(0);
+        }
+        self.blocks.get(digest).map(|b| b.height)
+    }
+
+    /// A block is valid for a context if it extends the context's parent by one height and
+    /// every transaction in it parses (validity of each transaction is the ledger's, decided
+    /// deterministically when the block is applied).
+    fn valid(&self, context: &Context<Digest, PublicKey>, payload: &Digest) -> bool {
+        let Some(block) = self.blocks.get(payload) else {
+            return false;
+        };
+        let parent = context.parent.1;
+        block.parent_digest() == Some(parent)
+            && self
+                .height_of(&parent)
+                .is_some_and(|h| block.height == h + 1)
+            && block.txs.len() <= MAX_BLOCK_TXS
+            && block.txs.iter().all(|t| t.body.chain == self.chain)
+    }
+
+    /// Applies a finalised block and every unapplied ancestor, in height order.
+    fn finalize(&mut self, payload: Digest) {
+        let mut chain = Vec::new();
+        let mut cursor = payload;
+        while cursor != self.applied {
+            let Some(block) = self.blocks.get(&cursor) else {
+                // Missing ancestor bytes: wait for a later finalisation (fetching missing
+                // blocks from peers is the marshal's job, not yet wired).
+                return;
+            };
+            if block.height <= self.applied_height {
+                return; // already applied (a repeated report)
+            }
+            chain.push(cursor);
+            match block.parent_digest() {
+                Some(p) => cursor = p,
+                None => return,
+            }
+        }
+        for d in chain.into_iter().rev() {
+            let block = self.blocks.get(&d).expect("walked above").clone();
+            let receipts = self.ledger.apply_block(block.time_ms, &block.txs);
+            let applied: std::collections::HashSet<_> = block.txs.iter().map(|t| t.id()).collect();
+            self.mempool.retain(|t| !applied.contains(&t.id()));
+            self.applied = d;
+            self.applied_height = block.height;
+            let mut f = self.finalized.lock().expect("not poisoned");
+            f.blocks
+                .insert(block.height, (hex(&d), self.ledger.root().to_hex()));
+            f.receipts.extend(receipts);
+        }
+    }
+}
+
+/// Waits for the next message from consensus or from the network.
+async fn tokio_select(
+    a: &mut mpsc::UnboundedReceiver<Message>,
+    b: &mut mpsc::UnboundedReceiver<Message>,
+) -> Option<Message> {
+    use std::future::poll_fn;
+    use std::task::Poll;
+    poll_fn(|cx| {
+        match a.poll_recv(cx) {
+            Poll::Ready(Some(m)) => return Poll::Ready(Some(m)),
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Pending => {}
+        }
+        match b.poll_recv(cx) {
+            Poll::Ready(Some(m)) => Poll::Ready(Some(m)),
+            Poll::Ready(None) | Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
+}

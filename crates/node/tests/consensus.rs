@@ -1,0 +1,245 @@
+//! Four organisations' nodes order ledger transactions with simplex BFT in commonware's
+//! deterministic runtime over its simulated network: every node finalises the same blocks at
+//! every height and reaches the same state root; with one node cut off, the other three go on;
+//! the same seed gives the same run.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use commonware_consensus::simplex::Engine;
+use commonware_consensus::simplex::config::{Config, Floor, ForwardPolicy, SkipBudget, SkipPolicy};
+use commonware_consensus::simplex::elector::RoundRobin;
+use commonware_consensus::simplex::scheme::ed25519::Scheme;
+use commonware_consensus::types::{Epoch, ViewDelta};
+use commonware_cryptography::ed25519::{PrivateKey, PublicKey};
+use commonware_cryptography::{Sha256, Signer as _};
+use commonware_p2p::simulated::{Config as NetConfig, Link, Network};
+use commonware_parallel::Sequential;
+use commonware_runtime::buffer::paged::CacheRef;
+use commonware_runtime::{Clock as _, Quota, Runner as _, Supervisor as _, deterministic};
+use commonware_utils::ordered::Set;
+use commonware_utils::{NZDuration, NZU16, NZU32, NZUsize, probability};
+use medledger_crypto::{Digest, SigningKey};
+use medledger_ledger::{Genesis, GenesisOrg, Ledger, Op, OrgClass, Tx};
+use medledger_node::{Application, Finalized};
+
+const CHAIN: &str = "medledger-sim";
+const NAMESPACE: &[u8] = b"medledger-sim-consensus";
+const QUOTA: Quota = Quota::per_second(NZU32!(100_000));
+
+fn admin(i: u8) -> SigningKey {
+    SigningKey::from_seed([100 + i; 32])
+}
+
+fn genesis() -> Genesis {
+    Genesis {
+        chain: CHAIN.into(),
+        orgs: (0..4u8)
+            .map(|i| GenesisOrg {
+                id: format!("org-{i}"),
+                class: OrgClass::Hospital,
+                admin: admin(i).verifying_key(),
+                node: SigningKey::from_seed([200 + i; 32]).verifying_key(),
+            })
+            .collect(),
+    }
+}
+
+/// Transactions from the four admins: each adds clinicians, numbered 1..=per_admin.
+fn workload(per_admin: u64) -> Vec<Tx> {
+    let mut txs = Vec::new();
+    for n in 1..=per_admin {
+        for i in 0..4u8 {
+            let member = SigningKey::from_seed(
+                [i, (n % 250) as u8, (n / 250) as u8, 7]
+                    .repeat(8)
+                    .try_into()
+                    .unwrap(),
+            );
+            txs.push(Tx::sign(
+                CHAIN,
+                &admin(i),
+                n,
+                Op::AddMember {
+                    key: member.verifying_key(),
+                    roles: vec![medledger_ledger::Role::Clinician],
+                    patient: None,
+                },
+            ));
+        }
+    }
+    txs
+}
+
+/// Runs four nodes; `isolate` cuts one node off from the start. Returns what each node finalised.
+fn run(seed: u64, txs: Vec<Tx>, isolate: Option<usize>) -> Vec<Finalized> {
+    let cfg = deterministic::Config::new()
+        .with_seed(seed)
+        .with_timeout(Some(Duration::from_secs(600)));
+    let runner = deterministic::Runner::new(cfg);
+    runner.start(|context| async move {
+        let keys: Vec<PrivateKey> = (0..4).map(PrivateKey::from_seed).collect();
+        let pks: Vec<PublicKey> = keys.iter().map(|k| k.public_key()).collect();
+        let set: Set<PublicKey> = Set::try_from(pks.clone()).expect("distinct keys");
+        let (network, oracle) = Network::new_with_peers(
+            context.child("network"),
+            NetConfig {
+                max_size: 8 << 20,
+                max_peers_per_set: NZUsize!(4),
+                disconnect_on_block: true,
+                tracked_peer_sets: NZUsize!(1),
+            },
+            pks.clone(),
+        )
+        .await;
+        network.start();
+        let link = Link {
+            latency: Duration::from_millis(20),
+            jitter: Duration::from_millis(5),
+            success_rate: probability!(1.0),
+        };
+        for (i, a) in pks.iter().enumerate() {
+            for (j, b) in pks.iter().enumerate() {
+                if i != j && isolate != Some(i) && isolate != Some(j) {
+                    oracle
+                        .add_link(a.clone(), b.clone(), link.clone())
+                        .await
+                        .unwrap();
+                }
+            }
+        }
+        let mut finals: Vec<Arc<Mutex<Finalized>>> = Vec::new();
+        let mut mailboxes = Vec::new();
+        for (i, key) in keys.iter().enumerate() {
+            let control = oracle.control(pks[i].clone());
+            let votes = control.register(0, QUOTA).await.unwrap();
+            let certs = control.register(1, QUOTA).await.unwrap();
+            let resolver = control.register(2, QUOTA).await.unwrap();
+            let blocks = control.register(3, QUOTA).await.unwrap();
+            let ledger = Ledger::genesis(&genesis()).unwrap();
+            let node = context.child("node").with_attribute("index", i);
+            let (app, mailbox, finalized) = Application::new::<Scheme>(node.child("app"), ledger);
+            let floor = Floor::Genesis(app.genesis());
+            app.start(blocks);
+            let scheme =
+                Scheme::signer(NAMESPACE, set.clone(), key.clone()).expect("a participant");
+            let cfg = Config {
+                scheme,
+                elector: RoundRobin::<Sha256>::default(),
+                blocker: control,
+                automaton: mailbox.clone(),
+                relay: mailbox.clone(),
+                reporter: mailbox.clone(),
+                strategy: Sequential,
+                partition: format!("node-{i}"),
+                mailbox_size: NZUsize!(1024),
+                epoch: Epoch::new(0),
+                floor,
+                leader_timeout: Duration::from_secs(1),
+                certification_timeout: Duration::from_secs(2),
+                timeout_retry: Duration::from_secs(10),
+                fetch_timeout: NZDuration!(Duration::from_secs(1)),
+                fetch_retry_delay: Duration::from_millis(100),
+                view_retention: ViewDelta::new(10),
+                skip: SkipPolicy::Enabled {
+                    timeout: Duration::from_secs(12),
+                    budget: SkipBudget::Participants,
+                },
+                replay_buffer: NZUsize!(1024 * 1024),
+                write_buffer: NZUsize!(1024 * 1024),
+                page_cache: CacheRef::new(NZU16!(1024), NZUsize!(10)),
+                forward: ForwardPolicy::Disabled,
+                track_historical_votes: false,
+            };
+            Engine::new(node.child("engine"), cfg).start(votes, certs, resolver);
+            finals.push(finalized);
+            mailboxes.push(mailbox);
+        }
+        // Clients hand every transaction to every node (as they would to any node's API),
+        // some twice, and a forger sends altered copies: those never reach a block.
+        for (n, tx) in txs.iter().enumerate() {
+            for m in &mailboxes {
+                m.submit(tx.clone());
+                if n % 7 == 0 {
+                    m.submit(tx.clone());
+                    let mut forged = tx.clone();
+                    forged.body.nonce += 1000;
+                    m.submit(forged);
+                }
+            }
+        }
+        // Until every connected node has applied every transaction.
+        let expected = txs.len();
+        loop {
+            context.sleep(Duration::from_millis(500)).await;
+            let done = finals
+                .iter()
+                .enumerate()
+                .all(|(i, f)| isolate == Some(i) || f.lock().unwrap().receipts.len() >= expected);
+            if done {
+                break;
+            }
+        }
+        finals
+            .into_iter()
+            .map(|f| std::mem::take(&mut *f.lock().unwrap()))
+            .collect()
+    })
+}
+
+fn assert_agreement(finals: &[Finalized], skip: Option<usize>) {
+    let live: Vec<&Finalized> = finals
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| Some(*i) != skip)
+        .map(|(_, f)| f)
+        .collect();
+    let first = live[0];
+    for f in &live[1..] {
+        for (h, (digest, root)) in &f.blocks {
+            if let Some((d0, r0)) = first.blocks.get(h) {
+                assert_eq!(
+                    d0, digest,
+                    "two nodes finalised different blocks at height {h}"
+                );
+                assert_eq!(
+                    r0, root,
+                    "two nodes disagree on the state root at height {h}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn four_nodes_finalise_the_same_blocks_and_state() {
+    let txs = workload(25);
+    let finals = run(7, txs.clone(), None);
+    assert_agreement(&finals, None);
+    for f in &finals {
+        assert_eq!(f.receipts.len(), txs.len());
+        assert!(
+            f.receipts.iter().all(|r| r.is_ok()),
+            "{:?}",
+            f.receipts.iter().find(|r| !r.is_ok())
+        );
+    }
+    // The same seed gives the same run.
+    let again = run(7, txs, None);
+    assert_eq!(finals[0].blocks, again[0].blocks);
+    let _ = Digest::default();
+}
+
+#[test]
+fn three_of_four_make_progress_when_one_is_cut_off() {
+    let txs = workload(10);
+    let finals = run(11, txs.clone(), Some(3));
+    assert_agreement(&finals, Some(3));
+    for f in &finals[..3] {
+        assert_eq!(f.receipts.len(), txs.len());
+    }
+    assert!(
+        finals[3].receipts.is_empty(),
+        "the isolated node finalised nothing alone"
+    );
+}

@@ -2,8 +2,10 @@
 //! blocks, ships block bytes to the other nodes, and applies finalised blocks to the ledger.
 
 use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, Write};
 use std::marker::PhantomData;
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::{Arc, Mutex, RwLock};
 
 use commonware_actor::Feedback;
 use commonware_consensus::simplex::Plan;
@@ -44,6 +46,11 @@ enum Message {
     Submit {
         tx: Tx,
     },
+    /// A peer asks for a block's bytes.
+    Request {
+        from: PublicKey,
+        digest: Vec<u8>,
+    },
 }
 
 /// What a node has finalised: block digests by height, the ledger's root after each, and
@@ -52,6 +59,9 @@ enum Message {
 pub struct Finalized {
     pub blocks: BTreeMap<u64, (String, String)>,
     pub receipts: Vec<Receipt>,
+    /// Receipts by transaction id (hex), for clients asking about their transaction.
+    pub by_tx: HashMap<String, (u64, Receipt)>,
+    pub mempool: usize,
 }
 
 /// The handle consensus and clients talk to.
@@ -141,8 +151,12 @@ pub struct Application<E> {
     context: E,
     receiver: mpsc::UnboundedReceiver<Message>,
     chain: String,
-    ledger: Ledger,
+    ledger: Arc<RwLock<Ledger>>,
     genesis: Digest,
+    /// Finalised blocks, one JSON line each, flushed before they are applied.
+    log: Option<std::fs::File>,
+    /// A finalisation whose ancestors are still being fetched.
+    pending_final: Option<Digest>,
     blocks: HashMap<Digest, Block>,
     waiting: HashMap<Digest, Vec<PendingVerify>>,
     mempool: Vec<Tx>,
@@ -161,8 +175,10 @@ impl<E: Spawner + Clock> Application<E> {
             context,
             receiver,
             chain,
-            ledger,
+            ledger: Arc::new(RwLock::new(ledger)),
             genesis,
+            log: None,
+            pending_final: None,
             blocks: HashMap::new(),
             waiting: HashMap::new(),
             mempool: Vec::new(),
@@ -177,42 +193,88 @@ impl<E: Spawner + Clock> Application<E> {
         (app, mailbox, finalized)
     }
 
+    /// The ledger this node applies blocks to (read it for queries).
+    pub fn ledger(&self) -> Arc<RwLock<Ledger>> {
+        self.ledger.clone()
+    }
+
+    /// Replays the finalised blocks logged at `path` (a previous run's) into the ledger and
+    /// keeps logging there. A torn last line (a crash mid-write) is dropped and truncated.
+    pub fn recover(&mut self, path: &Path) -> std::io::Result<u64> {
+        let mut good_len = 0u64;
+        let mut replayed = 0;
+        if path.exists() {
+            let f = std::fs::File::open(path)?;
+            for line in std::io::BufReader::new(f).split(b'\n') {
+                let line = line?;
+                let Some(block) = Block::decode(&line) else {
+                    break;
+                };
+                let digest = block.digest();
+                if block.parent_digest() != Some(self.applied)
+                    || block.height != self.applied_height + 1
+                {
+                    break;
+                }
+                self.apply(digest, block);
+                good_len += line.len() as u64 + 1;
+                replayed += 1;
+            }
+        }
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        f.set_len(good_len)?;
+        f.sync_all()?;
+        self.log = Some(f);
+        Ok(replayed)
+    }
+
     /// The digest consensus starts from (the `Floor::Genesis` of the engine).
     pub fn genesis(&self) -> Digest {
         self.genesis
     }
 
-    /// Runs the actor; `blocks` is the p2p channel that carries block bytes between nodes.
-    pub fn start<Snd, Rcv>(mut self, blocks: (Snd, Rcv)) -> Handle<()>
+    /// Runs the actor. `blocks` is the p2p channel that carries block bytes between nodes,
+    /// `requests` the one on which a node asks its peers for blocks it missed.
+    pub fn start<Snd, Rcv>(mut self, blocks: (Snd, Rcv), requests: (Snd, Rcv)) -> Handle<()>
     where
         Snd: commonware_p2p::Sender<PublicKey = PublicKey>,
         Rcv: commonware_p2p::Receiver<PublicKey = PublicKey>,
     {
         let (mut block_sender, mut block_receiver) = blocks;
-        // Incoming block bytes join the actor's queue.
-        let inbox = {
-            let (tx, rx) = mpsc::unbounded_channel::<Message>();
-            let fwd = tx.clone();
-            self.context
-                .child("block_receiver")
-                .spawn(move |_| async move {
-                    while let Ok((_, bytes)) = block_receiver.recv().await {
-                        let b: &[u8] = bytes.as_ref();
-                        if fwd.send(Message::Received { bytes: b.to_vec() }).is_err() {
-                            break;
-                        }
+        let (mut request_sender, mut request_receiver) = requests;
+        let (tx, mut received) = mpsc::unbounded_channel::<Message>();
+        let fwd = tx.clone();
+        self.context
+            .child("block_receiver")
+            .spawn(move |_| async move {
+                while let Ok((_, bytes)) = block_receiver.recv().await {
+                    let b: &[u8] = bytes.as_ref();
+                    if fwd.send(Message::Received { bytes: b.to_vec() }).is_err() {
+                        break;
                     }
-                });
-            (tx, rx)
-        };
-        let (_keep, mut received) = inbox;
+                }
+            });
+        let fwd = tx;
+        self.context
+            .child("request_receiver")
+            .spawn(move |_| async move {
+                while let Ok((from, bytes)) = request_receiver.recv().await {
+                    let digest = AsRef::<[u8]>::as_ref(&bytes).to_vec();
+                    if fwd.send(Message::Request { from, digest }).is_err() {
+                        break;
+                    }
+                }
+            });
         self.context
             .child("application")
             .spawn(move |_| async move {
                 loop {
                     let msg = tokio_select(&mut self.receiver, &mut received).await;
                     let Some(msg) = msg else { break };
-                    self.handle(msg, &mut block_sender);
+                    self.handle(msg, &mut block_sender, &mut request_sender);
                 }
             })
     }
@@ -221,6 +283,7 @@ impl<E: Spawner + Clock> Application<E> {
         &mut self,
         msg: Message,
         sender: &mut Snd,
+        requests: &mut Snd,
     ) {
         match msg {
             Message::Submit { tx } => {
@@ -248,7 +311,13 @@ impl<E: Spawner + Clock> Application<E> {
                 let mut cursor = parent;
                 while cursor != self.applied {
                     let Some(b) = self.blocks.get(&cursor) else {
-                        break;
+                        // Behind: an ancestor is missing. Fetch it; propose nothing this view.
+                        let _ = requests.send(
+                            Recipients::All,
+                            IoBuf::from(cursor.as_ref().to_vec()),
+                            false,
+                        );
+                        return;
                     };
                     pending.extend(b.txs.iter().map(Tx::id));
                     match b.parent_digest() {
@@ -312,8 +381,21 @@ impl<E: Spawner + Clock> Application<E> {
                         let _ = response.send(ok);
                     }
                 }
+                if let Some(p) = self.pending_final.take() {
+                    self.finalize(p, requests);
+                }
             }
-            Message::Finalized { payload } => self.finalize(payload),
+            Message::Finalized { payload } => self.finalize(payload, requests),
+            Message::Request { from, digest } => {
+                let found = self
+                    .blocks
+                    .iter()
+                    .find(|(d, _)| d.as_ref() == digest.as_slice())
+                    .map(|(_, b)| b.encode());
+                if let Some(bytes) = found {
+                    let _ = sender.send(Recipients::One(from), IoBuf::from(bytes), false);
+                }
+            }
         }
     }
 
@@ -340,14 +422,23 @@ impl<E: Spawner + Clock> Application<E> {
             && block.txs.iter().all(|t| t.body.chain == self.chain)
     }
 
-    /// Applies a finalised block and every unapplied ancestor, in height order.
-    fn finalize(&mut self, payload: Digest) {
+    /// Applies a finalised block and every unapplied ancestor, in height order. An ancestor
+    /// whose bytes this node never received is asked of the peers first.
+    fn finalize<Snd: commonware_p2p::Sender<PublicKey = PublicKey>>(
+        &mut self,
+        payload: Digest,
+        requests: &mut Snd,
+    ) {
         let mut chain = Vec::new();
         let mut cursor = payload;
         while cursor != self.applied {
             let Some(block) = self.blocks.get(&cursor) else {
-                // Missing ancestor bytes: wait for a later finalisation (fetching missing
-                // blocks from peers is the marshal's job, not yet wired).
+                self.pending_final = Some(payload);
+                let _ = requests.send(
+                    Recipients::All,
+                    IoBuf::from(cursor.as_ref().to_vec()),
+                    false,
+                );
                 return;
             };
             if block.height <= self.applied_height {
@@ -361,16 +452,39 @@ impl<E: Spawner + Clock> Application<E> {
         }
         for d in chain.into_iter().rev() {
             let block = self.blocks.get(&d).expect("walked above").clone();
-            let receipts = self.ledger.apply_block(block.time_ms, &block.txs);
-            let applied: std::collections::HashSet<_> = block.txs.iter().map(|t| t.id()).collect();
-            self.mempool.retain(|t| !applied.contains(&t.id()));
-            self.applied = d;
-            self.applied_height = block.height;
-            let mut f = self.finalized.lock().expect("not poisoned");
-            f.blocks
-                .insert(block.height, (hex(&d), self.ledger.root().to_hex()));
-            f.receipts.extend(receipts);
+            if let Some(log) = &mut self.log {
+                // Durable before applied: a restart replays exactly what was applied.
+                let mut line = block.encode();
+                line.push(b'\n');
+                if log.write_all(&line).and_then(|()| log.sync_data()).is_err() {
+                    tracing::error!("cannot write the block log; stopping application of blocks");
+                    return;
+                }
+            }
+            self.apply(d, block);
         }
+    }
+
+    fn apply(&mut self, d: Digest, block: Block) {
+        let root;
+        let receipts = {
+            let mut ledger = self.ledger.write().expect("not poisoned");
+            let r = ledger.apply_block(block.time_ms, &block.txs);
+            root = ledger.root();
+            r
+        };
+        let applied: std::collections::HashSet<_> = block.txs.iter().map(|t| t.id()).collect();
+        self.mempool.retain(|t| !applied.contains(&t.id()));
+        self.applied = d;
+        self.applied_height = block.height;
+        let mut f = self.finalized.lock().expect("not poisoned");
+        f.blocks.insert(block.height, (hex(&d), root.to_hex()));
+        for r in &receipts {
+            f.by_tx.insert(r.tx.to_hex(), (block.height, r.clone()));
+        }
+        f.receipts.extend(receipts);
+        f.mempool = self.mempool.len();
+        self.blocks.insert(d, block);
     }
 }
 

@@ -7,6 +7,7 @@ mod cea;
 mod deid_cmd;
 mod demo;
 mod files;
+mod network_cmd;
 mod store_cmd;
 
 use std::path::PathBuf;
@@ -38,6 +39,14 @@ enum Command {
     /// Cost-effectiveness analysis: run a model file, write its report.
     #[command(subcommand)]
     Cea(cea::CeaCommand),
+    /// A local network of one node per organisation: init, up, down.
+    #[command(subcommand)]
+    Network(network_cmd::NetworkCommand),
+    /// Run one node (consensus, ledger, API) from its configuration.
+    Node(network_cmd::NodeArgs),
+    /// Talk to a node's ledger API: status, studies, audit, submit, prove.
+    #[command(subcommand)]
+    Ledger(network_cmd::LedgerCommand),
     /// The encrypted image store: put, get, verify, share studies.
     #[command(subcommand)]
     Store(store_cmd::StoreCommand),
@@ -64,6 +73,9 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::run(args).map(|()| ExitCode::SUCCESS),
         Command::Cea(cmd) => cea::run(cmd).map(|()| ExitCode::SUCCESS),
         Command::Store(cmd) => store_cmd::run(cmd),
+        Command::Network(cmd) => network_cmd::run_network(cmd).map(|()| ExitCode::SUCCESS),
+        Command::Node(args) => network_cmd::run_node(args).map(|()| ExitCode::SUCCESS),
+        Command::Ledger(cmd) => network_cmd::run_ledger(cmd).map(|()| ExitCode::SUCCESS),
         Command::Bench(cmd) => bench::run(cmd).map(|()| ExitCode::SUCCESS),
     };
     match result {

@@ -143,7 +143,7 @@ impl<S: Scheme + 'static> Reporter for Mailbox<S> {
 }
 
 /// A verification waiting for its block's bytes.
-type PendingVerify = (Context<Digest, PublicKey>, oneshot::Sender<bool>);
+type PendingVerify = (Context<Digest, PublicKey>, Digest, oneshot::Sender<bool>);
 
 /// The application actor of one node.
 #[allow(missing_debug_implementations)]
@@ -357,18 +357,7 @@ impl<E: Spawner + Clock> Application<E> {
                 context,
                 payload,
                 response,
-            } => {
-                if self.blocks.contains_key(&payload) {
-                    let ok = self.valid(&context, &payload);
-                    let _ = response.send(ok);
-                } else {
-                    // Keep the request pending until the bytes arrive.
-                    self.waiting
-                        .entry(payload)
-                        .or_default()
-                        .push((context, response));
-                }
-            }
+            } => self.verify(context, payload, response, requests),
             Message::Received { bytes } => {
                 let digest = digest_of(&bytes);
                 let Some(block) = Block::decode(&bytes) else {
@@ -376,9 +365,8 @@ impl<E: Spawner + Clock> Application<E> {
                 };
                 self.blocks.entry(digest).or_insert(block);
                 if let Some(waiters) = self.waiting.remove(&digest) {
-                    for (context, response) in waiters {
-                        let ok = self.valid(&context, &digest);
-                        let _ = response.send(ok);
+                    for (context, payload, response) in waiters {
+                        self.verify(context, payload, response, requests);
                     }
                 }
                 if let Some(p) = self.pending_final.take() {
@@ -395,6 +383,40 @@ impl<E: Spawner + Clock> Application<E> {
                 if let Some(bytes) = found {
                     let _ = sender.send(Recipients::One(from), IoBuf::from(bytes), false);
                 }
+            }
+        }
+    }
+
+    /// Answers a verification, or keeps it pending (and asks the peers) while the proposed
+    /// block or its parent has not arrived: missing data is never a reason to vote no.
+    fn verify<Snd: commonware_p2p::Sender<PublicKey = PublicKey>>(
+        &mut self,
+        context: Context<Digest, PublicKey>,
+        payload: Digest,
+        response: oneshot::Sender<bool>,
+        requests: &mut Snd,
+    ) {
+        let parent = context.parent.1;
+        let missing = if !self.blocks.contains_key(&payload) {
+            Some(payload)
+        } else if self.height_of(&parent).is_none() {
+            Some(parent)
+        } else {
+            None
+        };
+        match missing {
+            Some(d) => {
+                if d == parent {
+                    let _ = requests.send(Recipients::All, IoBuf::from(d.as_ref().to_vec()), false);
+                }
+                self.waiting
+                    .entry(d)
+                    .or_default()
+                    .push((context, payload, response));
+            }
+            None => {
+                let ok = self.valid(&context, &payload);
+                let _ = response.send(ok);
             }
         }
     }

@@ -8,8 +8,13 @@
 //! its not yet applied ancestors are finalised with it, so the node walks back the parent links
 //! and applies them in order.
 
+mod api;
 pub mod app;
 pub mod block;
+pub mod config;
+pub mod run;
 
 pub use app::{Application, Finalized, Mailbox};
 pub use block::Block;
+pub use config::{NodeConfig, init_network, parse_org};
+pub use run::run_node;

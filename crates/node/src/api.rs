@@ -1,0 +1,156 @@
+//! The node's JSON API for clients: submit transactions, follow them to finality, read
+//! state with proofs.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, RwLock};
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use medledger_ledger::{Ledger, Tx};
+use serde_json::{Value, json};
+
+use commonware_consensus::simplex::scheme::ed25519::Scheme;
+
+use crate::app::{Finalized, Mailbox};
+
+#[derive(Clone)]
+struct ApiState {
+    org: String,
+    ledger: Arc<RwLock<Ledger>>,
+    finalized: Arc<Mutex<Finalized>>,
+    mailbox: Mailbox<Scheme>,
+}
+
+type ApiResult = Result<Json<Value>, (StatusCode, Json<Value>)>;
+
+fn error(code: StatusCode, msg: impl Into<String>) -> (StatusCode, Json<Value>) {
+    (code, Json(json!({ "error": msg.into() })))
+}
+
+/// Serves the API on `addr` from a thread of its own until the process ends.
+pub fn serve(
+    addr: SocketAddr,
+    org: String,
+    ledger: Arc<RwLock<Ledger>>,
+    finalized: Arc<Mutex<Finalized>>,
+    mailbox: Mailbox<Scheme>,
+) -> std::io::Result<()> {
+    let listener = std::net::TcpListener::bind(addr)?;
+    listener.set_nonblocking(true)?;
+    std::thread::Builder::new()
+        .name("api".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .expect("API runtime");
+            rt.block_on(async move {
+                let state = ApiState {
+                    org,
+                    ledger,
+                    finalized,
+                    mailbox,
+                };
+                let app = Router::new()
+                    .route("/api/status", get(status))
+                    .route("/api/tx", post(submit))
+                    .route("/api/tx/{id}", get(receipt))
+                    .route("/api/nonce/{key}", get(nonce))
+                    .route("/api/studies", get(studies))
+                    .route("/api/audit", get(audit))
+                    .route("/api/state/{*key}", get(state_proof))
+                    .with_state(state);
+                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+                if let Err(e) = axum::serve(listener, app).await {
+                    tracing::error!("API server stopped: {e}");
+                }
+            });
+        })?;
+    Ok(())
+}
+
+async fn status(State(s): State<ApiState>) -> ApiResult {
+    let (height, tip, mempool) = {
+        let f = s.finalized.lock().expect("not poisoned");
+        let (h, (d, _)) = f
+            .blocks
+            .iter()
+            .next_back()
+            .map(|(h, v)| (*h, v.clone()))
+            .unwrap_or((0, (String::new(), String::new())));
+        (h, d, f.mempool)
+    };
+    let l = s.ledger.read().expect("not poisoned");
+    Ok(Json(json!({
+        "chain": l.chain(),
+        "org": s.org,
+        "height": height,
+        "block": tip,
+        "state_root": l.root().to_hex(),
+        "ledger_blocks": l.height(),
+        "mempool": mempool,
+        "orgs": l.orgs(),
+    })))
+}
+
+async fn submit(State(s): State<ApiState>, body: axum::body::Bytes) -> ApiResult {
+    let tx = Tx::from_bytes(&body).map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string()))?;
+    // Refuse early what the ledger would refuse at this point (bad signature, not a member,
+    // another chain); nonces may run ahead of the ledger while earlier ones are pending.
+    {
+        let l = s.ledger.read().expect("not poisoned");
+        if let Err(e) = l.admit(&tx)
+            && !matches!(e, medledger_ledger::LedgerError::Nonce(_))
+        {
+            return Err(error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()));
+        }
+        if tx.body.nonce < l.next_nonce(&tx.body.signer) {
+            return Err(error(
+                StatusCode::CONFLICT,
+                format!("nonce {} was already used (replay)", tx.body.nonce),
+            ));
+        }
+    }
+    let id = tx.id().to_hex();
+    s.mailbox.submit(tx);
+    Ok(Json(json!({ "tx": id, "status": "pending" })))
+}
+
+async fn receipt(State(s): State<ApiState>, Path(id): Path<String>) -> ApiResult {
+    let f = s.finalized.lock().expect("not poisoned");
+    match f.by_tx.get(&id) {
+        Some((height, r)) => Ok(Json(json!({ "tx": id, "height": height, "receipt": r }))),
+        None => Err(error(
+            StatusCode::NOT_FOUND,
+            format!("transaction {id} is not finalised (yet)"),
+        )),
+    }
+}
+
+async fn nonce(State(s): State<ApiState>, Path(key): Path<String>) -> ApiResult {
+    let key = medledger_crypto::VerifyingKey::from_hex(&key)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let l = s.ledger.read().expect("not poisoned");
+    Ok(Json(json!({ "next": l.next_nonce(&key) })))
+}
+
+async fn studies(State(s): State<ApiState>) -> ApiResult {
+    let l = s.ledger.read().expect("not poisoned");
+    Ok(Json(json!(l.studies(None))))
+}
+
+async fn audit(State(s): State<ApiState>) -> ApiResult {
+    let l = s.ledger.read().expect("not poisoned");
+    Ok(Json(json!(l.audit())))
+}
+
+async fn state_proof(State(s): State<ApiState>, Path(key): Path<String>) -> ApiResult {
+    let l = s.ledger.read().expect("not poisoned");
+    match l.state().prove(&key) {
+        Some(p) => Ok(Json(json!({ "root": l.root().to_hex(), "proof": p }))),
+        None => Err(error(StatusCode::NOT_FOUND, format!("no state key {key}"))),
+    }
+}

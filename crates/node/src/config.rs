@@ -1,0 +1,216 @@
+//! A local network's files: one folder per organisation with its node configuration and keys,
+//! and the genesis every node starts from.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use commonware_codec::{DecodeExt, Encode};
+use commonware_cryptography::Signer as _;
+use commonware_cryptography::ed25519::{PrivateKey, PublicKey};
+use medledger_crypto::SigningKey;
+use medledger_ledger::{Genesis, GenesisOrg, OrgClass};
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+
+/// Why a configuration could not be made or read.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ConfigError + '_ {
+    move |source| ConfigError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// One peer as a node knows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PeerConfig {
+    pub org: String,
+    /// The peer's consensus and p2p public key (hex).
+    pub key: String,
+    pub p2p: SocketAddr,
+    pub api: SocketAddr,
+}
+
+/// Everything `medledger node --config FILE` needs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeConfig {
+    pub chain: String,
+    pub org: String,
+    pub data_dir: PathBuf,
+    pub p2p: SocketAddr,
+    pub api: SocketAddr,
+    /// This node's consensus and p2p secret key (hex of 32 bytes). Keep the file private.
+    pub consensus_key: String,
+    pub peers: Vec<PeerConfig>,
+    pub genesis: Genesis,
+}
+
+impl NodeConfig {
+    pub fn load(path: &Path) -> Result<NodeConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(io(path))?;
+        let cfg: NodeConfig = serde_json::from_str(&text)
+            .map_err(|e| ConfigError::Invalid(format!("{}: {e}", path.display())))?;
+        cfg.private_key()?;
+        for p in &cfg.peers {
+            public_key(&p.key)?;
+        }
+        if !cfg.peers.iter().any(|p| p.org == cfg.org) {
+            return Err(ConfigError::Invalid(format!(
+                "{}: this node ({}) is not among its peers",
+                path.display(),
+                cfg.org
+            )));
+        }
+        Ok(cfg)
+    }
+
+    pub fn private_key(&self) -> Result<PrivateKey, ConfigError> {
+        let bytes = hex::decode(&self.consensus_key)
+            .map_err(|e| ConfigError::Invalid(format!("consensus_key: {e}")))?;
+        PrivateKey::decode(bytes::Bytes::copy_from_slice(&bytes))
+            .map_err(|e| ConfigError::Invalid(format!("consensus_key: {e}")))
+    }
+
+    /// The node's folder (the configuration's parent, by `network init`'s layout).
+    pub fn blocks_log(&self) -> PathBuf {
+        self.data_dir.join("blocks.jsonl")
+    }
+}
+
+pub fn public_key(hex_key: &str) -> Result<PublicKey, ConfigError> {
+    let bytes = hex::decode(hex_key).map_err(|e| ConfigError::Invalid(format!("peer key: {e}")))?;
+    PublicKey::decode(bytes::Bytes::copy_from_slice(&bytes))
+        .map_err(|e| ConfigError::Invalid(format!("peer key: {e}")))
+}
+
+/// An organisation to create: `name` or `name:class` (hospital, research, patient-agent).
+pub fn parse_org(spec: &str) -> Result<(String, OrgClass), ConfigError> {
+    let (name, class) = match spec.split_once(':') {
+        Some((n, c)) => (n, Some(c)),
+        None => (spec, None),
+    };
+    medledger_ledger::check_org_id(name).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+    let class = match class {
+        Some("hospital") => OrgClass::Hospital,
+        Some("research") => OrgClass::Research,
+        Some("patient-agent") | Some("patients") => OrgClass::PatientAgent,
+        Some(other) => {
+            return Err(ConfigError::Invalid(format!(
+                "organisation class {other:?}: hospital, research or patient-agent"
+            )));
+        }
+        None if name.contains("research") => OrgClass::Research,
+        None if name.contains("patient") => OrgClass::PatientAgent,
+        None => OrgClass::Hospital,
+    };
+    Ok((name.to_string(), class))
+}
+
+/// What `network init` made.
+#[derive(Debug)]
+pub struct InitOutcome {
+    pub configs: Vec<PathBuf>,
+}
+
+/// Creates a network's folder: for each organisation its node configuration (consensus key,
+/// addresses of every peer), its admin's and its node's ledger signing keys; and the genesis.
+/// Ports: p2p `base_port + i`, API `base_port + 100 + i`.
+pub fn init_network(
+    out: &Path,
+    chain: &str,
+    orgs: &[(String, OrgClass)],
+    base_port: u16,
+) -> Result<InitOutcome, ConfigError> {
+    if orgs.len() < 4 {
+        return Err(ConfigError::Invalid(format!(
+            "BFT needs at least 4 organisations to tolerate one faulty (n >= 3f+1); got {}",
+            orgs.len()
+        )));
+    }
+    if out.join("genesis.json").exists() {
+        return Err(ConfigError::Invalid(format!(
+            "{} already holds a network; remove it first",
+            out.display()
+        )));
+    }
+    std::fs::create_dir_all(out).map_err(io(out))?;
+    let mut consensus = Vec::new();
+    let mut genesis_orgs = Vec::new();
+    let mut peers = Vec::new();
+    for (i, (name, class)) in orgs.iter().enumerate() {
+        let mut seed = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut seed);
+        let key = PrivateKey::decode(bytes::Bytes::copy_from_slice(&seed))
+            .expect("any 32 bytes are an ed25519 key");
+        let admin = SigningKey::generate();
+        let node = SigningKey::generate();
+        let dir = out.join(name);
+        std::fs::create_dir_all(dir.join("data")).map_err(io(&dir))?;
+        write_private(&dir.join("admin.key"), &admin.to_text())?;
+        write_private(&dir.join("node.key"), &node.to_text())?;
+        genesis_orgs.push(GenesisOrg {
+            id: name.clone(),
+            class: *class,
+            admin: admin.verifying_key(),
+            node: node.verifying_key(),
+        });
+        peers.push(PeerConfig {
+            org: name.clone(),
+            key: hex::encode(key.public_key().encode()),
+            p2p: SocketAddr::from(([127, 0, 0, 1], base_port + i as u16)),
+            api: SocketAddr::from(([127, 0, 0, 1], base_port + 100 + i as u16)),
+        });
+        consensus.push((name.clone(), dir, hex::encode(seed)));
+    }
+    let genesis = Genesis {
+        chain: chain.to_string(),
+        orgs: genesis_orgs,
+    };
+    let gpath = out.join("genesis.json");
+    std::fs::write(
+        &gpath,
+        serde_json::to_vec_pretty(&genesis).expect("serialises"),
+    )
+    .map_err(io(&gpath))?;
+    let mut configs = Vec::new();
+    for ((name, dir, secret), peer) in consensus.into_iter().zip(&peers) {
+        let cfg = NodeConfig {
+            chain: chain.to_string(),
+            org: name,
+            data_dir: dir.join("data").canonicalize().map_err(io(&dir))?,
+            p2p: peer.p2p,
+            api: peer.api,
+            consensus_key: secret,
+            peers: peers.clone(),
+            genesis: genesis.clone(),
+        };
+        let path = dir.join("node.json");
+        write_private(
+            &path,
+            &serde_json::to_string_pretty(&cfg).expect("serialises"),
+        )?;
+        configs.push(path);
+    }
+    Ok(InitOutcome { configs })
+}
+
+fn write_private(path: &Path, text: &str) -> Result<(), ConfigError> {
+    std::fs::write(path, format!("{text}\n")).map_err(io(path))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io(path))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,143 @@
+//! Running one node as a process: the tokio runtime, authenticated p2p over TCP with the
+//! other organisations' nodes, simplex consensus with its journal in the node's folder, the
+//! application with its block log, and the JSON API.
+
+use std::time::Duration;
+
+use commonware_consensus::simplex::Engine;
+use commonware_consensus::simplex::config::{Config, Floor, ForwardPolicy, SkipBudget, SkipPolicy};
+use commonware_consensus::simplex::elector::RoundRobin;
+use commonware_consensus::simplex::scheme::ed25519::Scheme;
+use commonware_consensus::types::{Epoch, ViewDelta};
+use commonware_cryptography::{ChaCha20Poly1305, Sha256};
+use commonware_p2p::authenticated::lookup;
+use commonware_p2p::{Address, AddressableManager as _};
+use commonware_parallel::Sequential;
+use commonware_runtime::buffer::paged::CacheRef;
+use commonware_runtime::{Quota, Runner as _, Supervisor as _, tokio as cw_tokio};
+use commonware_stream::cups::{self, Cups};
+use commonware_stream::sake::{self, Sake};
+use commonware_utils::ordered::{Map, Set};
+use commonware_utils::{NZDuration, NZU16, NZU32, NZUsize};
+use medledger_ledger::Ledger;
+
+use crate::app::Application;
+use crate::config::{ConfigError, NodeConfig, public_key};
+
+const MAX_MESSAGE: u32 = 16 << 20;
+
+/// Runs the node until the process is stopped.
+pub fn run_node(cfg: NodeConfig) -> Result<(), ConfigError> {
+    let signer = cfg.private_key()?;
+    let mut addresses = Vec::new();
+    for p in &cfg.peers {
+        addresses.push((public_key(&p.key)?, p.p2p));
+    }
+    let participants: Set<_> =
+        Set::try_from(addresses.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>())
+            .map_err(|_| ConfigError::Invalid("two peers share a key".into()))?;
+    let ledger =
+        Ledger::genesis(&cfg.genesis).map_err(|e| ConfigError::Invalid(format!("genesis: {e}")))?;
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| ConfigError::Io {
+        path: cfg.data_dir.clone(),
+        source: e,
+    })?;
+    let runtime = cw_tokio::Config::new().with_storage_directory(cfg.data_dir.join("consensus"));
+    let executor = cw_tokio::Runner::new(runtime);
+    let namespace = format!("medledger {}", cfg.chain);
+    executor.start(|context| async move {
+        let p2p_cfg = lookup::Config::local(
+            Cups::<_, ChaCha20Poly1305>::new(
+                Sake {
+                    signer: signer.clone(),
+                    synchrony_bound: Duration::from_secs(5),
+                    max_handshake_age: Duration::from_secs(10),
+                    version: sake::Version::V1,
+                },
+                cups::Version::V1,
+            ),
+            format!("{namespace} p2p").as_bytes(),
+            cfg.p2p,
+            NZUsize!(cfg.peers.len()),
+            MAX_MESSAGE,
+            NZUsize!(10_000),
+        );
+        let (mut network, mut oracle) = lookup::Network::new(context.child("network"), p2p_cfg);
+        let peers: Map<_, Address> = addresses
+            .iter()
+            .map(|(k, a)| (k.clone(), Address::from(*a)))
+            .collect::<Vec<_>>()
+            .try_into()
+            .expect("distinct keys");
+        let _ = oracle.track(0, peers);
+        let quota = Quota::per_second(NZU32!(100_000));
+        let votes = network.register(0, quota);
+        let certs = network.register(1, quota);
+        let resolver = network.register(2, quota);
+        let blocks = network.register(3, quota);
+        let requests = network.register(4, quota);
+        network.start();
+
+        let (mut app, mailbox, finalized) =
+            Application::new::<Scheme>(context.child("app"), ledger);
+        match app.recover(&cfg.blocks_log()) {
+            Ok(n) => tracing::info!("replayed {n} finalised blocks"),
+            Err(e) => {
+                eprintln!(
+                    "cannot read or open the block log {}: {e}",
+                    cfg.blocks_log().display()
+                );
+                std::process::exit(1);
+            }
+        }
+        let floor = Floor::Genesis(app.genesis());
+        if let Err(e) = crate::api::serve(
+            cfg.api,
+            cfg.org.clone(),
+            app.ledger(),
+            finalized,
+            mailbox.clone(),
+        ) {
+            eprintln!("cannot serve the API on {}: {e}", cfg.api);
+            std::process::exit(1);
+        }
+        app.start(blocks, requests);
+        let scheme = Scheme::signer(
+            format!("{namespace} consensus").as_bytes(),
+            participants,
+            signer,
+        )
+        .expect("this node is a participant");
+        let engine_cfg = Config {
+            scheme,
+            elector: RoundRobin::<Sha256>::default(),
+            blocker: oracle,
+            automaton: mailbox.clone(),
+            relay: mailbox.clone(),
+            reporter: mailbox,
+            strategy: Sequential,
+            partition: "consensus".into(),
+            mailbox_size: NZUsize!(10_000),
+            epoch: Epoch::new(0),
+            floor,
+            leader_timeout: Duration::from_secs(1),
+            certification_timeout: Duration::from_secs(2),
+            timeout_retry: Duration::from_secs(10),
+            fetch_timeout: NZDuration!(Duration::from_secs(1)),
+            fetch_retry_delay: Duration::from_millis(100),
+            view_retention: ViewDelta::new(10),
+            skip: SkipPolicy::Enabled {
+                timeout: Duration::from_secs(12),
+                budget: SkipBudget::Participants,
+            },
+            replay_buffer: NZUsize!(1024 * 1024),
+            write_buffer: NZUsize!(1024 * 1024),
+            page_cache: CacheRef::new(NZU16!(4096), NZUsize!(256)),
+            forward: ForwardPolicy::Disabled,
+            track_historical_votes: false,
+        };
+        let handle = Engine::new(context.child("engine"), engine_cfg).start(votes, certs, resolver);
+        let _ = handle.await;
+    });
+    Ok(())
+}

@@ -19,6 +19,8 @@ pub enum BenchCommand {
     /// Store put and get throughput beside the disk's raw durable write speed (dd), and the
     /// cost of a de-identified derivative.
     Store(crate::bench_store::BenchStoreArgs),
+    /// Ledger throughput and latency: four nodes as processes, concurrent clients.
+    Ledger(crate::bench_ledger::BenchLedgerArgs),
 }
 
 #[derive(Args, Debug)]
@@ -59,6 +61,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Deid(args) => bench_deid(args),
         BenchCommand::Store(args) => crate::bench_store::run(args),
+        BenchCommand::Ledger(args) => crate::bench_ledger::run(args),
     }
 }
 

@@ -2,6 +2,7 @@
 //! subcommands. Library crates do the work; this crate wires them to files and terminals.
 
 mod bench;
+mod bench_ledger;
 mod bench_store;
 mod cea;
 mod deid_cmd;

@@ -113,6 +113,16 @@ pub fn run_network(cmd: NetworkCommand) -> Result<()> {
     }
 }
 
+/// Starts a network's nodes without printing (for benchmarks).
+pub fn up_quiet(dir: &Path) -> Result<()> {
+    up(dir)
+}
+
+/// Stops a network's nodes.
+pub fn down_quiet(dir: &Path) -> Result<()> {
+    down(dir)
+}
+
 fn node_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {

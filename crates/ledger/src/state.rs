@@ -11,6 +11,8 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct State {
     entries: BTreeMap<String, Vec<u8>>,
+    /// Leaf hash of every entry, kept up to date by `put` so the root hashes only the tree.
+    leaves: BTreeMap<String, Digest>,
 }
 
 fn leaf(key: &str, value: &[u8]) -> Digest {
@@ -33,10 +35,9 @@ impl State {
     }
 
     pub fn put<T: Serialize>(&mut self, key: String, value: &T) {
-        self.entries.insert(
-            key,
-            serde_json::to_vec(value).expect("state values serialise"),
-        );
+        let bytes = serde_json::to_vec(value).expect("state values serialise");
+        self.leaves.insert(key.clone(), leaf(&key, &bytes));
+        self.entries.insert(key, bytes);
     }
 
     /// Values of every key under `prefix`, in key order.
@@ -67,14 +68,14 @@ impl State {
 
     /// The state root: a Merkle tree over `(key, value)` leaves in key order.
     pub fn root(&self) -> Digest {
-        let leaves: Vec<Digest> = self.entries.iter().map(|(k, v)| leaf(k, v)).collect();
+        let leaves: Vec<Digest> = self.leaves.values().copied().collect();
         merkle::root(&leaves)
     }
 
     /// A proof of `key`'s current value, or `None` if the key is absent.
     pub fn prove(&self, key: &str) -> Option<StateProof> {
         let index = self.entries.keys().position(|k| k == key)?;
-        let leaves: Vec<Digest> = self.entries.iter().map(|(k, v)| leaf(k, v)).collect();
+        let leaves: Vec<Digest> = self.leaves.values().copied().collect();
         Some(StateProof {
             key: key.to_string(),
             value: String::from_utf8_lossy(&self.entries[key]).into_owned(),

@@ -57,6 +57,8 @@ pub fn serve(
                 let app = Router::new()
                     .route("/api/status", get(status))
                     .route("/api/tx", post(submit))
+                    .route("/api/txs", post(submit_many))
+                    .route("/api/blocks/{from}", get(blocks))
                     .route("/api/tx/{id}", get(receipt))
                     .route("/api/nonce/{key}", get(nonce))
                     .route("/api/studies", get(studies))
@@ -117,6 +119,53 @@ async fn submit(State(s): State<ApiState>, body: axum::body::Bytes) -> ApiResult
     let id = tx.id().to_hex();
     s.mailbox.submit(tx);
     Ok(Json(json!({ "tx": id, "status": "pending" })))
+}
+
+/// Many transactions at once (a JSON array); each is checked as by `/api/tx`, and the answer
+/// lists per transaction its id or why it was refused.
+async fn submit_many(State(s): State<ApiState>, body: axum::body::Bytes) -> ApiResult {
+    let txs: Vec<Tx> = serde_json::from_slice(&body).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            format!("not a JSON array of transactions: {e}"),
+        )
+    })?;
+    let mut out = Vec::with_capacity(txs.len());
+    for tx in txs {
+        let refused = {
+            let l = s.ledger.read().expect("not poisoned");
+            match l.admit(&tx) {
+                Err(e) if !matches!(e, medledger_ledger::LedgerError::Nonce(_)) => {
+                    Some(e.to_string())
+                }
+                _ if tx.body.nonce < l.next_nonce(&tx.body.signer) => {
+                    Some(format!("nonce {} was already used (replay)", tx.body.nonce))
+                }
+                _ => None,
+            }
+        };
+        match refused {
+            Some(e) => out.push(json!({ "error": e })),
+            None => {
+                out.push(json!({ "tx": tx.id().to_hex() }));
+                s.mailbox.submit(tx);
+            }
+        }
+    }
+    Ok(Json(json!(out)))
+}
+
+/// Finalised blocks from a height on (at most 1000): height, when this node applied it, and
+/// its transaction ids.
+async fn blocks(State(s): State<ApiState>, Path(from): Path<u64>) -> ApiResult {
+    let f = s.finalized.lock().expect("not poisoned");
+    let list: Vec<Value> = f
+        .applied
+        .range(from..)
+        .take(1000)
+        .map(|(h, (ms, txs))| json!({ "height": h, "applied_ms": ms, "txs": txs }))
+        .collect();
+    Ok(Json(json!(list)))
 }
 
 async fn receipt(State(s): State<ApiState>, Path(id): Path<String>) -> ApiResult {

@@ -62,6 +62,9 @@ pub struct Finalized {
     /// Receipts by transaction id (hex), for clients asking about their transaction.
     pub by_tx: HashMap<String, (u64, Receipt)>,
     pub mempool: usize,
+    /// Per height: when this node applied the block (ms since the Unix epoch, wall clock) and
+    /// the ids of its transactions (for clients measuring time to finality).
+    pub applied: BTreeMap<u64, (u64, Vec<String>)>,
 }
 
 /// The handle consensus and clients talk to.
@@ -159,7 +162,9 @@ pub struct Application<E> {
     pending_final: Option<Digest>,
     blocks: HashMap<Digest, Block>,
     waiting: HashMap<Digest, Vec<PendingVerify>>,
-    mempool: Vec<Tx>,
+    /// Pending transactions in arrival order, with their ids (computed once).
+    mempool: Vec<(medledger_crypto::Digest, Tx)>,
+    in_mempool: std::collections::HashSet<medledger_crypto::Digest>,
     applied: Digest,
     applied_height: u64,
     finalized: Arc<Mutex<Finalized>>,
@@ -182,6 +187,7 @@ impl<E: Spawner + Clock> Application<E> {
             blocks: HashMap::new(),
             waiting: HashMap::new(),
             mempool: Vec::new(),
+            in_mempool: std::collections::HashSet::new(),
             applied: genesis,
             applied_height: 0,
             finalized: finalized.clone(),
@@ -293,11 +299,8 @@ impl<E: Spawner + Clock> Application<E> {
                     .signer
                     .verify(&tx.body.signing_bytes(), &tx.signature);
                 let id = tx.id();
-                if signed
-                    && tx.body.chain == self.chain
-                    && !self.mempool.iter().any(|t| t.id() == id)
-                {
-                    self.mempool.push(tx);
+                if signed && tx.body.chain == self.chain && self.in_mempool.insert(id) {
+                    self.mempool.push((id, tx));
                 }
             }
             Message::Propose { context, response } => {
@@ -328,9 +331,9 @@ impl<E: Spawner + Clock> Application<E> {
                 let txs: Vec<Tx> = self
                     .mempool
                     .iter()
-                    .filter(|t| !pending.contains(&t.id()))
+                    .filter(|(id, _)| !pending.contains(id))
                     .take(MAX_BLOCK_TXS)
-                    .cloned()
+                    .map(|(_, t)| t.clone())
                     .collect();
                 let time_ms = self
                     .context
@@ -496,7 +499,12 @@ impl<E: Spawner + Clock> Application<E> {
             r
         };
         let applied: std::collections::HashSet<_> = block.txs.iter().map(|t| t.id()).collect();
-        self.mempool.retain(|t| !applied.contains(&t.id()));
+        if !applied.is_empty() {
+            self.mempool.retain(|(id, _)| !applied.contains(id));
+            for id in &applied {
+                self.in_mempool.remove(id);
+            }
+        }
         self.applied = d;
         self.applied_height = block.height;
         let mut f = self.finalized.lock().expect("not poisoned");
@@ -504,6 +512,16 @@ impl<E: Spawner + Clock> Application<E> {
         for r in &receipts {
             f.by_tx.insert(r.tx.to_hex(), (block.height, r.clone()));
         }
+        let now_ms = self
+            .context
+            .current()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        f.applied.insert(
+            block.height,
+            (now_ms, receipts.iter().map(|r| r.tx.to_hex()).collect()),
+        );
         f.receipts.extend(receipts);
         f.mempool = self.mempool.len();
         self.blocks.insert(d, block);

@@ -1,16 +1,12 @@
 //! The `medledger` binary as a user runs it: `deid` over a folder with good, bad and
 //! non-DICOM files, `key`, and `demo`.
 
+mod common;
+use common::medledger;
+
 use std::path::Path;
-use std::process::Command;
 
 use medledger_testkit::synth::{CtStudySpec, FakePatient, ct_study};
-
-fn medledger(home: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_medledger"));
-    c.env("MEDLEDGER_HOME", home);
-    c
-}
 
 #[test]
 fn deid_folder_reports_every_file_and_never_touches_inputs() {

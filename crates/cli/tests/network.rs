@@ -2,26 +2,14 @@
 //! `network init`, `network up`, transactions through `ledger submit`, every node agreeing on
 //! the state root, a node killed with SIGKILL and restarted catching up, `network down`.
 
+mod common;
+use common::{medledger, text};
+
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-
-fn medledger(home: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_medledger"));
-    c.env("MEDLEDGER_HOME", home);
-    c
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 fn status(home: &Path, api: &str) -> Option<Value> {
     let o = medledger(home)

@@ -2,10 +2,13 @@
 //! and on a real Garage S3 service; damaged stores reported; writers killed with SIGKILL at
 //! random points, many times, without losing anything acknowledged.
 
+mod common;
+use common::{medledger, text};
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,21 +17,6 @@ use medledger_store::Store;
 use medledger_testkit::garage::Garage;
 use medledger_testkit::synth::{CtStudySpec, FakePatient, ct_study};
 use rand::{Rng, SeedableRng};
-
-fn medledger(home: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_medledger"));
-    c.env("MEDLEDGER_HOME", home);
-    c
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 /// Writes `studies` synthetic CT studies of `slices` slices under `dir`; returns every file's
 /// bytes by SOP Instance UID.

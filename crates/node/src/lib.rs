@@ -12,6 +12,7 @@ mod api;
 pub mod app;
 pub mod block;
 pub mod config;
+pub mod engine;
 pub mod run;
 
 pub use app::{Application, Finalized, Mailbox};

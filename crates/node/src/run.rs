@@ -5,20 +5,15 @@
 use std::time::Duration;
 
 use commonware_consensus::simplex::Engine;
-use commonware_consensus::simplex::config::{Config, Floor, ForwardPolicy, SkipBudget, SkipPolicy};
-use commonware_consensus::simplex::elector::RoundRobin;
 use commonware_consensus::simplex::scheme::ed25519::Scheme;
-use commonware_consensus::types::{Epoch, ViewDelta};
-use commonware_cryptography::{ChaCha20Poly1305, Sha256};
+use commonware_cryptography::ChaCha20Poly1305;
 use commonware_p2p::authenticated::lookup;
 use commonware_p2p::{Address, AddressableManager as _};
-use commonware_parallel::Sequential;
-use commonware_runtime::buffer::paged::CacheRef;
 use commonware_runtime::{Quota, Runner as _, Supervisor as _, tokio as cw_tokio};
 use commonware_stream::cups::{self, Cups};
 use commonware_stream::sake::{self, Sake};
 use commonware_utils::ordered::{Map, Set};
-use commonware_utils::{NZDuration, NZU16, NZU32, NZUsize};
+use commonware_utils::{NZU32, NZUsize};
 use medledger_ledger::Ledger;
 
 use crate::app::Application;
@@ -90,7 +85,7 @@ pub fn run_node(cfg: NodeConfig) -> Result<(), ConfigError> {
                 std::process::exit(1);
             }
         }
-        let floor = Floor::Genesis(app.genesis());
+        let genesis = app.genesis();
         if let Err(e) = crate::api::serve(
             cfg.api,
             cfg.org.clone(),
@@ -108,34 +103,8 @@ pub fn run_node(cfg: NodeConfig) -> Result<(), ConfigError> {
             signer,
         )
         .expect("this node is a participant");
-        let engine_cfg = Config {
-            scheme,
-            elector: RoundRobin::<Sha256>::default(),
-            blocker: oracle,
-            automaton: mailbox.clone(),
-            relay: mailbox.clone(),
-            reporter: mailbox,
-            strategy: Sequential,
-            partition: "consensus".into(),
-            mailbox_size: NZUsize!(10_000),
-            epoch: Epoch::new(0),
-            floor,
-            leader_timeout: Duration::from_secs(1),
-            certification_timeout: Duration::from_secs(2),
-            timeout_retry: Duration::from_secs(10),
-            fetch_timeout: NZDuration!(Duration::from_secs(1)),
-            fetch_retry_delay: Duration::from_millis(100),
-            view_retention: ViewDelta::new(10),
-            skip: SkipPolicy::Enabled {
-                timeout: Duration::from_secs(12),
-                budget: SkipBudget::Participants,
-            },
-            replay_buffer: NZUsize!(1024 * 1024),
-            write_buffer: NZUsize!(1024 * 1024),
-            page_cache: CacheRef::new(NZU16!(4096), NZUsize!(256)),
-            forward: ForwardPolicy::Disabled,
-            track_historical_votes: false,
-        };
+        let engine_cfg =
+            crate::engine::engine_config(scheme, oracle, mailbox, "consensus".into(), genesis);
         let handle = Engine::new(context.child("engine"), engine_cfg).start(votes, certs, resolver);
         let _ = handle.await;
     });

@@ -7,20 +7,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use commonware_consensus::simplex::Engine;
-use commonware_consensus::simplex::config::{Config, Floor, ForwardPolicy, SkipBudget, SkipPolicy};
-use commonware_consensus::simplex::elector::RoundRobin;
 use commonware_consensus::simplex::scheme::ed25519::Scheme;
-use commonware_consensus::types::{Epoch, ViewDelta};
+use commonware_cryptography::Signer as _;
 use commonware_cryptography::ed25519::{PrivateKey, PublicKey};
-use commonware_cryptography::{Sha256, Signer as _};
 use commonware_p2p::simulated::{Config as NetConfig, Link, Network};
-use commonware_parallel::Sequential;
-use commonware_runtime::buffer::paged::CacheRef;
 use commonware_runtime::{Clock as _, Quota, Runner as _, Supervisor as _, deterministic};
 use commonware_utils::ordered::Set;
-use commonware_utils::{NZDuration, NZU16, NZU32, NZUsize, probability};
+use commonware_utils::{NZU32, NZUsize, probability};
 use medledger_crypto::{Digest, SigningKey};
 use medledger_ledger::{Genesis, GenesisOrg, Ledger, Op, OrgClass, Tx};
+use medledger_node::engine::engine_config;
 use medledger_node::{Application, Finalized};
 
 const CHAIN: &str = "medledger-sim";
@@ -120,38 +116,17 @@ fn run(seed: u64, txs: Vec<Tx>, isolate: Option<usize>) -> Vec<Finalized> {
             let ledger = Ledger::genesis(&genesis()).unwrap();
             let node = context.child("node").with_attribute("index", i);
             let (app, mailbox, finalized) = Application::new::<Scheme>(node.child("app"), ledger);
-            let floor = Floor::Genesis(app.genesis());
+            let genesis = app.genesis();
             app.start(blocks, requests);
             let scheme =
                 Scheme::signer(NAMESPACE, set.clone(), key.clone()).expect("a participant");
-            let cfg = Config {
+            let cfg = engine_config(
                 scheme,
-                elector: RoundRobin::<Sha256>::default(),
-                blocker: control,
-                automaton: mailbox.clone(),
-                relay: mailbox.clone(),
-                reporter: mailbox.clone(),
-                strategy: Sequential,
-                partition: format!("node-{i}"),
-                mailbox_size: NZUsize!(1024),
-                epoch: Epoch::new(0),
-                floor,
-                leader_timeout: Duration::from_secs(1),
-                certification_timeout: Duration::from_secs(2),
-                timeout_retry: Duration::from_secs(10),
-                fetch_timeout: NZDuration!(Duration::from_secs(1)),
-                fetch_retry_delay: Duration::from_millis(100),
-                view_retention: ViewDelta::new(10),
-                skip: SkipPolicy::Enabled {
-                    timeout: Duration::from_secs(12),
-                    budget: SkipBudget::Participants,
-                },
-                replay_buffer: NZUsize!(1024 * 1024),
-                write_buffer: NZUsize!(1024 * 1024),
-                page_cache: CacheRef::new(NZU16!(1024), NZUsize!(10)),
-                forward: ForwardPolicy::Disabled,
-                track_historical_votes: false,
-            };
+                control,
+                mailbox.clone(),
+                format!("node-{i}"),
+                genesis,
+            );
             Engine::new(node.child("engine"), cfg).start(votes, certs, resolver);
             finals.push(finalized);
             mailboxes.push(mailbox);

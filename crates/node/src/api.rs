@@ -117,7 +117,7 @@ async fn submit(State(s): State<ApiState>, body: axum::body::Bytes) -> ApiResult
         }
     }
     let id = tx.id().to_hex();
-    s.mailbox.submit(tx);
+    s.mailbox.submit_verified(tx);
     Ok(Json(json!({ "tx": id, "status": "pending" })))
 }
 
@@ -148,7 +148,7 @@ async fn submit_many(State(s): State<ApiState>, body: axum::body::Bytes) -> ApiR
             Some(e) => out.push(json!({ "error": e })),
             None => {
                 out.push(json!({ "tx": tx.id().to_hex() }));
-                s.mailbox.submit(tx);
+                s.mailbox.submit_verified(tx);
             }
         }
     }

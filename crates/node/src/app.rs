@@ -45,6 +45,8 @@ enum Message {
     },
     Submit {
         tx: Tx,
+        /// The signature was already checked (by the API's admission check).
+        verified: bool,
     },
     /// A peer asks for a block's bytes.
     Request {
@@ -91,7 +93,16 @@ impl<S> std::fmt::Debug for Mailbox<S> {
 impl<S> Mailbox<S> {
     /// Adds a transaction to this node's mempool.
     pub fn submit(&self, tx: Tx) {
-        let _ = self.sender.send(Message::Submit { tx });
+        let _ = self.sender.send(Message::Submit {
+            tx,
+            verified: false,
+        });
+    }
+
+    /// Adds a transaction whose signature the caller has just verified (the API admits
+    /// transactions with the ledger's own checks first), sparing a second verification.
+    pub fn submit_verified(&self, tx: Tx) {
+        let _ = self.sender.send(Message::Submit { tx, verified: true });
     }
 }
 
@@ -292,12 +303,13 @@ impl<E: Spawner + Clock> Application<E> {
         requests: &mut Snd,
     ) {
         match msg {
-            Message::Submit { tx } => {
+            Message::Submit { tx, verified } => {
                 // Forged or foreign transactions never enter the mempool, nor duplicates.
-                let signed = tx
-                    .body
-                    .signer
-                    .verify(&tx.body.signing_bytes(), &tx.signature);
+                let signed = verified
+                    || tx
+                        .body
+                        .signer
+                        .verify(&tx.body.signing_bytes(), &tx.signature);
                 let id = tx.id();
                 if signed && tx.body.chain == self.chain && self.in_mempool.insert(id) {
                     self.mempool.push((id, tx));

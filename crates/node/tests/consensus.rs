@@ -11,7 +11,9 @@ use commonware_consensus::simplex::scheme::ed25519::Scheme;
 use commonware_cryptography::Signer as _;
 use commonware_cryptography::ed25519::{PrivateKey, PublicKey};
 use commonware_p2p::simulated::{Config as NetConfig, Link, Network};
+use commonware_p2p::{Recipients, Sender as _};
 use commonware_runtime::{Clock as _, Quota, Runner as _, Supervisor as _, deterministic};
+use commonware_runtime::{IoBuf, Spawner as _};
 use commonware_utils::ordered::Set;
 use commonware_utils::{NZU32, NZUsize, probability};
 use medledger_crypto::{Digest, SigningKey};
@@ -68,7 +70,12 @@ fn workload(per_admin: u64) -> Vec<Tx> {
 }
 
 /// Runs four nodes; `isolate` cuts one node off from the start. Returns what each node finalised.
-fn run(seed: u64, txs: Vec<Tx>, isolate: Option<usize>) -> Vec<Finalized> {
+fn run(
+    seed: u64,
+    txs: Vec<Tx>,
+    isolate: Option<usize>,
+    byzantine: Option<usize>,
+) -> Vec<Finalized> {
     let cfg = deterministic::Config::new()
         .with_seed(seed)
         .with_timeout(Some(Duration::from_secs(600)));
@@ -113,8 +120,47 @@ fn run(seed: u64, txs: Vec<Tx>, isolate: Option<usize>) -> Vec<Finalized> {
             let resolver = control.register(2, QUOTA).await.unwrap();
             let blocks = control.register(3, QUOTA).await.unwrap();
             let requests = control.register(4, QUOTA).await.unwrap();
-            let ledger = Ledger::genesis(&genesis()).unwrap();
             let node = context.child("node").with_attribute("index", i);
+            if byzantine == Some(i) {
+                // A Byzantine organisation: runs no honest engine; floods every channel with
+                // garbage, forged blocks (a forged transaction, a made-up parent) and block
+                // requests.
+                let mut senders = [votes.0, certs.0, resolver.0, blocks.0, requests.0];
+                let forger = SigningKey::from_seed([99; 32]);
+                node.child("byzantine").spawn(move |ctx| async move {
+                    let mut n: u64 = 0;
+                    loop {
+                        n += 1;
+                        let forged = medledger_node::Block {
+                            height: n,
+                            parent: "00".repeat(32),
+                            time_ms: n,
+                            txs: vec![Tx::sign(
+                                CHAIN,
+                                &forger,
+                                n,
+                                Op::RemoveMember {
+                                    key: admin(0).verifying_key(),
+                                },
+                            )],
+                        };
+                        for (c, snd) in senders.iter_mut().enumerate() {
+                            let garbage: Vec<u8> = (0..(64 + n as usize % 512))
+                                .map(|k| (k as u64 * 31 + n + c as u64) as u8)
+                                .collect();
+                            let _ = snd.send(Recipients::All, IoBuf::from(garbage), false);
+                        }
+                        let _ =
+                            senders[3].send(Recipients::All, IoBuf::from(forged.encode()), false);
+                        let _ =
+                            senders[4].send(Recipients::All, IoBuf::from(vec![n as u8; 32]), false);
+                        ctx.sleep(Duration::from_millis(50)).await;
+                    }
+                });
+                finals.push(Arc::new(Mutex::new(Finalized::default())));
+                continue;
+            }
+            let ledger = Ledger::genesis(&genesis()).unwrap();
             let (app, mailbox, finalized) = Application::new::<Scheme>(node.child("app"), ledger);
             let genesis = app.genesis();
             app.start(blocks, requests);
@@ -147,10 +193,11 @@ fn run(seed: u64, txs: Vec<Tx>, isolate: Option<usize>) -> Vec<Finalized> {
         // Until every connected node has applied every transaction.
         let expected = txs.len();
         let all_applied = |finals: &[Arc<Mutex<Finalized>>], skip: Option<usize>| {
-            finals
-                .iter()
-                .enumerate()
-                .all(|(i, f)| skip == Some(i) || f.lock().unwrap().receipts.len() >= expected)
+            finals.iter().enumerate().all(|(i, f)| {
+                skip == Some(i)
+                    || byzantine == Some(i)
+                    || f.lock().unwrap().receipts.len() >= expected
+            })
         };
         while !all_applied(&finals, isolate) {
             context.sleep(Duration::from_millis(500)).await;
@@ -212,7 +259,7 @@ fn assert_agreement(finals: &[Finalized], skip: Option<usize>) {
 #[test]
 fn four_nodes_finalise_the_same_blocks_and_state() {
     let txs = workload(25);
-    let finals = run(7, txs.clone(), None);
+    let finals = run(7, txs.clone(), None, None);
     assert_agreement(&finals, None);
     for f in &finals {
         assert_eq!(f.receipts.len(), txs.len());
@@ -223,7 +270,7 @@ fn four_nodes_finalise_the_same_blocks_and_state() {
         );
     }
     // The same seed gives the same run.
-    let again = run(7, txs, None);
+    let again = run(7, txs, None, None);
     assert_eq!(finals[0].blocks, again[0].blocks);
     let _ = Digest::default();
 }
@@ -231,13 +278,27 @@ fn four_nodes_finalise_the_same_blocks_and_state() {
 #[test]
 fn three_of_four_go_on_and_the_fourth_catches_up_when_the_partition_heals() {
     let txs = workload(10);
-    let finals = run(11, txs.clone(), Some(3));
+    let finals = run(11, txs.clone(), Some(3), None);
     assert_agreement(&finals, None);
     for f in &finals {
         assert_eq!(f.receipts.iter().filter(|r| r.is_ok()).count(), txs.len());
         assert_eq!(
             f.receipts, finals[0].receipts,
             "same receipts on every node"
+        );
+    }
+}
+
+#[test]
+fn a_byzantine_organisation_flooding_garbage_and_forged_blocks_changes_nothing() {
+    let txs = workload(10);
+    let finals = run(13, txs.clone(), None, Some(2));
+    assert_agreement(&finals, Some(2));
+    for (i, f) in finals.iter().enumerate().filter(|(i, _)| *i != 2) {
+        assert_eq!(f.receipts.len(), txs.len(), "node {i}");
+        assert!(
+            f.receipts.iter().all(|r| r.is_ok()),
+            "node {i}: a forged transaction was applied"
         );
     }
 }

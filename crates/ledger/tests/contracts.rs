@@ -111,6 +111,19 @@ impl Net {
     }
 }
 
+/// Registration of a one-instance original study.
+fn study_op(root: Digest, patient: &str) -> Op {
+    Op::RegisterStudy {
+        root,
+        patient: patient.into(),
+        modality: "CT".into(),
+        instances: 1,
+        bytes: 1,
+        derived_from: None,
+        deid: None,
+    }
+}
+
 fn register(net: &mut Net, root: Digest, derived_from: Option<Digest>) {
     net.ok(
         21,
@@ -454,15 +467,7 @@ fn break_glass_is_granted_without_consent_and_flagged() {
 fn forged_replayed_and_unauthorised_transactions_are_refused() {
     let mut net = Net::new();
     let root = Digest::of(b"x");
-    let op = Op::RegisterStudy {
-        root,
-        patient: PATIENT.into(),
-        modality: "CT".into(),
-        instances: 1,
-        bytes: 1,
-        derived_from: None,
-        deid: None,
-    };
+    let op = study_op(root, PATIENT);
     // A tampered body.
     let mut tx = net.tx(21, op.clone());
     if let Op::RegisterStudy { instances, .. } = &mut tx.body.op {
@@ -506,18 +511,7 @@ fn forged_replayed_and_unauthorised_transactions_are_refused() {
         Some(LedgerError::NotFound(_))
     ));
     let later_root = Digest::of(b"later");
-    net.ok(
-        21,
-        Op::RegisterStudy {
-            root: later_root,
-            patient: PATIENT.into(),
-            modality: "CT".into(),
-            instances: 1,
-            bytes: 1,
-            derived_from: None,
-            deid: None,
-        },
-    );
+    net.ok(21, study_op(later_root, PATIENT));
     assert!(matches!(
         net.submit(early).error,
         Some(LedgerError::Nonce(_))
@@ -525,35 +519,13 @@ fn forged_replayed_and_unauthorised_transactions_are_refused() {
 
     // No patient identifier gets in: anything but a pseudonym is refused.
     for bad in ["DOE^JOHN", "123456", "19700101", "MLabcdefghijklmnop"] {
-        let e = net.refused(
-            21,
-            Op::RegisterStudy {
-                root: Digest::of(bad.as_bytes()),
-                patient: bad.into(),
-                modality: "CT".into(),
-                instances: 1,
-                bytes: 1,
-                derived_from: None,
-                deid: None,
-            },
-        );
+        let e = net.refused(21, study_op(Digest::of(bad.as_bytes()), bad));
         assert!(e.to_string().contains("pseudonym"), "{e}");
     }
     // Roles: a researcher cannot register studies; a clinician cannot add members; the
     // patient cannot consent for another patient; a hospital cannot issue patient identities.
     assert!(matches!(
-        net.refused(
-            23,
-            Op::RegisterStudy {
-                root: Digest::of(b"r"),
-                patient: PATIENT.into(),
-                modality: "CT".into(),
-                instances: 1,
-                bytes: 1,
-                derived_from: None,
-                deid: None
-            }
-        ),
+        net.refused(23, study_op(Digest::of(b"r"), PATIENT)),
         LedgerError::Unauthorized(_)
     ));
     assert!(matches!(
@@ -592,18 +564,7 @@ fn forged_replayed_and_unauthorised_transactions_are_refused() {
     ));
     // Someone else's study cannot be granted; a study is registered once.
     assert!(matches!(
-        net.refused(
-            21,
-            Op::RegisterStudy {
-                root,
-                patient: PATIENT.into(),
-                modality: "CT".into(),
-                instances: 1,
-                bytes: 1,
-                derived_from: None,
-                deid: None
-            }
-        ),
+        net.refused(21, study_op(root, PATIENT)),
         LedgerError::Conflict(_)
     ));
 }

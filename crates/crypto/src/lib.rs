@@ -8,11 +8,13 @@
 mod aead;
 mod digest;
 pub mod merkle;
+pub mod pki;
 mod sign;
 mod wrap;
 
 pub use aead::{KEY_LEN, ObjectKey, SEAL_OVERHEAD, open, seal};
 pub use digest::Digest;
+pub use pki::{CertSpec, Certificate};
 pub use sign::{Signature, SigningKey, VerifyingKey};
 pub use wrap::{PublicKey, SecretKey, WrappedKey, unwrap, wrap};
 
@@ -31,4 +33,7 @@ pub enum CryptoError {
     /// A wrapped key that this secret key cannot open.
     #[error("the wrapped key is not for this recipient or was altered")]
     Unwrap,
+    /// A certificate that does not parse, is not Ed25519, or does not verify.
+    #[error("certificate: {0}")]
+    Certificate(String),
 }

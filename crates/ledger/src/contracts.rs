@@ -1,9 +1,10 @@
 //! The contracts: each operation checks everything first and writes only when every check
 //! passed, so a refused operation leaves the state as it was.
 
-use medledger_crypto::{Digest, VerifyingKey};
+use medledger_crypto::{Certificate, Digest};
 
 use crate::LedgerError;
+use crate::identity;
 use crate::state::State;
 use crate::tx::{Op, Tx, retrieval_statement};
 use crate::types::*;
@@ -48,15 +49,59 @@ fn require_any(m: &Member, roles: &[Role], what: &str) -> Result<()> {
     }
 }
 
-pub(crate) fn admit_org(
-    state: &mut State,
+/// A member record from a certificate `ca` issued; checks the chain and the roles.
+fn member_from_cert(ca: &Certificate, pem: &str) -> Result<Member> {
+    let cert = identity::parse_certificate(pem)?;
+    cert.verify_issued_by(ca)
+        .map_err(|e| unauthorized(e.to_string()))?;
+    if cert.is_ca {
+        return Err(invalid("a CA certificate is not a member identity"));
+    }
+    let roles = identity::roles_of(&cert)?;
+    match (roles.contains(&Role::Patient), &cert.pseudonym) {
+        (true, Some(p)) => check_pseudonym(p)?,
+        (true, None) => return Err(invalid("a patient's certificate names their pseudonym")),
+        (false, Some(_)) => return Err(invalid("only a patient's certificate has a pseudonym")),
+        (false, None) => {}
+    }
+    Ok(Member {
+        key: cert.key,
+        org: cert.org.clone(),
+        name: cert.name.clone(),
+        roles,
+        patient: cert.pseudonym.clone(),
+        active: true,
+        certificate: cert.fingerprint(),
+        not_before_ms: cert.not_before_ms,
+        not_after_ms: cert.not_after_ms,
+    })
+}
+
+/// The checks of a new organisation: its CA, its admin's and node's certificates.
+fn check_new_org(
+    state: &State,
     id: &str,
-    class: OrgClass,
-    admin: VerifyingKey,
-    node: VerifyingKey,
-) -> Result<()> {
+    ca: &str,
+    admin: &str,
+    node: &str,
+) -> Result<(Certificate, Member, Member)> {
     check_org_id(id)?;
-    for k in [admin, node] {
+    if state.get_raw(&format!("org/{id}")).is_some() {
+        return Err(LedgerError::Conflict(format!("organisation {id} exists")));
+    }
+    let ca = identity::check_ca(ca, id)?;
+    let admin = member_from_cert(&ca, admin)?;
+    let node = member_from_cert(&ca, node)?;
+    if admin.roles != [Role::Admin] || node.roles != [Role::Node] {
+        return Err(invalid(
+            "an organisation starts with one admin certificate (role admin) and one node \
+             certificate (role node)",
+        ));
+    }
+    if admin.key == node.key {
+        return Err(invalid("an organisation's admin and node keys must differ"));
+    }
+    for k in [admin.key, node.key] {
         if state.get_raw(&format!("member/{k}")).is_some() {
             return Err(LedgerError::Conflict(format!(
                 "key {} is already a member",
@@ -64,28 +109,29 @@ pub(crate) fn admit_org(
             )));
         }
     }
-    if admin == node {
-        return Err(invalid("an organisation's admin and node keys must differ"));
-    }
+    Ok((ca, admin, node))
+}
+
+pub(crate) fn admit_org(
+    state: &mut State,
+    id: &str,
+    class: OrgClass,
+    ca: &str,
+    admin: &str,
+    node: &str,
+) -> Result<()> {
+    let (ca, admin, node) = check_new_org(state, id, ca, admin, node)?;
     state.put(
         format!("org/{id}"),
         &Org {
             id: id.to_string(),
             class,
             active: true,
+            ca: ca.to_pem(),
         },
     );
-    for (key, role) in [(admin, Role::Admin), (node, Role::Node)] {
-        state.put(
-            format!("member/{key}"),
-            &Member {
-                key,
-                org: id.to_string(),
-                roles: vec![role],
-                patient: None,
-                active: true,
-            },
-        );
+    for m in [admin, node] {
+        state.put(format!("member/{}", m.key), &m);
     }
     Ok(())
 }
@@ -153,47 +199,31 @@ pub(crate) fn execute(
 ) -> Result<Option<String>> {
     let signer_org = org(state, &signer.org)?;
     match &tx.body.op {
-        Op::AddMember {
-            key,
-            roles,
-            patient,
-        } => {
+        Op::AddMember { certificate } => {
             require_any(signer, &[Role::Admin], "adding a member")?;
-            if roles.is_empty() {
-                return Err(invalid("a member needs at least one role"));
+            let ca = identity::parse_certificate(&signer_org.ca)?;
+            let m = member_from_cert(&ca, certificate)?;
+            if m.org != signer.org {
+                return Err(unauthorized(
+                    "an admin adds members of their own organisation",
+                ));
             }
-            if state.get_raw(&format!("member/{key}")).is_some() {
+            if now > m.not_after_ms {
+                return Err(invalid(format!("{}'s certificate has expired", m.name)));
+            }
+            if m.roles.contains(&Role::Patient) && signer_org.class != OrgClass::PatientAgent {
+                return Err(unauthorized(
+                    "patient identities are issued by a patients' agent organisation",
+                ));
+            }
+            if state.get_raw(&format!("member/{}", m.key)).is_some() {
                 return Err(LedgerError::Conflict(format!(
                     "{} is already a member",
-                    key.fingerprint()
+                    m.key.fingerprint()
                 )));
             }
-            match (roles.contains(&Role::Patient), patient) {
-                (true, Some(p)) => {
-                    check_pseudonym(p)?;
-                    if signer_org.class != OrgClass::PatientAgent {
-                        return Err(unauthorized(
-                            "patient identities are issued by a patients' agent organisation",
-                        ));
-                    }
-                }
-                (true, None) => return Err(invalid("a patient member names their pseudonym")),
-                (false, Some(_)) => return Err(invalid("only a patient member has a pseudonym")),
-                (false, None) => {}
-            }
-            let mut roles = roles.clone();
-            roles.sort();
-            roles.dedup();
-            state.put(
-                format!("member/{key}"),
-                &Member {
-                    key: *key,
-                    org: signer.org.clone(),
-                    roles,
-                    patient: patient.clone(),
-                    active: true,
-                },
-            );
+            let key = m.key;
+            state.put(format!("member/{key}"), &m);
             Ok(Some(key.to_string()))
         }
         Op::RemoveMember { key } => {
@@ -215,22 +245,12 @@ pub(crate) fn execute(
             match change {
                 OrgChange::Add {
                     org: id,
+                    ca,
                     admin,
                     node,
                     ..
                 } => {
-                    check_org_id(id)?;
-                    if state.get_raw(&format!("org/{id}")).is_some() {
-                        return Err(LedgerError::Conflict(format!("organisation {id} exists")));
-                    }
-                    for k in [admin, node] {
-                        if state.get_raw(&format!("member/{k}")).is_some() {
-                            return Err(LedgerError::Conflict(format!(
-                                "key {} is already a member",
-                                k.fingerprint()
-                            )));
-                        }
-                    }
+                    check_new_org(state, id, ca, admin, node)?;
                 }
                 OrgChange::Remove { org: id } => {
                     org(state, id)?;
@@ -730,9 +750,10 @@ fn finish_proposal(state: &mut State, mut p: Proposal) -> Result<()> {
             OrgChange::Add {
                 org: id,
                 class,
+                ca,
                 admin,
                 node,
-            } => admit_org(state, id, *class, *admin, *node)?,
+            } => admit_org(state, id, *class, ca, admin, node)?,
             OrgChange::Remove { org: id } => {
                 let mut o = org(state, id)?;
                 o.active = false;

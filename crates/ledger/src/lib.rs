@@ -13,6 +13,7 @@
 //! operation changes nothing else.
 
 mod contracts;
+pub mod identity;
 pub mod state;
 pub mod tx;
 pub mod types;
@@ -49,8 +50,11 @@ pub enum LedgerError {
 pub struct GenesisOrg {
     pub id: String,
     pub class: OrgClass,
-    pub admin: VerifyingKey,
-    pub node: VerifyingKey,
+    /// The organisation's self-signed CA certificate (PEM).
+    pub ca: String,
+    /// Its first admin's and its node's certificates (PEM), issued by that CA.
+    pub admin: String,
+    pub node: String,
 }
 
 /// The first state of a network.
@@ -106,7 +110,7 @@ impl Ledger {
                     o.id
                 )));
             }
-            contracts::admit_org(&mut l.state, &o.id, o.class, o.admin, o.node)?;
+            contracts::admit_org(&mut l.state, &o.id, o.class, &o.ca, &o.admin, &o.node)?;
         }
         l.state.put("chain".into(), &g.chain);
         Ok(l)
@@ -194,6 +198,15 @@ impl Ledger {
                 b.signer.fingerprint()
             ))
         })?;
+        if self.time_ms < member.not_before_ms || self.time_ms > member.not_after_ms {
+            return Err(LedgerError::Unauthorized(format!(
+                "{}'s certificate is not valid at {} (valid {}..{})",
+                b.signer.fingerprint(),
+                self.time_ms,
+                member.not_before_ms,
+                member.not_after_ms
+            )));
+        }
         if !self.org(&member.org).is_some_and(|o| o.active) {
             return Err(LedgerError::Unauthorized(format!(
                 "organisation {} is not active",

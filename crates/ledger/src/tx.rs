@@ -4,18 +4,17 @@
 use medledger_crypto::{Digest, Signature, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
-use crate::types::{DeidRecord, OrgChange, Purpose, Recipient, Role, Target};
+use crate::types::{DeidRecord, OrgChange, Purpose, Recipient, Target};
 
 /// Every operation the contracts accept.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", tag = "op")]
 pub enum Op {
     // Membership and governance.
+    /// Registers a member by the certificate (PEM) their organisation's CA issued; the
+    /// certificate gives the key, roles and, for a patient, the pseudonym.
     AddMember {
-        key: VerifyingKey,
-        roles: Vec<Role>,
-        #[serde(skip_serializing_if = "Option::is_none", default)]
-        patient: Option<String>,
+        certificate: String,
     },
     RemoveMember {
         key: VerifyingKey,

@@ -64,6 +64,35 @@ pub enum Role {
     Node,
 }
 
+impl Role {
+    pub const ALL: [Role; 7] = [
+        Role::Admin,
+        Role::Clinician,
+        Role::Researcher,
+        Role::Patient,
+        Role::Auditor,
+        Role::EthicsBoard,
+        Role::Node,
+    ];
+
+    /// The role's name in certificates and JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Clinician => "clinician",
+            Role::Researcher => "researcher",
+            Role::Patient => "patient",
+            Role::Auditor => "auditor",
+            Role::EthicsBoard => "ethics-board",
+            Role::Node => "node",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        Role::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+}
+
 /// Why data is shared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -87,18 +116,25 @@ pub struct Org {
     pub id: String,
     pub class: OrgClass,
     pub active: bool,
+    /// The organisation's CA certificate (PEM): every member's certificate chains to it.
+    pub ca: String,
 }
 
-/// A member identity: a key, its organisation, its roles, and for a patient the pseudonym
-/// they act for.
+/// A member identity, from the certificate its organisation's CA issued: the key, the
+/// organisation, the roles, for a patient the pseudonym they act for, and the validity.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
     pub key: VerifyingKey,
     pub org: String,
+    pub name: String,
     pub roles: Vec<Role>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub patient: Option<String>,
     pub active: bool,
+    /// The digest of the member's certificate (DER).
+    pub certificate: Digest,
+    pub not_before_ms: u64,
+    pub not_after_ms: u64,
 }
 
 impl Member {
@@ -248,8 +284,10 @@ pub enum OrgChange {
     Add {
         org: String,
         class: OrgClass,
-        admin: VerifyingKey,
-        node: VerifyingKey,
+        /// The new organisation's CA certificate and its admin's and node's certificates (PEM).
+        ca: String,
+        admin: String,
+        node: String,
     },
     Remove {
         org: String,

@@ -14,6 +14,49 @@ fn key(n: u8) -> SigningKey {
     SigningKey::from_seed([n; 32])
 }
 
+const ORGS: [(&str, OrgClass); 5] = [
+    ("hospital-a", OrgClass::Hospital),
+    ("hospital-b", OrgClass::Hospital),
+    ("research", OrgClass::Research),
+    ("patients", OrgClass::PatientAgent),
+    ("hospital-c", OrgClass::Hospital),
+];
+
+/// Organisation `i`'s certificate authority (its key is 41 + i).
+fn ca(i: usize) -> identity::OrgCa {
+    identity::OrgCa::new(ORGS[i].0, key(41 + i as u8), identity::FOREVER_MS).unwrap()
+}
+
+/// Organisation `i` (0-based) registers key `member` with `roles`.
+fn add(i: usize, member: u8, roles: &[Role], patient: Option<&str>) -> Op {
+    let cert = ca(i)
+        .issue(
+            &key(member).verifying_key(),
+            &format!("member {member}"),
+            roles,
+            patient,
+            &[],
+            identity::FOREVER_MS,
+        )
+        .unwrap();
+    Op::AddMember {
+        certificate: cert.to_pem(),
+    }
+}
+
+/// Organisation `i`'s genesis entry: admin key 1 + i, node key 11 + i.
+fn genesis_org(i: usize) -> GenesisOrg {
+    ca(i)
+        .genesis_org(
+            ORGS[i].1,
+            &key(1 + i as u8).verifying_key(),
+            &key(11 + i as u8).verifying_key(),
+            &[],
+            identity::FOREVER_MS,
+        )
+        .unwrap()
+}
+
 /// Signs and numbers transactions per signer, and applies them one block each.
 struct Net {
     ledger: Ledger,
@@ -25,24 +68,9 @@ struct Net {
 // 24 ethics board (research org), 25 patient (patients' agent), 26 agent staff.
 impl Net {
     fn new() -> Net {
-        let orgs = [
-            ("hospital-a", OrgClass::Hospital),
-            ("hospital-b", OrgClass::Hospital),
-            ("research", OrgClass::Research),
-            ("patients", OrgClass::PatientAgent),
-        ];
         let g = Genesis {
             chain: CHAIN.into(),
-            orgs: orgs
-                .iter()
-                .enumerate()
-                .map(|(i, (id, class))| GenesisOrg {
-                    id: id.to_string(),
-                    class: *class,
-                    admin: key(1 + i as u8).verifying_key(),
-                    node: key(11 + i as u8).verifying_key(),
-                })
-                .collect(),
+            orgs: (0..4).map(genesis_org).collect(),
         };
         let mut net = Net {
             ledger: Ledger::genesis(&g).unwrap(),
@@ -50,21 +78,14 @@ impl Net {
             time: 1_700_000_000_000,
         };
         for (admin, member, roles, patient) in [
-            (1, 21, vec![Role::Clinician], None),
-            (2, 22, vec![Role::Clinician], None),
-            (3, 23, vec![Role::Researcher], None),
-            (3, 24, vec![Role::EthicsBoard], None),
-            (4, 25, vec![Role::Patient], Some(PATIENT.to_string())),
-            (4, 26, vec![Role::Clinician], None),
+            (1, 21, Role::Clinician, None),
+            (2, 22, Role::Clinician, None),
+            (3, 23, Role::Researcher, None),
+            (3, 24, Role::EthicsBoard, None),
+            (4, 25, Role::Patient, Some(PATIENT)),
+            (4, 26, Role::Clinician, None),
         ] {
-            net.ok(
-                admin,
-                Op::AddMember {
-                    key: key(member).verifying_key(),
-                    roles,
-                    patient,
-                },
-            );
+            net.ok(admin, add(admin as usize - 1, member, &[roles], patient));
         }
         net
     }
@@ -529,14 +550,7 @@ fn forged_replayed_and_unauthorised_transactions_are_refused() {
         LedgerError::Unauthorized(_)
     ));
     assert!(matches!(
-        net.refused(
-            21,
-            Op::AddMember {
-                key: key(77).verifying_key(),
-                roles: vec![Role::Clinician],
-                patient: None
-            }
-        ),
+        net.refused(21, add(0, 77, &[Role::Clinician], None)),
         LedgerError::Unauthorized(_)
     ));
     assert!(matches!(
@@ -552,14 +566,7 @@ fn forged_replayed_and_unauthorised_transactions_are_refused() {
         LedgerError::Unauthorized(_)
     ));
     assert!(matches!(
-        net.refused(
-            1,
-            Op::AddMember {
-                key: key(78).verifying_key(),
-                roles: vec![Role::Patient],
-                patient: Some(OTHER_PATIENT.into())
-            }
-        ),
+        net.refused(1, add(0, 78, &[Role::Patient], Some(OTHER_PATIENT))),
         LedgerError::Unauthorized(_)
     ));
     // Someone else's study cannot be granted; a study is registered once.
@@ -572,11 +579,13 @@ fn forged_replayed_and_unauthorised_transactions_are_refused() {
 #[test]
 fn governance_admits_and_removes_organisations_by_majority() {
     let mut net = Net::new();
+    let g = genesis_org(4);
     let change = OrgChange::Add {
-        org: "hospital-c".into(),
-        class: OrgClass::Hospital,
-        admin: key(5).verifying_key(),
-        node: key(15).verifying_key(),
+        org: g.id,
+        class: g.class,
+        ca: g.ca,
+        admin: g.admin,
+        node: g.node,
     };
     let p = net.ok(1, Op::Propose { change }).unwrap();
     assert!(net.ledger.org("hospital-c").is_none());
@@ -616,14 +625,7 @@ fn governance_admits_and_removes_organisations_by_majority() {
     );
     assert!(net.ledger.org("hospital-c").is_some_and(|o| o.active));
     // The new organisation's admin can act at once.
-    net.ok(
-        5,
-        Op::AddMember {
-            key: key(31).verifying_key(),
-            roles: vec![Role::Clinician],
-            patient: None,
-        },
-    );
+    net.ok(5, add(4, 31, &[Role::Clinician], None));
 
     // Removing hospital-b: 3 of 5 needed; after it, B's members are refused.
     let p = net
@@ -674,4 +676,141 @@ fn same_blocks_same_root_and_proofs_verify() {
     forged.value = forged.value.replace("hospital-a", "hospital-b");
     assert!(!forged.verify(&root));
     assert!(a.ledger.state().prove("study/none").is_none());
+}
+
+#[test]
+fn members_are_certificates_that_chain_to_their_organisations_ca_and_expire() {
+    let mut net = Net::new();
+    // The certificate names its member's roles: the new clinician can register studies.
+    net.ok(1, add(0, 60, &[Role::Clinician], None));
+    let m = net.ledger.member(&key(60).verifying_key()).unwrap();
+    assert_eq!(
+        (m.org.as_str(), m.roles.as_slice()),
+        ("hospital-a", &[Role::Clinician][..])
+    );
+    assert_eq!(m.name, "member 60");
+
+    // A certificate from hospital-b's CA cannot be registered by hospital-a's admin.
+    assert!(matches!(
+        net.refused(1, add(1, 61, &[Role::Clinician], None)),
+        LedgerError::Unauthorized(_)
+    ));
+    // An impostor CA with hospital-a's name but another key: its certificates do not chain.
+    let impostor = identity::OrgCa::new("hospital-a", key(99), identity::FOREVER_MS).unwrap();
+    let forged = impostor
+        .issue(
+            &key(62).verifying_key(),
+            "mallory",
+            &[Role::Admin],
+            None,
+            &[],
+            identity::FOREVER_MS,
+        )
+        .unwrap();
+    let e = net.refused(
+        1,
+        Op::AddMember {
+            certificate: forged.to_pem(),
+        },
+    );
+    assert!(e.to_string().contains("signature"), "{e}");
+    // Not a certificate at all; a role the ledger does not know; a CA certificate.
+    assert!(matches!(
+        net.refused(
+            1,
+            Op::AddMember {
+                certificate: "hello".into()
+            }
+        ),
+        LedgerError::Invalid(_)
+    ));
+    let odd = medledger_crypto::pki::issue(
+        &ca(0).cert,
+        &key(41),
+        &key(63).verifying_key(),
+        &medledger_crypto::CertSpec {
+            name: "root".into(),
+            org: "hospital-a".into(),
+            roles: vec!["superuser".into()],
+            pseudonym: None,
+            hosts: vec![],
+            not_before_ms: 0,
+            not_after_ms: u64::MAX / 4_000_000,
+        },
+    )
+    .unwrap();
+    let e = net.refused(
+        1,
+        Op::AddMember {
+            certificate: odd.to_pem(),
+        },
+    );
+    assert!(e.to_string().contains("superuser"), "{e}");
+    assert!(matches!(
+        net.refused(
+            1,
+            Op::AddMember {
+                certificate: ca(0).cert.to_pem()
+            }
+        ),
+        LedgerError::Invalid(_)
+    ));
+
+    // A certificate that has already expired is refused; one that expires later stops
+    // working from the first block after its end.
+    let now = net.time;
+    let expired = ca(0)
+        .issue(
+            &key(64).verifying_key(),
+            "old",
+            &[Role::Clinician],
+            None,
+            &[],
+            (0, now - 1),
+        )
+        .unwrap();
+    assert!(
+        net.refused(
+            1,
+            Op::AddMember {
+                certificate: expired.to_pem()
+            }
+        )
+        .to_string()
+        .contains("expired")
+    );
+    let short = ca(0)
+        .issue(
+            &key(65).verifying_key(),
+            "locum",
+            &[Role::Clinician],
+            None,
+            &[],
+            (0, now + 5_000),
+        )
+        .unwrap();
+    net.ok(
+        1,
+        Op::AddMember {
+            certificate: short.to_pem(),
+        },
+    );
+    net.ok(65, study_op(Digest::of(b"locum-1"), PATIENT));
+    net.time += 10_000;
+    let e = net.refused(65, study_op(Digest::of(b"locum-2"), PATIENT));
+    assert!(
+        matches!(e, LedgerError::Unauthorized(_)) && e.to_string().contains("not valid"),
+        "{e}"
+    );
+
+    // A genesis whose admin certificate another CA issued is refused.
+    let mut g0 = genesis_org(0);
+    g0.admin = genesis_org(1).admin;
+    assert!(
+        Ledger::genesis(&Genesis {
+            chain: CHAIN.into(),
+            orgs: vec![g0]
+        })
+        .is_err()
+    );
 }

@@ -85,13 +85,77 @@ fn covers(c: &MConsent, research: bool, org: &str, now: u64) -> bool {
     !c.revoked && c.research == research && c.expires.is_none_or(|e| now < e) && class_ok
 }
 
+/// The genesis of four organisations and the additions of members, issued once for all cases.
+fn network() -> &'static (Genesis, Vec<(u8, Op)>) {
+    static NET: std::sync::OnceLock<(Genesis, Vec<(u8, Op)>)> = std::sync::OnceLock::new();
+    NET.get_or_init(|| {
+        let orgs = [
+            ("hospital-a", OrgClass::Hospital),
+            ("hospital-b", OrgClass::Hospital),
+            ("research", OrgClass::Research),
+            ("patients", OrgClass::PatientAgent),
+        ];
+        let cas: Vec<identity::OrgCa> = orgs
+            .iter()
+            .enumerate()
+            .map(|(i, (id, _))| {
+                identity::OrgCa::new(id, key(41 + i as u8), identity::FOREVER_MS).unwrap()
+            })
+            .collect();
+        let g = Genesis {
+            chain: CHAIN.into(),
+            orgs: orgs
+                .iter()
+                .enumerate()
+                .map(|(i, (_, class))| {
+                    cas[i]
+                        .genesis_org(
+                            *class,
+                            &key(1 + i as u8).verifying_key(),
+                            &key(11 + i as u8).verifying_key(),
+                            &[],
+                            identity::FOREVER_MS,
+                        )
+                        .unwrap()
+                })
+                .collect(),
+        };
+        let members = [
+            (1u8, 21u8, Role::Clinician, None),
+            (2, 22, Role::Clinician, None),
+            (3, 23, Role::Researcher, None),
+            (4, 25, Role::Patient, Some(PATIENT)),
+        ]
+        .into_iter()
+        .map(|(admin, member, role, patient)| {
+            let cert = cas[admin as usize - 1]
+                .issue(
+                    &key(member).verifying_key(),
+                    "member",
+                    &[role],
+                    patient,
+                    &[],
+                    identity::FOREVER_MS,
+                )
+                .unwrap();
+            (
+                admin,
+                Op::AddMember {
+                    certificate: cert.to_pem(),
+                },
+            )
+        })
+        .collect();
+        (g, members)
+    })
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
     #[test]
     fn retrieval_allowed_exactly_when_grant_and_consent_are_live(actions in proptest::collection::vec(action(), 1..40)) {
-        let orgs = [("hospital-a", OrgClass::Hospital), ("hospital-b", OrgClass::Hospital), ("research", OrgClass::Research), ("patients", OrgClass::PatientAgent)];
-        let g = Genesis { chain: CHAIN.into(), orgs: orgs.iter().enumerate().map(|(i, (id, class))| GenesisOrg { id: id.to_string(), class: *class, admin: key(1 + i as u8).verifying_key(), node: key(11 + i as u8).verifying_key() }).collect() };
-        let mut l = Ledger::genesis(&g).unwrap();
+        let (g, members) = network();
+        let mut l = Ledger::genesis(g).unwrap();
         let mut nonces = std::collections::HashMap::<u8, u64>::new();
         let mut now = 1_000_000u64;
         let mut run = |l: &mut Ledger, now: u64, signer: u8, op: Op| -> Receipt {
@@ -99,9 +163,9 @@ proptest! {
             *n += 1;
             l.apply_block(now, &[Tx::sign(CHAIN, &key(signer), *n, op)]).remove(0)
         };
-        for (admin, member, roles, patient) in [(1, 21, vec![Role::Clinician], None), (2, 22, vec![Role::Clinician], None), (3, 23, vec![Role::Researcher], None), (4, 25, vec![Role::Patient], Some(PATIENT.to_string()))] {
+        for (admin, op) in members {
             now += 1;
-            assert!(run(&mut l, now, admin, Op::AddMember { key: key(member).verifying_key(), roles, patient }).is_ok());
+            assert!(run(&mut l, now, *admin, op.clone()).is_ok());
         }
         let original = Digest::of(b"o");
         let derivative = Digest::of(b"d");

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use medledger_crypto::{Digest, SigningKey};
+use medledger_ledger::identity::{self, OrgCa};
 use medledger_ledger::{Op, Purpose, Recipient, Role, Target, Tx};
 use serde_json::Value;
 
@@ -79,6 +80,14 @@ fn key(dir: &Path, org: &str) -> Result<SigningKey> {
     )?)?)
 }
 
+fn org_ca(dir: &Path, org: &str) -> Result<OrgCa> {
+    let d = dir.join(org);
+    Ok(OrgCa::from_parts(
+        SigningKey::from_text(&std::fs::read_to_string(d.join("ca.key"))?)?,
+        &std::fs::read_to_string(d.join("ca.pem"))?,
+    )?)
+}
+
 fn measure(args: &BenchLedgerArgs, dir: &Path, base: u16) -> Result<()> {
     let apis: Vec<String> = (0..4)
         .map(|i| format!("http://127.0.0.1:{}", base + 100 + i))
@@ -97,6 +106,7 @@ fn measure(args: &BenchLedgerArgs, dir: &Path, base: u16) -> Result<()> {
         ("patients", Role::Clinician, "consent"),
     ] {
         let admin = key(dir, org)?;
+        let ca = org_ca(dir, org)?;
         for n in 0..per_org {
             let mut seed = [0u8; 32];
             seed[0] = n;
@@ -107,9 +117,16 @@ fn measure(args: &BenchLedgerArgs, dir: &Path, base: u16) -> Result<()> {
                 &admin,
                 n as u64 + 1,
                 Op::AddMember {
-                    key: m.verifying_key(),
-                    roles: vec![role],
-                    patient: None,
+                    certificate: ca
+                        .issue(
+                            &m.verifying_key(),
+                            &format!("{org} load {n}"),
+                            &[role],
+                            None,
+                            &[],
+                            identity::FOREVER_MS,
+                        )?
+                        .to_pem(),
                 },
             ));
             members.push((m, kind));

@@ -101,13 +101,7 @@ fn generate_key_file(file: &Path) -> Result<DeidKey> {
     if let Some(dir) = file.parent() {
         fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    write_atomically(file, key.to_text().as_bytes())?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        fs::set_permissions(file, fs::Permissions::from_mode(0o600))
-            .with_context(|| format!("cannot restrict permissions of {}", file.display()))?;
-    }
+    crate::files::write_secret(file, key.to_text().as_bytes())?;
     Ok(key)
 }
 

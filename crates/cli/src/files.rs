@@ -41,14 +41,20 @@ pub fn collect_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
 /// Writes `bytes` to `path` so that a reader never sees a partial file and a completed write
 /// survives a crash: write a temporary file beside it, fsync, rename, fsync the folder.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    write_file(path, bytes, true)
+    write_file(path, bytes, true, false)
+}
+
+/// Like [`write_atomically`], for secrets: the file is readable by its owner only from the
+/// moment it is created.
+pub fn write_secret(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_file(path, bytes, true, true)
 }
 
 /// Like [`write_atomically`] but without the two fsyncs: for batches that make everything
 /// durable at once with [`sync_filesystem`] before reporting success, which costs one flush
 /// instead of two per file.
 pub fn write_atomically_unsynced(path: &Path, bytes: &[u8]) -> Result<()> {
-    write_file(path, bytes, false)
+    write_file(path, bytes, false, false)
 }
 
 /// Flushes everything written to the file system holding `dir` (syncfs).
@@ -57,7 +63,7 @@ pub fn sync_filesystem(dir: &Path) -> Result<()> {
     rustix::fs::syncfs(&f).with_context(|| format!("cannot flush {} to disk", dir.display()))
 }
 
-fn write_file(path: &Path, bytes: &[u8], durable: bool) -> Result<()> {
+fn write_file(path: &Path, bytes: &[u8], durable: bool, secret: bool) -> Result<()> {
     let dir = path
         .parent()
         .with_context(|| format!("{} has no parent folder", path.display()))?;
@@ -68,7 +74,16 @@ fn write_file(path: &Path, bytes: &[u8], durable: bool) -> Result<()> {
         .unwrap_or_default();
     let tmp = dir.join(format!(".{file_name}.{}.tmp", std::process::id()));
     let result = (|| -> std::io::Result<()> {
-        let mut f = File::create(&tmp)?;
+        let mut options = fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        if secret {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(0o600);
+        }
+        #[cfg(not(unix))]
+        let _ = secret;
+        let mut f = options.open(&tmp)?;
         f.write_all(bytes)?;
         if durable {
             f.sync_data()?;

@@ -45,9 +45,12 @@ enum Command {
     Network(network_cmd::NetworkCommand),
     /// Run one node (consensus, ledger, API) from its configuration.
     Node(network_cmd::NodeArgs),
-    /// Talk to a node's ledger API: status, studies, audit, submit, prove.
+    /// Talk to a node's ledger API: status, query, history, studies, audit, submit, prove.
     #[command(subcommand)]
     Ledger(network_cmd::LedgerCommand),
+    /// Member identities: X.509 certificates issued by an organisation's CA.
+    #[command(subcommand)]
+    Identity(network_cmd::IdentityCommand),
     /// The encrypted image store: put, get, verify, share studies.
     #[command(subcommand)]
     Store(store_cmd::StoreCommand),
@@ -77,6 +80,7 @@ fn main() -> ExitCode {
         Command::Network(cmd) => network_cmd::run_network(cmd).map(|()| ExitCode::SUCCESS),
         Command::Node(args) => network_cmd::run_node(args).map(|()| ExitCode::SUCCESS),
         Command::Ledger(cmd) => network_cmd::run_ledger(cmd).map(|()| ExitCode::SUCCESS),
+        Command::Identity(cmd) => network_cmd::run_identity(cmd).map(|()| ExitCode::SUCCESS),
         Command::Bench(cmd) => bench::run(cmd).map(|()| ExitCode::SUCCESS),
     };
     match result {

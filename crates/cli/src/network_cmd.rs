@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
-use medledger_crypto::SigningKey;
-use medledger_ledger::{Op, Tx};
-use medledger_node::NodeConfig;
-use serde_json::Value;
+use medledger_crypto::{Certificate, SigningKey};
+use medledger_ledger::identity::OrgCa;
+use medledger_ledger::{Op, Role};
+use medledger_node::{Client, NodeConfig};
 
 #[derive(Subcommand, Debug)]
 pub enum NetworkCommand {
@@ -45,6 +45,31 @@ pub struct NodeArgs {
 pub enum LedgerCommand {
     /// The node's chain, height, state root and organisations.
     Status(NodeUrl),
+    /// State entries under a key prefix (e.g. `member/`, `study/`, `grant/`, `org/`), with
+    /// the state root they were read at.
+    Query {
+        #[command(flatten)]
+        node: NodeUrl,
+        /// The key prefix; empty for everything.
+        #[arg(default_value = "")]
+        prefix: String,
+        /// At most this many entries.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+        /// Start after this key (the `next` of the previous page).
+        #[arg(long)]
+        after: Option<String>,
+    },
+    /// Finalised blocks and every transaction's outcome, from a height on.
+    History {
+        #[command(flatten)]
+        node: NodeUrl,
+        #[arg(long, default_value_t = 1)]
+        from: u64,
+        /// Only blocks that carry transactions.
+        #[arg(long)]
+        non_empty: bool,
+    },
     /// Every registered study.
     Studies(NodeUrl),
     /// Every recorded retrieval.
@@ -56,14 +81,60 @@ pub enum LedgerCommand {
         /// The member's signing key file.
         #[arg(long)]
         key_file: PathBuf,
-        /// The operation, e.g. '{"op":"add-member","key":"...","roles":["clinician"]}'.
+        /// The operation, e.g. '{"op":"revoke-consent","consent":"..."}'.
         op: String,
     },
-    /// A state entry with its Merkle proof against the current state root.
+    /// Register a member by the certificate their organisation's CA issued (`identity issue`),
+    /// signed by an admin of that organisation.
+    AddMember {
+        #[command(flatten)]
+        node: NodeUrl,
+        /// The admin's signing key file.
+        #[arg(long)]
+        key_file: PathBuf,
+        /// The member's certificate (PEM).
+        #[arg(long)]
+        cert: PathBuf,
+    },
+    /// A state entry with its Merkle proof, checked here against the node's state root.
     Prove {
         #[command(flatten)]
         node: NodeUrl,
         key: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum IdentityCommand {
+    /// Issue a member certificate with the organisation's CA (from `network init`): writes
+    /// OUT.key (the member's signing key, private) and OUT.pem (the certificate).
+    Issue {
+        /// The organisation's folder holding ca.key and ca.pem.
+        #[arg(long)]
+        ca: PathBuf,
+        /// The member's name (certificate CN).
+        #[arg(long)]
+        name: String,
+        /// Roles, comma separated: admin, clinician, researcher, patient, auditor,
+        /// ethics-board, node.
+        #[arg(long, value_delimiter = ',', required = true)]
+        roles: Vec<String>,
+        /// A patient's pseudonym (role patient only).
+        #[arg(long)]
+        pseudonym: Option<String>,
+        /// Days of validity from now.
+        #[arg(long, default_value_t = 365)]
+        days: u64,
+        /// Output path without extension.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Show a certificate and check it against a CA certificate.
+    Show {
+        cert: PathBuf,
+        /// The issuing organisation's CA certificate (PEM), to verify the chain.
+        #[arg(long)]
+        ca: Option<PathBuf>,
     },
 }
 
@@ -222,64 +293,155 @@ fn down(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn get(url: &str) -> Result<Value> {
-    let r = reqwest::blocking::get(url).with_context(|| format!("cannot reach {url}"))?;
-    let status = r.status();
-    let v: Value = r.json().with_context(|| format!("{url}: not JSON"))?;
-    if !status.is_success() {
-        bail!("{url}: {status}: {}", v["error"].as_str().unwrap_or(""));
-    }
-    Ok(v)
+fn read(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
 }
 
+fn print(v: &impl serde::Serialize) {
+    println!("{}", serde_json::to_string_pretty(v).expect("JSON"));
+}
+
+const FINALITY: Duration = Duration::from_secs(30);
+
 pub fn run_ledger(cmd: LedgerCommand) -> Result<()> {
-    let print = |v: Value| println!("{}", serde_json::to_string_pretty(&v).expect("JSON"));
     match cmd {
-        LedgerCommand::Status(n) => print(get(&format!("{}/api/status", n.node))?),
-        LedgerCommand::Studies(n) => print(get(&format!("{}/api/studies", n.node))?),
-        LedgerCommand::Audit(n) => print(get(&format!("{}/api/audit", n.node))?),
+        LedgerCommand::Status(n) => print(&Client::new(&n.node).status()?),
+        LedgerCommand::Query {
+            node,
+            prefix,
+            limit,
+            after,
+        } => print(&Client::new(&node.node).query(&prefix, after.as_deref(), limit)?),
+        LedgerCommand::History {
+            node,
+            from,
+            non_empty,
+        } => {
+            let c = Client::new(&node.node);
+            let mut from = from;
+            let mut all = Vec::new();
+            loop {
+                let page = c.blocks(from)?;
+                let Some(last) = page.last().and_then(|b| b["height"].as_u64()) else {
+                    break;
+                };
+                all.extend(
+                    page.into_iter().filter(|b| {
+                        !non_empty || b["txs"].as_array().is_some_and(|t| !t.is_empty())
+                    }),
+                );
+                from = last + 1;
+            }
+            print(&all);
+        }
+        LedgerCommand::Studies(n) => print(&Client::new(&n.node).studies()?),
+        LedgerCommand::Audit(n) => print(&Client::new(&n.node).audit()?),
         LedgerCommand::Prove { node, key } => {
-            print(get(&format!("{}/api/state/{key}", node.node))?)
+            let p = Client::new(&node.node).prove(&key)?;
+            let root = medledger_crypto::Digest::from_hex(&p.root)?;
+            if !p.proof.verify(&root) {
+                bail!("the node's proof for {key} does not verify against its root {root}");
+            }
+            print(&p);
+            eprintln!("proof verified against state root {root}");
         }
         LedgerCommand::Submit { node, key_file, op } => {
-            let key = SigningKey::from_text(
-                &std::fs::read_to_string(&key_file)
-                    .with_context(|| format!("cannot read {}", key_file.display()))?,
-            )?;
+            let key = SigningKey::from_text(&read(&key_file)?)?;
             let op: Op =
                 serde_json::from_str(&op).context("the operation is not valid JSON for an Op")?;
-            let status = get(&format!("{}/api/status", node.node))?;
-            let chain = status["chain"].as_str().unwrap_or_default().to_string();
-            let nonce = get(&format!("{}/api/nonce/{}", node.node, key.verifying_key()))?["next"]
-                .as_u64()
-                .unwrap_or(1);
-            let tx = Tx::sign(&chain, &key, nonce, op);
-            let client = reqwest::blocking::Client::new();
-            let r = client
-                .post(format!("{}/api/tx", node.node))
-                .body(tx.to_bytes())
-                .send()
-                .context("cannot submit")?;
-            let ok = r.status().is_success();
-            let v: Value = r.json()?;
-            if !ok {
-                bail!("refused: {}", v["error"].as_str().unwrap_or("?"));
+            print(&Client::new(&node.node).execute(&key, op, FINALITY)?);
+        }
+        LedgerCommand::AddMember {
+            node,
+            key_file,
+            cert,
+        } => {
+            let key = SigningKey::from_text(&read(&key_file)?)?;
+            let certificate = read(&cert)?;
+            // Refuse locally what the contracts would refuse anyway, with the reason.
+            Certificate::from_pem(&certificate).with_context(|| format!("{}", cert.display()))?;
+            print(&Client::new(&node.node).execute(
+                &key,
+                Op::AddMember { certificate },
+                FINALITY,
+            )?);
+        }
+    }
+    Ok(())
+}
+
+pub fn run_identity(cmd: IdentityCommand) -> Result<()> {
+    match cmd {
+        IdentityCommand::Issue {
+            ca,
+            name,
+            roles,
+            pseudonym,
+            days,
+            out,
+        } => {
+            let org_ca = OrgCa::from_parts(
+                SigningKey::from_text(&read(&ca.join("ca.key"))?)?,
+                &read(&ca.join("ca.pem"))?,
+            )?;
+            let roles = roles
+                .iter()
+                .map(|r| Role::parse(r).with_context(|| format!("unknown role {r:?}")))
+                .collect::<Result<Vec<_>>>()?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_millis() as u64;
+            let key = SigningKey::generate();
+            let cert = org_ca.issue(
+                &key.verifying_key(),
+                &name,
+                &roles,
+                pseudonym.as_deref(),
+                &[],
+                (now - 60_000, now + days * 86_400_000),
+            )?;
+            let key_path = out.with_extension("key");
+            let pem_path = out.with_extension("pem");
+            if key_path.exists() {
+                bail!("{} exists; choose another --out", key_path.display());
             }
-            let id = v["tx"].as_str().unwrap_or_default().to_string();
-            let deadline = Instant::now() + Duration::from_secs(30);
-            loop {
-                if let Ok(receipt) = get(&format!("{}/api/tx/{id}", node.node)) {
-                    print(receipt.clone());
-                    if receipt["receipt"]["error"].is_null() {
-                        return Ok(());
-                    }
-                    bail!("the transaction was finalised but refused by the contracts");
+            crate::files::write_secret(&key_path, format!("{}\n", key.to_text()).as_bytes())?;
+            std::fs::write(&pem_path, cert.to_pem())
+                .with_context(|| format!("cannot write {}", pem_path.display()))?;
+            println!(
+                "issued {} ({}) of {}: {} and {}",
+                cert.name,
+                cert.roles.join(","),
+                cert.org,
+                key_path.display(),
+                pem_path.display()
+            );
+        }
+        IdentityCommand::Show { cert, ca } => {
+            let c = Certificate::from_pem(&read(&cert)?)
+                .with_context(|| format!("{}", cert.display()))?;
+            let verified = match ca {
+                Some(ca) => {
+                    let ca = Certificate::from_pem(&read(&ca)?)?;
+                    c.verify_issued_by(&ca)
+                        .with_context(|| format!("{} does not chain to that CA", cert.display()))?;
+                    Some(ca.fingerprint().to_hex())
                 }
-                if Instant::now() > deadline {
-                    bail!("transaction {id} not final after 30 s");
-                }
-                std::thread::sleep(Duration::from_millis(200));
-            }
+                None => None,
+            };
+            print(&serde_json::json!({
+                "name": c.name,
+                "org": c.org,
+                "roles": c.roles,
+                "pseudonym": c.pseudonym,
+                "key": c.key.to_string(),
+                "ca": c.is_ca,
+                "serial": c.serial,
+                "not_before_ms": c.not_before_ms,
+                "not_after_ms": c.not_after_ms,
+                "fingerprint": c.fingerprint().to_hex(),
+                "verified_by_ca": verified,
+            }));
         }
     }
     Ok(())

@@ -177,13 +177,7 @@ fn generate_key(file: &Path) -> Result<SecretKey> {
     if let Some(dir) = file.parent() {
         fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    write_atomically(file, format!("{}\n", key.to_text()).as_bytes())?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        fs::set_permissions(file, fs::Permissions::from_mode(0o600))
-            .with_context(|| format!("cannot restrict permissions of {}", file.display()))?;
-    }
+    crate::files::write_secret(file, format!("{}\n", key.to_text()).as_bytes())?;
     let mut pub_path = file.as_os_str().to_owned();
     pub_path.push(".pub");
     write_atomically(

@@ -1,5 +1,6 @@
 //! A four-organisation network as separate processes on loopback, as a user runs it:
-//! `network init`, `network up`, transactions through `ledger submit`, every node agreeing on
+//! `network init`, `network up`, members issued certificates by their organisation's CA and
+//! registered through `ledger add-member`, queries and history, every node agreeing on
 //! the state root, a node killed with SIGKILL and restarted catching up, `network down`.
 
 mod common;
@@ -76,18 +77,57 @@ fn four_processes_agree_survive_a_kill_and_catch_up() {
         .map(|i| format!("http://127.0.0.1:{}", base + 100 + i))
         .collect();
 
-    let submit = |api: &str, key: &str, member: u8| {
-        let op = format!(
-            r#"{{"op":"add-member","key":"{}","roles":["clinician"]}}"#,
-            format!("{member:02x}").repeat(32)
-        );
+    // A member certificate issued by the organisation's CA, then registered by its admin.
+    let issue = |org: &str, member: u8| {
+        let out = home.join(format!("{org}-member-{member}"));
+        let o = medledger(home)
+            .args(["identity", "issue", "--ca"])
+            .arg(dir.join(org))
+            .args([
+                "--name",
+                &format!("Dr {member}"),
+                "--roles",
+                "clinician",
+                "--out",
+            ])
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+        out.with_extension("pem")
+    };
+    let add = |api: &str, admin_org: &str, cert: &Path| {
         medledger(home)
-            .args(["ledger", "submit", "--node", api, "--key-file"])
-            .arg(dir.join(key).join("admin.key"))
-            .arg(&op)
+            .args(["ledger", "add-member", "--node", api, "--key-file"])
+            .arg(dir.join(admin_org).join("admin.key"))
+            .arg("--cert")
+            .arg(cert)
             .output()
             .unwrap()
     };
+    let submit = |api: &str, org: &str, member: u8| add(api, org, &issue(org, member));
+    // `identity show` reads the certificate back and checks it chains to the CA.
+    let cert = issue("hospital-a", 9);
+    let o = medledger(home)
+        .args(["identity", "show"])
+        .arg(&cert)
+        .arg("--ca")
+        .arg(dir.join("hospital-a").join("ca.pem"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let shown: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(shown["org"], "hospital-a");
+    assert_eq!(shown["roles"][0], "clinician");
+    let o = medledger(home)
+        .args(["identity", "show"])
+        .arg(&cert)
+        .arg("--ca")
+        .arg(dir.join("hospital-b").join("ca.pem"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "hospital-b's CA did not issue it");
+
     for (i, org) in ["hospital-a", "hospital-b", "research", "patients"]
         .iter()
         .enumerate()
@@ -95,15 +135,15 @@ fn four_processes_agree_survive_a_kill_and_catch_up() {
         let o = submit(&apis[i], org, 10 + i as u8);
         assert!(o.status.success(), "{}", text(&o));
     }
-    // A replay of a member's key by another organisation's admin is refused by the contracts.
-    let o = submit(&apis[1], "hospital-b", 10);
+    // hospital-b's admin cannot register a certificate hospital-a's CA issued: the contracts
+    // refuse it, and the refusal says why.
+    let o = add(&apis[1], "hospital-b", &cert);
     assert!(!o.status.success());
     assert!(
-        String::from_utf8_lossy(&o.stdout).contains("already a member"),
+        String::from_utf8_lossy(&o.stderr).contains("not issued by"),
         "{}",
         text(&o)
     );
-
     let agree = || -> bool {
         let roots: Vec<Option<String>> = apis
             .iter()
@@ -116,14 +156,71 @@ fn four_processes_agree_survive_a_kill_and_catch_up() {
     let wait_agree = |what: &str| {
         let deadline = Instant::now() + Duration::from_secs(60);
         while !agree() {
-            assert!(
-                Instant::now() < deadline,
-                "nodes do not agree on the state root: {what}"
-            );
+            if Instant::now() > deadline {
+                let statuses: Vec<Option<Value>> = apis.iter().map(|a| status(home, a)).collect();
+                let logs: Vec<String> = ["hospital-a", "hospital-b", "research", "patients"]
+                    .iter()
+                    .map(|o| {
+                        let log = std::fs::read_to_string(dir.join(o).join("node.log"))
+                            .unwrap_or_default();
+                        let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                        format!(
+                            "--- {o}\n{}",
+                            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                        )
+                    })
+                    .collect();
+                panic!(
+                    "nodes do not agree on the state root: {what}\n{statuses:#?}\n{}",
+                    logs.join("\n")
+                );
+            }
             std::thread::sleep(Duration::from_millis(300));
         }
     };
     wait_agree("after the first transactions");
+
+    // The member list, paged, and the history of blocks with their receipts.
+    let o = medledger(home)
+        .args([
+            "ledger", "query", "--node", &apis[2], "member/", "--limit", "5",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let page: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(page["entries"].as_array().unwrap().len(), 5);
+    assert!(
+        page["next"].is_string(),
+        "4 admins + 4 nodes + 4 members: more than a page"
+    );
+    let o = medledger(home)
+        .args(["ledger", "history", "--node", &apis[3], "--non-empty"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let history: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let receipts: Vec<&Value> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|b| b["txs"].as_array().unwrap())
+        .collect();
+    assert_eq!(
+        receipts.len(),
+        5,
+        "four members added, one refusal: {history}"
+    );
+    assert_eq!(
+        receipts.iter().filter(|r| r["error"].is_object()).count(),
+        1
+    );
+    let o = medledger(home)
+        .args(["ledger", "prove", "--node", &apis[1], "org/research"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("proof verified"));
 
     // SIGKILL one node; the other three go on; restarted, it replays its log and catches up.
     let pid: i32 = std::fs::read_to_string(dir.join("research/node.pid"))

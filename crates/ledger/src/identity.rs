@@ -74,6 +74,19 @@ impl OrgCa {
         Ok(OrgCa { key, cert })
     }
 
+    /// A CA from its key and its certificate (PEM), checked to belong together.
+    pub fn from_parts(key: SigningKey, cert_pem: &str) -> Result<OrgCa, LedgerError> {
+        let cert = parse_certificate(cert_pem)?;
+        cert.verify_ca().map_err(cert_err)?;
+        if cert.key != key.verifying_key() {
+            return Err(LedgerError::Invalid(format!(
+                "the key is not {}'s CA key",
+                cert.org
+            )));
+        }
+        Ok(OrgCa { key, cert })
+    }
+
     pub fn org(&self) -> &str {
         &self.cert.org
     }

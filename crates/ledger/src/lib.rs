@@ -61,6 +61,9 @@ pub struct GenesisOrg {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Genesis {
     pub chain: String,
+    /// When the network was made (ms since the epoch): the ledger's time until the first block.
+    #[serde(default)]
+    pub time_ms: u64,
     pub orgs: Vec<GenesisOrg>,
 }
 
@@ -96,7 +99,7 @@ impl Ledger {
             chain: g.chain.clone(),
             state: State::default(),
             height: 0,
-            time_ms: 0,
+            time_ms: g.time_ms,
         };
         if g.orgs.is_empty() {
             return Err(LedgerError::Invalid(

@@ -70,6 +70,7 @@ impl Net {
     fn new() -> Net {
         let g = Genesis {
             chain: CHAIN.into(),
+            time_ms: 0,
             orgs: (0..4).map(genesis_org).collect(),
         };
         let mut net = Net {
@@ -809,6 +810,7 @@ fn members_are_certificates_that_chain_to_their_organisations_ca_and_expire() {
     assert!(
         Ledger::genesis(&Genesis {
             chain: CHAIN.into(),
+            time_ms: 0,
             orgs: vec![g0]
         })
         .is_err()

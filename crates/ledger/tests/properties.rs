@@ -104,6 +104,7 @@ fn network() -> &'static (Genesis, Vec<(u8, Op)>) {
             .collect();
         let g = Genesis {
             chain: CHAIN.into(),
+            time_ms: 0,
             orgs: orgs
                 .iter()
                 .enumerate()

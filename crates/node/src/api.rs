@@ -64,6 +64,7 @@ pub fn serve(
                     .route("/api/studies", get(studies))
                     .route("/api/audit", get(audit))
                     .route("/api/state/{*key}", get(state_proof))
+                    .route("/api/query", get(query))
                     .with_state(state);
                 let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
                 if let Err(e) = axum::serve(listener, app).await {
@@ -94,7 +95,16 @@ async fn status(State(s): State<ApiState>) -> ApiResult {
         "state_root": l.root().to_hex(),
         "ledger_blocks": l.height(),
         "mempool": mempool,
-        "orgs": l.orgs(),
+        "orgs": l
+            .orgs()
+            .into_iter()
+            .map(|o| {
+                let ca = medledger_crypto::Certificate::from_pem(&o.ca)
+                    .map(|c| c.fingerprint().to_hex())
+                    .unwrap_or_default();
+                json!({ "id": o.id, "class": o.class, "active": o.active, "ca": ca })
+            })
+            .collect::<Vec<_>>(),
     })))
 }
 
@@ -155,17 +165,73 @@ async fn submit_many(State(s): State<ApiState>, body: axum::body::Bytes) -> ApiR
     Ok(Json(json!(out)))
 }
 
-/// Finalised blocks from a height on (at most 1000): height, when this node applied it, and
-/// its transaction ids.
+/// Finalised blocks from a height on (at most 1000): height, digest, when this node applied
+/// it, and each transaction's receipt (what it created, or why the contracts refused it).
 async fn blocks(State(s): State<ApiState>, Path(from): Path<u64>) -> ApiResult {
     let f = s.finalized.lock().expect("not poisoned");
     let list: Vec<Value> = f
         .applied
         .range(from..)
         .take(1000)
-        .map(|(h, (ms, txs))| json!({ "height": h, "applied_ms": ms, "txs": txs }))
+        .map(|(h, (ms, txs))| {
+            let receipts: Vec<Value> = txs
+                .iter()
+                .map(|id| match f.by_tx.get(id) {
+                    Some((_, r)) => json!(r),
+                    None => json!({ "tx": id }),
+                })
+                .collect();
+            let digest = f.blocks.get(h).map(|(d, _)| d.clone()).unwrap_or_default();
+            json!({ "height": h, "block": digest, "applied_ms": ms, "txs": receipts })
+        })
         .collect();
     Ok(Json(json!(list)))
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct QueryParams {
+    prefix: String,
+    /// Entries after this key (paging).
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+/// State entries under a prefix, in key order (at most `limit`, 1000 by default), and the key
+/// to pass as `after` for the next page.
+async fn query(
+    State(s): State<ApiState>,
+    axum::extract::Query(q): axum::extract::Query<QueryParams>,
+) -> ApiResult {
+    let l = s.ledger.read().expect("not poisoned");
+    let limit = q.limit.unwrap_or(1000).clamp(1, 10_000);
+    let keys = l.state().keys(&q.prefix);
+    let start = match &q.after {
+        Some(a) => keys.partition_point(|k| k <= a),
+        None => 0,
+    };
+    let page: Vec<Value> = keys[start..]
+        .iter()
+        .take(limit)
+        .map(|k| {
+            let v: Value = l
+                .state()
+                .get_raw(k)
+                .and_then(|b| serde_json::from_slice(b).ok())
+                .unwrap_or(Value::Null);
+            json!({ "key": k, "value": v })
+        })
+        .collect();
+    let next = (start + page.len() < keys.len())
+        .then(|| {
+            page.last()
+                .and_then(|e| e["key"].as_str().map(str::to_string))
+        })
+        .flatten();
+    Ok(Json(json!({
+        "root": l.root().to_hex(),
+        "entries": page,
+        "next": next,
+    })))
 }
 
 async fn receipt(State(s): State<ApiState>, Path(id): Path<String>) -> ApiResult {

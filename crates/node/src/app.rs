@@ -8,6 +8,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 
 use commonware_actor::Feedback;
+use commonware_codec::DecodeExt as _;
 use commonware_consensus::simplex::Plan;
 use commonware_consensus::simplex::types::{Activity, Context};
 use commonware_consensus::{Automaton, CertifiableAutomaton, Relay, Reporter};
@@ -23,6 +24,9 @@ use crate::block::{Block, digest_of, genesis_digest, hex};
 
 /// Most transactions in one block.
 pub const MAX_BLOCK_TXS: usize = 2_000;
+
+/// How long a node waits for an answer before asking its peers for the same block again.
+const REFETCH_MS: u64 = 250;
 
 enum Message {
     Propose {
@@ -171,6 +175,8 @@ pub struct Application<E> {
     log: Option<std::fs::File>,
     /// A finalisation whose ancestors are still being fetched.
     pending_final: Option<Digest>,
+    /// Blocks asked of the peers, and when (ms).
+    requested: HashMap<Digest, u64>,
     blocks: HashMap<Digest, Block>,
     waiting: HashMap<Digest, Vec<PendingVerify>>,
     /// Pending transactions in arrival order, with their ids (computed once).
@@ -195,6 +201,7 @@ impl<E: Spawner + Clock> Application<E> {
             genesis,
             log: None,
             pending_final: None,
+            requested: HashMap::new(),
             blocks: HashMap::new(),
             waiting: HashMap::new(),
             mempool: Vec::new(),
@@ -327,11 +334,7 @@ impl<E: Spawner + Clock> Application<E> {
                 while cursor != self.applied {
                     let Some(b) = self.blocks.get(&cursor) else {
                         // Behind: an ancestor is missing. Fetch it; propose nothing this view.
-                        let _ = requests.send(
-                            Recipients::All,
-                            IoBuf::from(cursor.as_ref().to_vec()),
-                            false,
-                        );
+                        self.request(cursor, requests);
                         return;
                     };
                     pending.extend(b.txs.iter().map(Tx::id));
@@ -347,12 +350,7 @@ impl<E: Spawner + Clock> Application<E> {
                     .take(MAX_BLOCK_TXS)
                     .map(|(_, t)| t.clone())
                     .collect();
-                let time_ms = self
-                    .context
-                    .current()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_millis() as u64)
-                    .unwrap_or(0);
+                let time_ms = self.now_ms();
                 let block = Block {
                     height: parent_height + 1,
                     parent: hex(&parent),
@@ -378,7 +376,12 @@ impl<E: Spawner + Clock> Application<E> {
                 let Some(block) = Block::decode(&bytes) else {
                     return; // not a block: ignored (a faulty peer)
                 };
-                self.blocks.entry(digest).or_insert(block);
+                if self.blocks.contains_key(&digest) {
+                    return; // a duplicate answer: nothing new to act on
+                }
+                tracing::debug!(height = block.height, "block received");
+                self.requested.remove(&digest);
+                self.blocks.insert(digest, block);
                 if let Some(waiters) = self.waiting.remove(&digest) {
                     for (context, payload, response) in waiters {
                         self.verify(context, payload, response, requests);
@@ -388,13 +391,16 @@ impl<E: Spawner + Clock> Application<E> {
                     self.finalize(p, requests);
                 }
             }
-            Message::Finalized { payload } => self.finalize(payload, requests),
+            Message::Finalized { payload } => {
+                tracing::debug!(block = %hex(&payload), "finalised");
+                self.finalize(payload, requests)
+            }
             Message::Request { from, digest } => {
-                let found = self
-                    .blocks
-                    .iter()
-                    .find(|(d, _)| d.as_ref() == digest.as_slice())
-                    .map(|(_, b)| b.encode());
+                let found = Digest::decode(bytes::Bytes::from(digest))
+                    .ok()
+                    .and_then(|d| self.blocks.get(&d))
+                    .map(Block::encode);
+                tracing::debug!(found = found.is_some(), "block requested");
                 if let Some(bytes) = found {
                     let _ = sender.send(Recipients::One(from), IoBuf::from(bytes), false);
                 }
@@ -422,7 +428,7 @@ impl<E: Spawner + Clock> Application<E> {
         match missing {
             Some(d) => {
                 if d == parent {
-                    let _ = requests.send(Recipients::All, IoBuf::from(d.as_ref().to_vec()), false);
+                    self.request(d, requests);
                 }
                 self.waiting
                     .entry(d)
@@ -434,6 +440,42 @@ impl<E: Spawner + Clock> Application<E> {
                 let _ = response.send(ok);
             }
         }
+    }
+
+    /// Asks the peers for a block, unless it was asked for within [`REFETCH_MS`]: a node that
+    /// is far behind walks back one ancestor per answer, and every duplicate answer or repeated
+    /// finalisation must not turn into another request (that storm once kept a restarted node
+    /// from ever catching up).
+    fn request<Snd: commonware_p2p::Sender<PublicKey = PublicKey>>(
+        &mut self,
+        digest: Digest,
+        requests: &mut Snd,
+    ) {
+        let now = self.now_ms();
+        if self
+            .requested
+            .get(&digest)
+            .is_some_and(|at| now < at + REFETCH_MS)
+        {
+            return;
+        }
+        if self.requested.len() > 10_000 {
+            self.requested.retain(|_, at| now < *at + REFETCH_MS);
+        }
+        self.requested.insert(digest, now);
+        let _ = requests.send(
+            Recipients::All,
+            IoBuf::from(digest.as_ref().to_vec()),
+            false,
+        );
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.context
+            .current()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
     }
 
     fn height_of(&self, digest: &Digest) -> Option<u64> {
@@ -470,12 +512,9 @@ impl<E: Spawner + Clock> Application<E> {
         let mut cursor = payload;
         while cursor != self.applied {
             let Some(block) = self.blocks.get(&cursor) else {
+                tracing::debug!(missing = %hex(&cursor), applied = self.applied_height, "fetching an ancestor of a finalised block");
                 self.pending_final = Some(payload);
-                let _ = requests.send(
-                    Recipients::All,
-                    IoBuf::from(cursor.as_ref().to_vec()),
-                    false,
-                );
+                self.request(cursor, requests);
                 return;
             };
             if block.height <= self.applied_height {
@@ -535,12 +574,7 @@ impl<E: Spawner + Clock> Application<E> {
         for r in &receipts {
             f.by_tx.insert(r.tx.to_hex(), (block.height, r.clone()));
         }
-        let now_ms = self
-            .context
-            .current()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
+        let now_ms = self.now_ms();
         f.applied.insert(
             block.height,
             (now_ms, receipts.iter().map(|r| r.tx.to_hex()).collect()),

@@ -8,7 +8,8 @@ use commonware_codec::{DecodeExt, Encode};
 use commonware_cryptography::Signer as _;
 use commonware_cryptography::ed25519::{PrivateKey, PublicKey};
 use medledger_crypto::SigningKey;
-use medledger_ledger::{Genesis, GenesisOrg, OrgClass};
+use medledger_ledger::identity::{self, OrgCa};
+use medledger_ledger::{Genesis, OrgClass};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
@@ -145,6 +146,14 @@ pub fn init_network(
         )));
     }
     std::fs::create_dir_all(out).map_err(io(out))?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    // Certificates are valid from a day back (clocks differ) for ten years (CA) or three.
+    let day = 86_400_000;
+    let ca_validity = (now - day, now + 10 * identity::YEAR_MS);
+    let validity = (now - day, now + 3 * identity::YEAR_MS);
     let mut consensus = Vec::new();
     let mut genesis_orgs = Vec::new();
     let mut peers = Vec::new();
@@ -155,16 +164,25 @@ pub fn init_network(
             .expect("any 32 bytes are an ed25519 key");
         let admin = SigningKey::generate();
         let node = SigningKey::generate();
+        let ca = OrgCa::new(name, SigningKey::generate(), ca_validity).map_err(invalid)?;
+        let g = ca
+            .genesis_org(
+                *class,
+                &admin.verifying_key(),
+                &node.verifying_key(),
+                &["127.0.0.1".to_string(), "localhost".to_string()],
+                validity,
+            )
+            .map_err(invalid)?;
         let dir = out.join(name);
         std::fs::create_dir_all(dir.join("data")).map_err(io(&dir))?;
+        write_private(&dir.join("ca.key"), &ca.key.to_text())?;
+        write_public(&dir.join("ca.pem"), &g.ca)?;
         write_private(&dir.join("admin.key"), &admin.to_text())?;
+        write_public(&dir.join("admin.pem"), &g.admin)?;
         write_private(&dir.join("node.key"), &node.to_text())?;
-        genesis_orgs.push(GenesisOrg {
-            id: name.clone(),
-            class: *class,
-            admin: admin.verifying_key(),
-            node: node.verifying_key(),
-        });
+        write_public(&dir.join("node.pem"), &g.node)?;
+        genesis_orgs.push(g);
         peers.push(PeerConfig {
             org: name.clone(),
             key: hex::encode(key.public_key().encode()),
@@ -175,6 +193,7 @@ pub fn init_network(
     }
     let genesis = Genesis {
         chain: chain.to_string(),
+        time_ms: now,
         orgs: genesis_orgs,
     };
     let gpath = out.join("genesis.json");
@@ -203,6 +222,14 @@ pub fn init_network(
         configs.push(path);
     }
     Ok(InitOutcome { configs })
+}
+
+fn invalid(e: medledger_ledger::LedgerError) -> ConfigError {
+    ConfigError::Invalid(e.to_string())
+}
+
+fn write_public(path: &Path, text: &str) -> Result<(), ConfigError> {
+    std::fs::write(path, text).map_err(io(path))
 }
 
 fn write_private(path: &Path, text: &str) -> Result<(), ConfigError> {

@@ -11,11 +11,13 @@
 mod api;
 pub mod app;
 pub mod block;
+pub mod client;
 pub mod config;
 pub mod engine;
 pub mod run;
 
 pub use app::{Application, Finalized, Mailbox};
 pub use block::Block;
+pub use client::{Client, ClientError};
 pub use config::{NodeConfig, init_network, parse_org};
 pub use run::run_node;

@@ -17,7 +17,8 @@ use commonware_runtime::{IoBuf, Spawner as _};
 use commonware_utils::ordered::Set;
 use commonware_utils::{NZU32, NZUsize, probability};
 use medledger_crypto::{Digest, SigningKey};
-use medledger_ledger::{Genesis, GenesisOrg, Ledger, Op, OrgClass, Tx};
+use medledger_ledger::identity::{self, OrgCa};
+use medledger_ledger::{Genesis, Ledger, Op, OrgClass, Role, Tx};
 use medledger_node::engine::engine_config;
 use medledger_node::{Application, Finalized};
 
@@ -29,15 +30,31 @@ fn admin(i: u8) -> SigningKey {
     SigningKey::from_seed([100 + i; 32])
 }
 
+/// Organisation `i`'s certificate authority.
+fn ca(i: u8) -> OrgCa {
+    OrgCa::new(
+        &format!("org-{i}"),
+        SigningKey::from_seed([150 + i; 32]),
+        identity::FOREVER_MS,
+    )
+    .unwrap()
+}
+
 fn genesis() -> Genesis {
     Genesis {
         chain: CHAIN.into(),
+        time_ms: 0,
         orgs: (0..4u8)
-            .map(|i| GenesisOrg {
-                id: format!("org-{i}"),
-                class: OrgClass::Hospital,
-                admin: admin(i).verifying_key(),
-                node: SigningKey::from_seed([200 + i; 32]).verifying_key(),
+            .map(|i| {
+                ca(i)
+                    .genesis_org(
+                        OrgClass::Hospital,
+                        &admin(i).verifying_key(),
+                        &SigningKey::from_seed([200 + i; 32]).verifying_key(),
+                        &[],
+                        identity::FOREVER_MS,
+                    )
+                    .unwrap()
             })
             .collect(),
     }
@@ -46,6 +63,7 @@ fn genesis() -> Genesis {
 /// Transactions from the four admins: each adds clinicians, numbered 1..=per_admin.
 fn workload(per_admin: u64) -> Vec<Tx> {
     let mut txs = Vec::new();
+    let cas: Vec<OrgCa> = (0..4).map(ca).collect();
     for n in 1..=per_admin {
         for i in 0..4u8 {
             let member = SigningKey::from_seed(
@@ -59,9 +77,17 @@ fn workload(per_admin: u64) -> Vec<Tx> {
                 &admin(i),
                 n,
                 Op::AddMember {
-                    key: member.verifying_key(),
-                    roles: vec![medledger_ledger::Role::Clinician],
-                    patient: None,
+                    certificate: cas[i as usize]
+                        .issue(
+                            &member.verifying_key(),
+                            "clinician",
+                            &[Role::Clinician],
+                            None,
+                            &[],
+                            identity::FOREVER_MS,
+                        )
+                        .unwrap()
+                        .to_pem(),
                 },
             ));
         }

@@ -18,6 +18,8 @@ use crate::app::{Finalized, Mailbox};
 #[derive(Clone)]
 struct ApiState {
     org: String,
+    /// Organisations by consensus participant index.
+    participants: Arc<Vec<String>>,
     ledger: Arc<RwLock<Ledger>>,
     finalized: Arc<Mutex<Finalized>>,
     mailbox: Mailbox<Scheme>,
@@ -33,6 +35,7 @@ fn error(code: StatusCode, msg: impl Into<String>) -> (StatusCode, Json<Value>) 
 pub fn serve(
     addr: SocketAddr,
     org: String,
+    participants: Vec<String>,
     ledger: Arc<RwLock<Ledger>>,
     finalized: Arc<Mutex<Finalized>>,
     mailbox: Mailbox<Scheme>,
@@ -50,6 +53,7 @@ pub fn serve(
             rt.block_on(async move {
                 let state = ApiState {
                     org,
+                    participants: Arc::new(participants),
                     ledger,
                     finalized,
                     mailbox,
@@ -76,15 +80,27 @@ pub fn serve(
 }
 
 async fn status(State(s): State<ApiState>) -> ApiResult {
-    let (height, tip, mempool) = {
+    let (height, tip, mempool, equivocations) = {
         let f = s.finalized.lock().expect("not poisoned");
+        let equivocations: serde_json::Map<String, Value> = f
+            .faults
+            .iter()
+            .map(|(i, kinds)| {
+                let org = s
+                    .participants
+                    .get(*i as usize)
+                    .cloned()
+                    .unwrap_or_else(|| i.to_string());
+                (org, json!(kinds))
+            })
+            .collect();
         let (h, (d, _)) = f
             .blocks
             .iter()
             .next_back()
             .map(|(h, v)| (*h, v.clone()))
             .unwrap_or((0, (String::new(), String::new())));
-        (h, d, f.mempool)
+        (h, d, f.mempool, equivocations)
     };
     let l = s.ledger.read().expect("not poisoned");
     Ok(Json(json!({
@@ -95,6 +111,8 @@ async fn status(State(s): State<ApiState>) -> ApiResult {
         "state_root": l.root().to_hex(),
         "ledger_blocks": l.height(),
         "mempool": mempool,
+        // Signed evidence of equivocation that consensus caught, by organisation.
+        "equivocations": equivocations,
         "orgs": l
             .orgs()
             .into_iter()

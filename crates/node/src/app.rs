@@ -28,6 +28,9 @@ pub const MAX_BLOCK_TXS: usize = 2_000;
 /// How long a node waits for an answer before asking its peers for the same block again.
 const REFETCH_MS: u64 = 250;
 
+/// The log of unfinalised blocks is rewritten without the finalised ones past this size.
+const UNFINALISED_LOG_MAX: u64 = 64 << 20;
+
 enum Message {
     Propose {
         context: Context<Digest, PublicKey>,
@@ -57,6 +60,11 @@ enum Message {
         from: PublicKey,
         digest: Vec<u8>,
     },
+    /// Consensus holds signed evidence that a participant equivocated.
+    Fault {
+        participant: u32,
+        kind: &'static str,
+    },
 }
 
 /// What a node has finalised: block digests by height, the ledger's root after each, and
@@ -71,6 +79,9 @@ pub struct Finalized {
     /// Per height: when this node applied the block (ms since the Unix epoch, wall clock) and
     /// the ids of its transactions (for clients measuring time to finality).
     pub applied: BTreeMap<u64, (u64, Vec<String>)>,
+    /// Equivocation evidence consensus reported, per participant index (the position of its
+    /// key in the sorted participant set): kind -> count.
+    pub faults: BTreeMap<u32, BTreeMap<&'static str, u64>>,
 }
 
 /// The handle consensus and clients talk to.
@@ -150,11 +161,27 @@ impl<S: Scheme + 'static> Reporter for Mailbox<S> {
     type Activity = Activity<S, Digest>;
 
     fn report(&mut self, activity: Self::Activity) -> Feedback {
-        if let Activity::Finalization(f) = activity {
-            let payload = f.proposal.payload;
-            if self.sender.send(Message::Finalized { payload }).is_err() {
-                return Feedback::Closed;
-            }
+        use commonware_consensus::simplex::types::Attributable as _;
+        let msg = match activity {
+            Activity::Finalization(f) => Message::Finalized {
+                payload: f.proposal.payload,
+            },
+            Activity::ConflictingNotarize(c) => Message::Fault {
+                participant: c.signer().get(),
+                kind: "conflicting-notarize",
+            },
+            Activity::ConflictingFinalize(c) => Message::Fault {
+                participant: c.signer().get(),
+                kind: "conflicting-finalize",
+            },
+            Activity::NullifyFinalize(c) => Message::Fault {
+                participant: c.signer().get(),
+                kind: "nullify-finalize",
+            },
+            _ => return Feedback::Ok,
+        };
+        if self.sender.send(msg).is_err() {
+            return Feedback::Closed;
         }
         Feedback::Ok
     }
@@ -173,6 +200,8 @@ pub struct Application<E> {
     genesis: Digest,
     /// Finalised blocks, one JSON line each, flushed before they are applied.
     log: Option<std::fs::File>,
+    /// Blocks voted for and not yet finalised: the file, its path and size.
+    unfinalised_log: Option<(std::fs::File, std::path::PathBuf, u64)>,
     /// A finalisation whose ancestors are still being fetched.
     pending_final: Option<Digest>,
     /// Blocks asked of the peers, and when (ms).
@@ -200,6 +229,7 @@ impl<E: Spawner + Clock> Application<E> {
             ledger: Arc::new(RwLock::new(ledger)),
             genesis,
             log: None,
+            unfinalised_log: None,
             pending_final: None,
             requested: HashMap::new(),
             blocks: HashMap::new(),
@@ -252,7 +282,84 @@ impl<E: Spawner + Clock> Application<E> {
         f.set_len(good_len)?;
         f.sync_all()?;
         self.log = Some(f);
+        // Blocks voted for but not finalised before the stop: consensus may still need them.
+        let mut name = path.as_os_str().to_owned();
+        name.push(".unfinalised");
+        let unfinalised = std::path::PathBuf::from(name);
+        if unfinalised.exists() {
+            let f = std::fs::File::open(&unfinalised)?;
+            for line in std::io::BufReader::new(f).split(b'\n') {
+                let Some(block) = Block::decode(&line?) else {
+                    break; // a torn last line
+                };
+                if block.height > self.applied_height {
+                    self.blocks.insert(block.digest(), block);
+                }
+            }
+        }
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&unfinalised)?;
+        self.compact_unfinalised(&unfinalised)?;
         Ok(replayed)
+    }
+
+    /// Writes a block this node is about to vote for (its own proposal, or one it verified) to
+    /// the log of unfinalised blocks, so that after a restart of every node the block a
+    /// notarisation names can still be found: consensus resumes from its journal, which knows
+    /// the digest but not the bytes. Blocks with transactions are flushed; an empty block is
+    /// lost only if every node that voted for it loses power before the next flush. Returns
+    /// false if it could not be written (then the node does not vote for it).
+    fn keep_unfinalised(&mut self, block: &Block) -> bool {
+        let Some((file, path, size)) = &mut self.unfinalised_log else {
+            return true;
+        };
+        let mut line = block.encode();
+        line.push(b'\n');
+        let written = file.write_all(&line).and_then(|()| {
+            if block.txs.is_empty() {
+                Ok(())
+            } else {
+                file.sync_data()
+            }
+        });
+        if let Err(e) = written {
+            tracing::error!("cannot write {}: {e}", path.display());
+            return false;
+        }
+        *size += line.len() as u64;
+        if *size > UNFINALISED_LOG_MAX {
+            let path = path.clone();
+            if let Err(e) = self.compact_unfinalised(&path) {
+                tracing::error!("cannot compact {}: {e}", path.display());
+            }
+        }
+        true
+    }
+
+    /// Rewrites the log of unfinalised blocks with only those above the applied height.
+    fn compact_unfinalised(&mut self, path: &Path) -> std::io::Result<()> {
+        let tmp = path.with_extension("tmp");
+        let mut out = Vec::new();
+        for b in self.blocks.values() {
+            if b.height > self.applied_height {
+                out.extend(b.encode());
+                out.push(b'\n');
+            }
+        }
+        {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&out)?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, path)?;
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        let f = std::fs::OpenOptions::new().append(true).open(path)?;
+        self.unfinalised_log = Some((f, path.to_path_buf(), out.len() as u64));
+        Ok(())
     }
 
     /// The digest consensus starts from (the `Floor::Genesis` of the engine).
@@ -358,6 +465,10 @@ impl<E: Spawner + Clock> Application<E> {
                     txs,
                 };
                 let digest = block.digest();
+                // Kept before the proposal leaves this node (see `keep_unfinalised`).
+                if !self.keep_unfinalised(&block) {
+                    return;
+                }
                 self.blocks.insert(digest, block);
                 let _ = response.send(digest);
             }
@@ -390,6 +501,15 @@ impl<E: Spawner + Clock> Application<E> {
                 if let Some(p) = self.pending_final.take() {
                     self.finalize(p, requests);
                 }
+            }
+            Message::Fault { participant, kind } => {
+                tracing::warn!(participant, kind, "equivocation evidence");
+                let mut f = self.finalized.lock().expect("not poisoned");
+                *f.faults
+                    .entry(participant)
+                    .or_default()
+                    .entry(kind)
+                    .or_default() += 1;
             }
             Message::Finalized { payload } => {
                 tracing::debug!(block = %hex(&payload), "finalised");
@@ -436,7 +556,11 @@ impl<E: Spawner + Clock> Application<E> {
                     .push((context, payload, response));
             }
             None => {
-                let ok = self.valid(&context, &payload);
+                let mut ok = self.valid(&context, &payload);
+                if ok {
+                    let block = self.blocks.get(&payload).expect("valid").clone();
+                    ok = self.keep_unfinalised(&block);
+                }
                 let _ = response.send(ok);
             }
         }

@@ -25,12 +25,17 @@ const MAX_MESSAGE: u32 = 16 << 20;
 pub fn run_node(cfg: NodeConfig) -> Result<(), ConfigError> {
     let signer = cfg.private_key()?;
     let mut addresses = Vec::new();
+    let mut org_of = std::collections::HashMap::new();
     for p in &cfg.peers {
-        addresses.push((public_key(&p.key)?, p.p2p));
+        let key = public_key(&p.key)?;
+        org_of.insert(key.clone(), p.org.clone());
+        addresses.push((key, p.p2p));
     }
     let participants: Set<_> =
         Set::try_from(addresses.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>())
             .map_err(|_| ConfigError::Invalid("two peers share a key".into()))?;
+    // Consensus names participants by their index in the sorted set.
+    let participant_orgs: Vec<String> = participants.iter().map(|k| org_of[k].clone()).collect();
     let ledger =
         Ledger::genesis(&cfg.genesis).map_err(|e| ConfigError::Invalid(format!("genesis: {e}")))?;
     std::fs::create_dir_all(&cfg.data_dir).map_err(|e| ConfigError::Io {
@@ -89,6 +94,7 @@ pub fn run_node(cfg: NodeConfig) -> Result<(), ConfigError> {
         if let Err(e) = crate::api::serve(
             cfg.api,
             cfg.org.clone(),
+            participant_orgs,
             app.ledger(),
             finalized,
             mailbox.clone(),

@@ -283,7 +283,7 @@ fn measure(args: &BenchLedgerArgs, dir: &Path, base: u16) -> Result<()> {
                 .as_array()
                 .into_iter()
                 .flatten()
-                .filter_map(|x| x.as_str())
+                .filter_map(|r| r["tx"].as_str())
             {
                 if let Some(t) = sub.get(id)
                     && seen.insert(id.to_string(), ()).is_none()

@@ -179,19 +179,20 @@ pub fn run_network(cmd: NetworkCommand) -> Result<()> {
             );
             Ok(())
         }
-        NetworkCommand::Up { dir } => up(&dir),
-        NetworkCommand::Down { dir } => down(&dir),
+        NetworkCommand::Up { dir } => up(&dir, false),
+        NetworkCommand::Down { dir } => down(&dir, false),
     }
 }
 
 /// Starts a network's nodes without printing (for benchmarks).
+/// `network up` without its progress lines (for commands whose stdout is a report).
 pub fn up_quiet(dir: &Path) -> Result<()> {
-    up(dir)
+    up(dir, true)
 }
 
 /// Stops a network's nodes.
 pub fn down_quiet(dir: &Path) -> Result<()> {
-    down(dir)
+    down(dir, true)
 }
 
 fn node_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
@@ -212,7 +213,7 @@ fn node_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-fn up(dir: &Path) -> Result<()> {
+fn up(dir: &Path, quiet: bool) -> Result<()> {
     let exe = std::env::current_exe().context("cannot find the medledger binary")?;
     let mut apis = Vec::new();
     for d in node_dirs(dir)? {
@@ -238,12 +239,14 @@ fn up(dir: &Path) -> Result<()> {
             .with_context(|| format!("cannot start the node in {}", d.display()))?;
         std::fs::write(&pid_file, child.id().to_string())?;
         let cfg = NodeConfig::load(&d.join("node.json"))?;
-        println!(
-            "started {} (pid {}), API http://{}",
-            cfg.org,
-            child.id(),
-            cfg.api
-        );
+        if !quiet {
+            println!(
+                "started {} (pid {}), API http://{}",
+                cfg.org,
+                child.id(),
+                cfg.api
+            );
+        }
         apis.push(format!("http://{}", cfg.api));
     }
     // Wait until every API answers.
@@ -269,7 +272,7 @@ fn alive(pid: i32) -> bool {
         && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
 }
 
-fn down(dir: &Path) -> Result<()> {
+fn down(dir: &Path, quiet: bool) -> Result<()> {
     for d in node_dirs(dir)? {
         let pid_file = d.join("node.pid");
         let Some(pid) = read_pid(&pid_file) else {
@@ -286,7 +289,9 @@ fn down(dir: &Path) -> Result<()> {
             if alive(pid) {
                 let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
             }
-            println!("stopped {} (pid {pid})", d.display());
+            if !quiet {
+                println!("stopped {} (pid {pid})", d.display());
+            }
         }
         let _ = std::fs::remove_file(&pid_file);
     }

@@ -247,15 +247,29 @@ fn up(dir: &Path, quiet: bool) -> Result<()> {
                 cfg.api
             );
         }
-        apis.push(format!("http://{}", cfg.api));
+        apis.push((format!("http://{}", cfg.api), d.clone(), child.id() as i32));
     }
-    // Wait until every API answers.
+    // Wait until every API answers; a node that exits or stays silent is reported with the
+    // end of its log.
     let client = reqwest::blocking::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    for api in &apis {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for (api, d, pid) in &apis {
         while client.get(format!("{api}/api/status")).send().is_err() {
-            if Instant::now() > deadline {
-                bail!("node at {api} did not answer in 30 s; see its node.log");
+            let exited = !alive(*pid);
+            if exited || Instant::now() > deadline {
+                let log = std::fs::read_to_string(d.join("node.log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(12).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                bail!(
+                    "node at {api} {}; the end of {}:\n{}",
+                    if exited {
+                        "exited"
+                    } else {
+                        "did not answer in 60 s"
+                    },
+                    d.join("node.log").display(),
+                    tail.join("\n")
+                );
             }
             std::thread::sleep(Duration::from_millis(200));
         }

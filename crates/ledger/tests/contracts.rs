@@ -39,9 +39,12 @@ fn add(i: usize, member: u8, roles: &[Role], patient: Option<&str>) -> Op {
             identity::FOREVER_MS,
         )
         .unwrap();
-    Op::AddMember {
-        certificate: cert.to_pem(),
-    }
+    add_pem(cert.to_pem())
+}
+
+/// Registration of a certificate given as PEM.
+fn add_pem(pem: String) -> Op {
+    Op::AddMember { certificate: pem }
 }
 
 /// Organisation `i`'s genesis entry: admin key 1 + i, node key 11 + i.
@@ -708,21 +711,11 @@ fn members_are_certificates_that_chain_to_their_organisations_ca_and_expire() {
             identity::FOREVER_MS,
         )
         .unwrap();
-    let e = net.refused(
-        1,
-        Op::AddMember {
-            certificate: forged.to_pem(),
-        },
-    );
+    let e = net.refused(1, add_pem(forged.to_pem()));
     assert!(e.to_string().contains("signature"), "{e}");
     // Not a certificate at all; a role the ledger does not know; a CA certificate.
     assert!(matches!(
-        net.refused(
-            1,
-            Op::AddMember {
-                certificate: "hello".into()
-            }
-        ),
+        net.refused(1, add_pem("hello".into())),
         LedgerError::Invalid(_)
     ));
     let odd = medledger_crypto::pki::issue(
@@ -740,20 +733,10 @@ fn members_are_certificates_that_chain_to_their_organisations_ca_and_expire() {
         },
     )
     .unwrap();
-    let e = net.refused(
-        1,
-        Op::AddMember {
-            certificate: odd.to_pem(),
-        },
-    );
+    let e = net.refused(1, add_pem(odd.to_pem()));
     assert!(e.to_string().contains("superuser"), "{e}");
     assert!(matches!(
-        net.refused(
-            1,
-            Op::AddMember {
-                certificate: ca(0).cert.to_pem()
-            }
-        ),
+        net.refused(1, add_pem(ca(0).cert.to_pem())),
         LedgerError::Invalid(_)
     ));
 
@@ -771,14 +754,9 @@ fn members_are_certificates_that_chain_to_their_organisations_ca_and_expire() {
         )
         .unwrap();
     assert!(
-        net.refused(
-            1,
-            Op::AddMember {
-                certificate: expired.to_pem()
-            }
-        )
-        .to_string()
-        .contains("expired")
+        net.refused(1, add_pem(expired.to_pem()))
+            .to_string()
+            .contains("expired")
     );
     let short = ca(0)
         .issue(
@@ -790,12 +768,7 @@ fn members_are_certificates_that_chain_to_their_organisations_ca_and_expire() {
             (0, now + 5_000),
         )
         .unwrap();
-    net.ok(
-        1,
-        Op::AddMember {
-            certificate: short.to_pem(),
-        },
-    );
+    net.ok(1, add_pem(short.to_pem()));
     net.ok(65, study_op(Digest::of(b"locum-1"), PATIENT));
     net.time += 10_000;
     let e = net.refused(65, study_op(Digest::of(b"locum-2"), PATIENT));

@@ -315,20 +315,13 @@ impl<E: Spawner + Clock> Application<E> {
         let Some((file, path, size)) = &mut self.unfinalised_log else {
             return true;
         };
-        let mut line = block.encode();
-        line.push(b'\n');
-        let written = file.write_all(&line).and_then(|()| {
-            if block.txs.is_empty() {
-                Ok(())
-            } else {
-                file.sync_data()
+        match append_block(file, block) {
+            Ok(n) => *size += n,
+            Err(e) => {
+                tracing::error!("cannot write {}: {e}", path.display());
+                return false;
             }
-        });
-        if let Err(e) = written {
-            tracing::error!("cannot write {}: {e}", path.display());
-            return false;
         }
-        *size += line.len() as u64;
         if *size > UNFINALISED_LOG_MAX {
             let path = path.clone();
             if let Err(e) = self.compact_unfinalised(&path) {
@@ -658,16 +651,7 @@ impl<E: Spawner + Clock> Application<E> {
                 // empty block changes nothing a client was told about; if a crash loses it, the
                 // node fetches it again from its peers. Idle networks propose empty blocks
                 // many times a second, so they are not flushed one by one.
-                let mut line = block.encode();
-                line.push(b'\n');
-                let written = log.write_all(&line).and_then(|()| {
-                    if block.txs.is_empty() {
-                        Ok(())
-                    } else {
-                        log.sync_data()
-                    }
-                });
-                if written.is_err() {
+                if append_block(log, &block).is_err() {
                     tracing::error!("cannot write the block log; stopping application of blocks");
                     return;
                 }
@@ -707,6 +691,18 @@ impl<E: Spawner + Clock> Application<E> {
         f.mempool = self.mempool.len();
         self.blocks.insert(d, block);
     }
+}
+
+/// Appends a block as one JSON line; flushes it to disk if it carries transactions (which
+/// flushes the empty blocks before it too). Returns the bytes written.
+fn append_block(file: &mut std::fs::File, block: &Block) -> std::io::Result<u64> {
+    let mut line = block.encode();
+    line.push(b'\n');
+    file.write_all(&line)?;
+    if !block.txs.is_empty() {
+        file.sync_data()?;
+    }
+    Ok(line.len() as u64)
 }
 
 /// Waits for the next message from consensus or from the network.

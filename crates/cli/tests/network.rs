@@ -127,6 +127,21 @@ fn four_processes_agree_survive_a_kill_and_catch_up() {
         .output()
         .unwrap();
     assert!(!o.status.success(), "hospital-b's CA did not issue it");
+    // The certificates are standard X.509: OpenSSL verifies the chain, and refuses it against
+    // another organisation's CA.
+    let openssl_verify = |ca_org: &str| {
+        Command::new("openssl")
+            .arg("verify")
+            .arg("-CAfile")
+            .arg(dir.join(ca_org).join("ca.pem"))
+            .arg(&cert)
+            .output()
+            .expect("openssl (scripts/test installs it)")
+    };
+    let o = openssl_verify("hospital-a");
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("OK"));
+    assert!(!openssl_verify("hospital-b").status.success());
 
     for (i, org) in ["hospital-a", "hospital-b", "research", "patients"]
         .iter()

@@ -61,8 +61,8 @@ pub fn run(args: BenchLedgerArgs) -> Result<()> {
         .map(|o| medledger_node::parse_org(o))
         .collect::<Result<Vec<_>, _>>()?;
     medledger_node::init_network(&dir, "medledger-bench", &orgs, base)?;
-    crate::network_cmd::up_quiet(&dir)?;
-    let result = measure(&args, &dir, base);
+    // The nodes are stopped whatever happened, a failed start included.
+    let result = crate::network_cmd::up_quiet(&dir).and_then(|()| measure(&args, &dir, base));
     let _ = crate::network_cmd::down_quiet(&dir);
     let _ = std::fs::remove_dir_all(&tmp);
     result

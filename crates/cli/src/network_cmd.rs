@@ -261,7 +261,8 @@ fn up(dir: &Path, quiet: bool) -> Result<()> {
                 let tail: Vec<&str> = log.lines().rev().take(12).collect();
                 let tail: Vec<&str> = tail.into_iter().rev().collect();
                 bail!(
-                    "node at {api} {}; the end of {}:\n{}",
+                    "node at {api} {} (the others keep running: `medledger network down`); \
+                     the end of {}:\n{}",
                     if exited {
                         "exited"
                     } else {

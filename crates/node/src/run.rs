@@ -70,12 +70,17 @@ pub fn run_node(cfg: NodeConfig) -> Result<(), ConfigError> {
             .try_into()
             .expect("distinct keys");
         let _ = oracle.track(0, peers);
-        let quota = Quota::per_second(NZU32!(100_000));
-        let votes = network.register(0, quota);
-        let certs = network.register(1, quota);
-        let resolver = network.register(2, quota);
-        let blocks = network.register(3, quota);
-        let requests = network.register(4, quota);
+        // Per-peer rates. p2p sizes its queues for a full burst from every peer on every
+        // channel (100,000/s made each node hold 4 GB before it did anything); these leave
+        // ten times the headroom the busiest run has shown (votes and certificates: a few per
+        // view; blocks and block requests: a restarted node catching up at ~200 blocks/s).
+        let consensus_quota = Quota::per_second(NZU32!(1_000));
+        let block_quota = Quota::per_second(NZU32!(2_000));
+        let votes = network.register(0, consensus_quota);
+        let certs = network.register(1, consensus_quota);
+        let resolver = network.register(2, consensus_quota);
+        let blocks = network.register(3, block_quota);
+        let requests = network.register(4, block_quota);
         network.start();
 
         let (mut app, mailbox, finalized) =

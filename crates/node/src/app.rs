@@ -305,15 +305,18 @@ impl<E: Spawner + Clock> Application<E> {
         Ok(replayed)
     }
 
-    /// Writes a block this node is about to vote for (its own proposal, or one it verified) to
+    /// Writes a block (already among `blocks`) this node is about to vote for (its own proposal, or one it verified) to
     /// the log of unfinalised blocks, so that after a restart of every node the block a
     /// notarisation names can still be found: consensus resumes from its journal, which knows
     /// the digest but not the bytes. Blocks with transactions are flushed; an empty block is
     /// lost only if every node that voted for it loses power before the next flush. Returns
     /// false if it could not be written (then the node does not vote for it).
-    fn keep_unfinalised(&mut self, block: &Block) -> bool {
+    fn keep_unfinalised(&mut self, digest: &Digest) -> bool {
         let Some((file, path, size)) = &mut self.unfinalised_log else {
             return true;
+        };
+        let Some(block) = self.blocks.get(digest) else {
+            return false;
         };
         match append_block(file, block) {
             Ok(n) => *size += n,
@@ -458,11 +461,11 @@ impl<E: Spawner + Clock> Application<E> {
                     txs,
                 };
                 let digest = block.digest();
+                self.blocks.insert(digest, block);
                 // Kept before the proposal leaves this node (see `keep_unfinalised`).
-                if !self.keep_unfinalised(&block) {
+                if !self.keep_unfinalised(&digest) {
                     return;
                 }
-                self.blocks.insert(digest, block);
                 let _ = response.send(digest);
             }
             Message::Broadcast { payload } => {
@@ -551,8 +554,7 @@ impl<E: Spawner + Clock> Application<E> {
             None => {
                 let mut ok = self.valid(&context, &payload);
                 if ok {
-                    let block = self.blocks.get(&payload).expect("valid").clone();
-                    ok = self.keep_unfinalised(&block);
+                    ok = self.keep_unfinalised(&payload);
                 }
                 let _ = response.send(ok);
             }

@@ -216,6 +216,7 @@ fn measure(args: &BenchLedgerArgs, dir: &Path, base: u16) -> Result<()> {
                                 bytes: 33_800_000,
                                 derived_from: None,
                                 deid: None,
+                                supersedes: None,
                             },
                             "request" => Op::RequestAccess {
                                 target: Target::Patient(patient),

@@ -295,6 +295,7 @@ pub(crate) fn execute(
             bytes,
             derived_from,
             deid,
+            supersedes,
         } => {
             require_any(
                 signer,
@@ -340,6 +341,24 @@ pub(crate) fn execute(
                     "only a derivative carries a de-identification record",
                 ));
             }
+            if let Some(old) = supersedes {
+                let o = study(state, old)?;
+                if o.owner != signer.org {
+                    return Err(unauthorized("a study version is replaced by its owner"));
+                }
+                if o.patient != *patient || o.derived_from.is_some() != derived_from.is_some() {
+                    return Err(invalid(
+                        "a new version has the patient and the kind (original or derivative) of the one it replaces",
+                    ));
+                }
+                if let Some(newer) = state.get_raw(&format!("superseded/{old}")) {
+                    return Err(LedgerError::Conflict(format!(
+                        "study {old} was already replaced by {}",
+                        String::from_utf8_lossy(&newer).trim_matches('"')
+                    )));
+                }
+                state.put(format!("superseded/{old}"), &root.to_hex());
+            }
             state.put(
                 format!("study/{root}"),
                 &Study {
@@ -351,6 +370,7 @@ pub(crate) fn execute(
                     bytes: *bytes,
                     derived_from: *derived_from,
                     deid: deid.clone(),
+                    supersedes: *supersedes,
                     registered_at: now,
                 },
             );

@@ -36,6 +36,10 @@ pub enum Op {
         derived_from: Option<Digest>,
         #[serde(skip_serializing_if = "Option::is_none", default)]
         deid: Option<DeidRecord>,
+        /// The earlier version of the same study this one replaces (instances that arrived
+        /// after it was registered): same owner, patient and kind.
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        supersedes: Option<Digest>,
     },
     // Consent.
     GrantConsent {

@@ -165,6 +165,8 @@ pub struct Study {
     pub derived_from: Option<Digest>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub deid: Option<DeidRecord>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub supersedes: Option<Digest>,
     pub registered_at: u64,
 }
 

@@ -146,6 +146,7 @@ fn study_op(root: Digest, patient: &str) -> Op {
         bytes: 1,
         derived_from: None,
         deid: None,
+        supersedes: None,
     }
 }
 
@@ -165,6 +166,7 @@ fn register(net: &mut Net, root: Digest, derived_from: Option<Digest>) {
                 table_edition: "2024b".into(),
                 key_id: "0123456789abcdef".into(),
             }),
+            supersedes: None,
         },
     );
 }
@@ -788,4 +790,64 @@ fn members_are_certificates_that_chain_to_their_organisations_ca_and_expire() {
         })
         .is_err()
     );
+}
+
+/// Instances that arrive after a study was registered make a new version that names the one
+/// it replaces: only by the owner, with the same patient and kind, and only once.
+#[test]
+fn a_later_version_of_a_study_replaces_the_earlier_once() {
+    let mut net = Net::new();
+    let v1 = Digest::of(b"v1");
+    register(&mut net, v1, None);
+    let version = |root: Digest, supersedes: Digest, patient: &str| Op::RegisterStudy {
+        root,
+        patient: patient.into(),
+        modality: "CT".into(),
+        instances: 65,
+        bytes: 34_000_000,
+        derived_from: None,
+        deid: None,
+        supersedes: Some(supersedes),
+    };
+    // Not by another organisation.
+    let e = net.refused(22, version(Digest::of(b"x"), v1, PATIENT));
+    assert!(e.to_string().contains("by its owner"), "{e}");
+    // Not for another patient.
+    let other = "MLBBBBBBBBBBBBBBBB";
+    let e = net.refused(21, version(Digest::of(b"y"), v1, other));
+    assert!(e.to_string().contains("patient"), "{e}");
+    // Not a derivative replacing an original.
+    let e = net.refused(
+        21,
+        Op::RegisterStudy {
+            root: Digest::of(b"z"),
+            patient: PATIENT.into(),
+            modality: "CT".into(),
+            instances: 65,
+            bytes: 34_000_000,
+            derived_from: Some(v1),
+            deid: Some(DeidRecord {
+                profile: "basic".into(),
+                options: vec![],
+                table_edition: "2024b".into(),
+                key_id: "k".into(),
+            }),
+            supersedes: Some(v1),
+        },
+    );
+    assert!(e.to_string().contains("kind"), "{e}");
+    let v2 = Digest::of(b"v2");
+    net.ok(21, version(v2, v1, PATIENT));
+    assert_eq!(
+        net.ledger
+            .state()
+            .get::<String>(&format!("superseded/{v1}")),
+        Some(v2.to_hex())
+    );
+    // A second replacement of the same version is a conflict.
+    let e = net.refused(21, version(Digest::of(b"v2'"), v1, PATIENT));
+    assert!(e.to_string().contains("already replaced"), "{e}");
+    // Unknown versions cannot be replaced.
+    let e = net.refused(21, version(Digest::of(b"v3"), Digest::of(b"nope"), PATIENT));
+    assert!(e.to_string().contains("no study"), "{e}");
 }

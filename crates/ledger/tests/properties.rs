@@ -172,7 +172,7 @@ proptest! {
         let derivative = Digest::of(b"d");
         for (root, from) in [(original, None), (derivative, Some(original))] {
             now += 1;
-            let r = run(&mut l, now, 21, Op::RegisterStudy { root, patient: PATIENT.into(), modality: "CT".into(), instances: 1, bytes: 1, derived_from: from, deid: from.map(|_| DeidRecord { profile: "basic".into(), options: vec![], table_edition: "2024b".into(), key_id: "k".into() }) });
+            let r = run(&mut l, now, 21, Op::RegisterStudy { root, patient: PATIENT.into(), modality: "CT".into(), instances: 1, bytes: 1, derived_from: from, deid: from.map(|_| DeidRecord { profile: "basic".into(), options: vec![], table_edition: "2024b".into(), key_id: "k".into() }), supersedes: None });
             assert!(r.is_ok(), "{r:?}");
         }
         let mut consents: Vec<MConsent> = Vec::new();

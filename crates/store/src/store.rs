@@ -51,6 +51,8 @@ pub enum StoreError {
     NotRecipient(Digest),
     #[error("{what} is corrupt: {reason}")]
     Corrupt { what: String, reason: String },
+    #[error("{0}")]
+    Invalid(String),
     #[error("{what}: {source}")]
     Decode {
         what: String,
@@ -436,12 +438,36 @@ impl Store {
             .iter_mut()
             .flat_map(|s| s.instances.iter_mut())
             .collect();
+        let work: Vec<(&Scanned, &mut InstanceEntry)> = plan.instances.iter().zip(slots).collect();
+        let (written, written_bytes, reused) = self.write_instances(work, opts, progress)?;
+
+        // Manifest, then the reference record: the study exists once the record is durable.
+        debug_assert_eq!(manifest.root(), root);
+        let record = self.commit(&manifest, owner, opts.recipients, written_bytes)?;
+        let own_bytes = record.own_bytes;
+        Ok(PutOutcome {
+            root,
+            manifest,
+            already_present: false,
+            objects_written: written + 1,
+            bytes_written: own_bytes,
+            objects_reused: reused,
+        })
+    }
+
+    /// Seals the objects of `work`'s instances into their manifest slots and writes them in
+    /// pipelined batches (sealing the next batch on the CPU pool while the previous one is
+    /// written and flushed): (objects written, their sealed bytes, objects reused).
+    fn write_instances(
+        &self,
+        work: Vec<(&Scanned, &mut InstanceEntry)>,
+        opts: &PutOptions<'_>,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<(u64, u64, u64), StoreError> {
         let written = AtomicU64::new(0);
         let written_bytes = AtomicU64::new(0);
         let reused = AtomicU64::new(0);
         let write_error: Mutex<Option<StoreError>> = Mutex::new(None);
-
-        // Seal batches on the CPU pool while the previous batch is being written and flushed.
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<(String, Bytes)>>(1);
         std::thread::scope(|s| -> Result<(), StoreError> {
             let writer = s.spawn(|| {
@@ -456,8 +482,7 @@ impl Store {
                     written_bytes.fetch_add(bytes, Ordering::Relaxed);
                 }
             });
-            let mut pending: Vec<(&Scanned, &mut InstanceEntry)> =
-                plan.instances.iter().zip(slots).collect();
+            let mut pending = work;
             while !pending.is_empty() {
                 let mut take = 0;
                 let mut bytes = 0;
@@ -492,24 +517,161 @@ impl Store {
         if let Some(e) = write_error.into_inner().expect("not poisoned") {
             return Err(e);
         }
+        Ok((
+            written.into_inner(),
+            written_bytes.into_inner(),
+            reused.into_inner(),
+        ))
+    }
 
-        // Manifest, then the reference record: the study exists once the record is durable.
-        debug_assert_eq!(manifest.root(), root);
-        let record = self.commit(
-            &manifest,
-            owner,
-            opts.recipients,
-            written_bytes.load(Ordering::Relaxed),
-        )?;
-        let own_bytes = record.own_bytes;
-        Ok(PutOutcome {
-            root,
-            manifest,
-            already_present: false,
-            objects_written: written.load(Ordering::Relaxed) + 1,
-            bytes_written: own_bytes,
-            objects_reused: reused.load(Ordering::Relaxed),
-        })
+    /// Makes a new version of a study: the instances of `previous` (referenced, not written
+    /// again) and `new` ones of the same study, sealed and written. An instance already in
+    /// `previous` with the same content is left out (sending it again changes nothing); one
+    /// with the same SOP Instance UID and other content is refused and reported. When nothing
+    /// is new the outcome is `previous` itself, `already_present`, and nothing is written.
+    /// The version is durable when this returns; `previous` stays in the store until
+    /// [`Store::forget`] drops its record.
+    pub fn extend_study(
+        &self,
+        previous: Option<&StudyManifest>,
+        new: Vec<Scanned>,
+        owner: &SecretKey,
+        opts: &PutOptions<'_>,
+    ) -> Result<(PutOutcome, Vec<Skipped>), StoreError> {
+        let (mut plans, mut skipped) = plan(new);
+        if plans.len() > 1 {
+            return Err(StoreError::Invalid(format!(
+                "a study version is made of one study's instances; got {} studies",
+                plans.len()
+            )));
+        }
+        let mut manifest = match previous {
+            Some(p) => p.clone(),
+            None => StudyManifest {
+                study_uid: plans
+                    .first()
+                    .map(|p| p.study_uid.clone())
+                    .unwrap_or_default(),
+                series: Vec::new(),
+                derived_from: None,
+            },
+        };
+        manifest.derived_from = opts.derived_from.or(manifest.derived_from);
+        let mut added: Vec<Scanned> = Vec::new();
+        if let Some(plan) = plans.pop() {
+            if plan.study_uid != manifest.study_uid {
+                return Err(StoreError::Invalid(format!(
+                    "instances of study {} cannot extend study {}",
+                    plan.study_uid, manifest.study_uid
+                )));
+            }
+            for s in plan.instances {
+                let ids = s.split.ids.clone();
+                let existing = manifest
+                    .series
+                    .iter()
+                    .flat_map(|se| se.instances.iter())
+                    .find(|i| i.sop_instance_uid == ids.sop_instance_uid);
+                match existing {
+                    Some(i) => {
+                        let same = i.header.digest == s.header.0
+                            && i.pixels.len() == s.pixels.len()
+                            && i.pixels.iter().zip(&s.pixels).all(|(a, b)| a.digest == b.0);
+                        if !same {
+                            skipped.push(Skipped {
+                                source: s.source.name(),
+                                reason: format!(
+                                    "SOP Instance UID {} is already stored with other content",
+                                    ids.sop_instance_uid
+                                ),
+                            });
+                        }
+                    }
+                    None => {
+                        let entry = InstanceEntry {
+                            sop_instance_uid: ids.sop_instance_uid.clone(),
+                            sop_class_uid: ids.sop_class_uid.clone(),
+                            header: placeholder(s.header.0, s.header.1),
+                            pixels: s.pixels.iter().map(|(d, n)| placeholder(*d, *n)).collect(),
+                        };
+                        match manifest
+                            .series
+                            .iter_mut()
+                            .find(|se| se.series_uid == ids.series_uid)
+                        {
+                            Some(se) => {
+                                if se.modality.is_empty() {
+                                    se.modality = ids.modality.clone();
+                                }
+                                se.instances.push(entry);
+                            }
+                            None => manifest.series.push(SeriesEntry {
+                                series_uid: ids.series_uid.clone(),
+                                modality: ids.modality.clone(),
+                                instances: vec![entry],
+                            }),
+                        }
+                        added.push(s);
+                    }
+                }
+            }
+        }
+        if added.is_empty() {
+            let Some(previous) = previous else {
+                return Err(StoreError::Invalid(
+                    "a new study needs at least one instance".into(),
+                ));
+            };
+            let root = previous.root();
+            return Ok((
+                PutOutcome {
+                    root,
+                    manifest: previous.clone(),
+                    already_present: true,
+                    objects_written: 0,
+                    bytes_written: 0,
+                    objects_reused: 0,
+                },
+                skipped,
+            ));
+        }
+        manifest
+            .canonicalize()
+            .map_err(|e| StoreError::Invalid(format!("study {}: {e}", manifest.study_uid)))?;
+        let root = manifest.root();
+        let new_uids: HashMap<&str, &Scanned> = added
+            .iter()
+            .map(|s| (s.split.ids.sop_instance_uid.as_str(), s))
+            .collect();
+        let work: Vec<(&Scanned, &mut InstanceEntry)> = manifest
+            .series
+            .iter_mut()
+            .flat_map(|s| s.instances.iter_mut())
+            .filter_map(|i| new_uids.get(i.sop_instance_uid.as_str()).map(|s| (*s, i)))
+            .collect();
+        let (written, written_bytes, reused) = self.write_instances(work, opts, &|_| {})?;
+        let record = self.commit(&manifest, owner, opts.recipients, written_bytes)?;
+        Ok((
+            PutOutcome {
+                root,
+                manifest,
+                already_present: false,
+                objects_written: written + 1,
+                bytes_written: record.own_bytes,
+                objects_reused: reused,
+            },
+            skipped,
+        ))
+    }
+
+    /// Drops a study's reference record (a version superseded by a newer one). Its objects
+    /// stay until [`Store::gc`] finds none of the remaining studies needs them.
+    pub fn forget(&self, root: &Digest) -> Result<(), StoreError> {
+        match self.backend.delete(&ref_key(root)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.is_not_found() => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Puts several studies, up to [`CONCURRENT_STUDIES`] at once so that the flushes of small

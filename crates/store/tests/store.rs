@@ -438,3 +438,109 @@ fn rekey_revokes_old_keys_and_keeps_derivatives_working() {
     assert!(report.is_clean(), "{report:#?}");
     assert!(report.unreferenced.is_empty(), "{report:#?}");
 }
+
+/// A study that arrives in parts (C-STORE, one instance at a time) becomes versions: each
+/// version writes only its new objects, resending changes nothing, a changed instance under a
+/// known SOP Instance UID is refused, and the last version equals the study put at once.
+#[test]
+fn a_study_grows_by_versions_that_write_only_what_is_new() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path().to_str().unwrap()).unwrap();
+    let owner = SecretKey::generate();
+    let files = chest_files(6);
+    let scan = |f: &PathBuf| {
+        scan_memory(
+            f.display().to_string(),
+            Bytes::from(std::fs::read(f).unwrap()),
+        )
+        .unwrap()
+    };
+    let opts = PutOptions::default();
+    let (v1, skipped) = store
+        .extend_study(None, files[..2].iter().map(scan).collect(), &owner, &opts)
+        .unwrap();
+    assert!(skipped.is_empty());
+    assert_eq!(v1.manifest.instance_count(), 2);
+    let (v2, _) = store
+        .extend_study(
+            Some(&v1.manifest),
+            files[1..5].iter().map(scan).collect(),
+            &owner,
+            &opts,
+        )
+        .unwrap();
+    assert_eq!(v2.manifest.instance_count(), 5);
+    // Three new instances: their header and pixel objects, and the manifest.
+    assert_eq!(v2.objects_written, 3 * 2 + 1);
+    // The first version's objects are referenced as they are.
+    for (_, i) in v1.manifest.instances() {
+        let (_, j) = v2
+            .manifest
+            .instances()
+            .find(|(_, j)| j.sop_instance_uid == i.sop_instance_uid)
+            .unwrap();
+        assert_eq!(i, j);
+    }
+    // Sending instances again changes nothing.
+    let (again, skipped) = store
+        .extend_study(
+            Some(&v2.manifest),
+            files[3..5].iter().map(scan).collect(),
+            &owner,
+            &opts,
+        )
+        .unwrap();
+    assert!(again.already_present && skipped.is_empty());
+    assert_eq!(again.root, v2.root);
+    // Other content under a known SOP Instance UID is refused and reported.
+    let mut changed = std::fs::read(&files[0]).unwrap();
+    let n = changed.len();
+    changed[n - 1] ^= 0xff;
+    let (same, skipped) = store
+        .extend_study(
+            Some(&v2.manifest),
+            vec![scan_memory("changed".into(), Bytes::from(changed)).unwrap()],
+            &owner,
+            &opts,
+        )
+        .unwrap();
+    assert_eq!(same.root, v2.root);
+    assert_eq!(skipped.len(), 1);
+    assert!(skipped[0].reason.contains("other content"), "{skipped:?}");
+    // The last version has the root of the whole study put at once, and reads back whole.
+    let (v3, _) = store
+        .extend_study(Some(&v2.manifest), vec![scan(&files[5])], &owner, &opts)
+        .unwrap();
+    let whole = plans_for(&files).pop().unwrap();
+    assert_eq!(v3.root, whole.root);
+    let got = Mutex::new(0);
+    store
+        .get_study(&v3.root, &owner, &|_, _, _| {
+            *got.lock().unwrap() += 1;
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(*got.lock().unwrap(), 6);
+    // Older versions can be dropped; the objects they share stay.
+    store.forget(&v1.root).unwrap();
+    store.forget(&v2.root).unwrap();
+    assert_eq!(store.studies().unwrap(), vec![v3.root]);
+    // Instances of another study cannot extend this one.
+    let err = store
+        .extend_study(
+            Some(&v3.manifest),
+            vec![scan_memory("other".into(), Bytes::from(deid_one(&files[0]))).unwrap()],
+            &owner,
+            &opts,
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("cannot extend"), "{err}");
+}
+
+fn deid_one(f: &PathBuf) -> Vec<u8> {
+    let deid = medledger_deid::Deidentifier::new(medledger_deid::DeidConfig::new(
+        medledger_deid::DeidKey::from_bytes([7; 32]),
+        medledger_deid::OptionSet::new([]).unwrap(),
+    ));
+    deid.deidentify(&std::fs::read(f).unwrap()).unwrap().bytes
+}

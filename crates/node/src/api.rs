@@ -39,6 +39,7 @@ pub fn serve(
     ledger: Arc<RwLock<Ledger>>,
     finalized: Arc<Mutex<Finalized>>,
     mailbox: Mailbox<Scheme>,
+    extra: Option<Router>,
 ) -> std::io::Result<()> {
     let listener = std::net::TcpListener::bind(addr)?;
     listener.set_nonblocking(true)?;
@@ -46,7 +47,7 @@ pub fn serve(
         .name("api".into())
         .spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
+                .worker_threads(2)
                 .enable_all()
                 .build()
                 .expect("API runtime");
@@ -70,6 +71,10 @@ pub fn serve(
                     .route("/api/state/{*key}", get(state_proof))
                     .route("/api/query", get(query))
                     .with_state(state);
+                let app = match extra {
+                    Some(extra) => app.merge(extra),
+                    None => app,
+                };
                 let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
                 if let Err(e) = axum::serve(listener, app).await {
                     tracing::error!("API server stopped: {e}");

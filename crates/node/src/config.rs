@@ -43,6 +43,44 @@ pub struct PeerConfig {
     pub api: SocketAddr,
 }
 
+/// A DICOM peer this node knows by AE title: where C-MOVE sends to it, and whether it sees
+/// the identified originals (a PACS or workstation of the same organisation) or only the
+/// de-identified derivatives.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DicomPeer {
+    pub ae_title: String,
+    pub addr: SocketAddr,
+    #[serde(default)]
+    pub originals: bool,
+}
+
+/// The node's imaging service: DIMSE and DICOMweb in and out, the store, de-identification.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImagingConfig {
+    /// Where DIMSE (C-ECHO, C-STORE, C-FIND, C-MOVE, C-GET) listens.
+    pub dicom: SocketAddr,
+    pub ae_title: String,
+    /// The image store: a directory or `s3://bucket/prefix`.
+    pub store: String,
+    /// The store's owner key (X25519, `medledger key`), the site's de-identification key,
+    /// and the node's ledger signing key (registers studies), as files.
+    pub store_key: PathBuf,
+    pub deid_key: PathBuf,
+    pub signing_key: PathBuf,
+    /// De-identification options beyond the Basic Profile (names as `medledger deid` takes).
+    #[serde(default)]
+    pub deid_options: Vec<String>,
+    /// A study is registered on the ledger once no instance has arrived for this long.
+    #[serde(default = "default_stable_ms")]
+    pub stable_ms: u64,
+    #[serde(default)]
+    pub dicom_peers: Vec<DicomPeer>,
+}
+
+fn default_stable_ms() -> u64 {
+    3_000
+}
+
 /// Everything `medledger node --config FILE` needs.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NodeConfig {
@@ -55,6 +93,9 @@ pub struct NodeConfig {
     pub consensus_key: String,
     pub peers: Vec<PeerConfig>,
     pub genesis: Genesis,
+    /// The imaging service; a node without it runs the ledger only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub imaging: Option<ImagingConfig>,
 }
 
 impl NodeConfig {
@@ -125,8 +166,10 @@ pub struct InitOutcome {
 }
 
 /// Creates a network's folder: for each organisation its node configuration (consensus key,
-/// addresses of every peer), its admin's and its node's ledger signing keys; and the genesis.
-/// Ports: p2p `base_port + i`, API `base_port + 100 + i`.
+/// addresses of every peer), its admin's and its node's ledger signing keys, its store and
+/// de-identification keys; and the genesis.
+/// Ports: p2p `base_port + i`, API (HTTP: ledger API and DICOMweb) `base_port + 100 + i`,
+/// DIMSE `base_port + 200 + i`.
 pub fn init_network(
     out: &Path,
     chain: &str,
@@ -182,6 +225,16 @@ pub fn init_network(
         write_public(&dir.join("admin.pem"), &g.admin)?;
         write_private(&dir.join("node.key"), &node.to_text())?;
         write_public(&dir.join("node.pem"), &g.node)?;
+        write_private(
+            &dir.join("store.key"),
+            &medledger_crypto::SecretKey::generate().to_text(),
+        )?;
+        let mut deid_secret = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut deid_secret);
+        write_private(
+            &dir.join("deid.key"),
+            &medledger_deid::DeidKey::from_bytes(deid_secret).to_text(),
+        )?;
         genesis_orgs.push(g);
         peers.push(PeerConfig {
             org: name.clone(),
@@ -203,7 +256,22 @@ pub fn init_network(
     )
     .map_err(io(&gpath))?;
     let mut configs = Vec::new();
-    for ((name, dir, secret), peer) in consensus.into_iter().zip(&peers) {
+    for (i, ((name, dir, secret), peer)) in consensus.into_iter().zip(&peers).enumerate() {
+        let dir = dir.canonicalize().map_err(io(&dir))?;
+        let imaging = ImagingConfig {
+            dicom: SocketAddr::from(([127, 0, 0, 1], base_port + 200 + i as u16)),
+            ae_title: ae_title(&name),
+            store: dir.join("store").display().to_string(),
+            store_key: dir.join("store.key"),
+            deid_key: dir.join("deid.key"),
+            signing_key: dir.join("node.key"),
+            deid_options: vec![
+                "retain-longitudinal-modified-dates".into(),
+                "clean-descriptors".into(),
+            ],
+            stable_ms: default_stable_ms(),
+            dicom_peers: Vec::new(),
+        };
         let cfg = NodeConfig {
             chain: chain.to_string(),
             org: name,
@@ -213,6 +281,7 @@ pub fn init_network(
             consensus_key: secret,
             peers: peers.clone(),
             genesis: genesis.clone(),
+            imaging: Some(imaging),
         };
         let path = dir.join("node.json");
         write_private(
@@ -222,6 +291,15 @@ pub fn init_network(
         configs.push(path);
     }
     Ok(InitOutcome { configs })
+}
+
+/// An AE title from an organisation's name: upper case, at most 16 characters.
+pub fn ae_title(org: &str) -> String {
+    org.to_uppercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .take(16)
+        .collect()
 }
 
 fn invalid(e: medledger_ledger::LedgerError) -> ConfigError {

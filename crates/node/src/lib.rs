@@ -19,5 +19,5 @@ pub mod run;
 pub use app::{Application, Finalized, Mailbox};
 pub use block::Block;
 pub use client::{Client, ClientError};
-pub use config::{NodeConfig, init_network, parse_org};
-pub use run::run_node;
+pub use config::{DicomPeer, ImagingConfig, NodeConfig, ae_title, init_network, parse_org};
+pub use run::{run_node, run_node_with};

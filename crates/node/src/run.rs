@@ -23,6 +23,12 @@ const MAX_MESSAGE: u32 = 16 << 20;
 
 /// Runs the node until the process is stopped.
 pub fn run_node(cfg: NodeConfig) -> Result<(), ConfigError> {
+    run_node_with(cfg, None)
+}
+
+/// Runs the node, serving `extra` routes (the imaging service's DICOMweb) beside the API on
+/// the same HTTP port.
+pub fn run_node_with(cfg: NodeConfig, extra: Option<axum::Router>) -> Result<(), ConfigError> {
     let signer = cfg.private_key()?;
     let mut addresses = Vec::new();
     let mut org_of = std::collections::HashMap::new();
@@ -103,6 +109,7 @@ pub fn run_node(cfg: NodeConfig) -> Result<(), ConfigError> {
             app.ledger(),
             finalized,
             mailbox.clone(),
+            extra,
         ) {
             eprintln!("cannot serve the API on {}: {e}", cfg.api);
             std::process::exit(1);

@@ -528,7 +528,8 @@ impl Store {
     /// again) and `new` ones of the same study, sealed and written. An instance already in
     /// `previous` with the same content is left out (sending it again changes nothing); one
     /// with the same SOP Instance UID and other content is refused and reported. When nothing
-    /// is new the outcome is `previous` itself, `already_present`, and nothing is written.
+    /// is new (no instance, and a derivative still names the same original) the outcome is
+    /// `previous` itself, `already_present`, and nothing is written.
     /// The version is durable when this returns; `previous` stays in the store until
     /// [`Store::forget`] drops its record.
     pub fn extend_study(
@@ -616,7 +617,8 @@ impl Store {
                 }
             }
         }
-        if added.is_empty() {
+        let relinked = previous.is_some_and(|p| p.derived_from != manifest.derived_from);
+        if added.is_empty() && !relinked {
             let Some(previous) = previous else {
                 return Err(StoreError::Invalid(
                     "a new study needs at least one instance".into(),

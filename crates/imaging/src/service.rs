@@ -1,0 +1,889 @@
+//! The ingest pipeline and the registrar: every instance that arrives (C-STORE, STOW-RS,
+//! `medledger import`) is parsed, de-identified under the organisation's policy, stored
+//! encrypted as original and derivative, and acknowledged once durable; studies that have
+//! been quiet for `stable_ms` are registered on the ledger, and become visible to queries
+//! once the registration is final.
+//!
+//! One committer thread takes whatever has queued up while it was busy (group commit): each
+//! study touched by the batch gets one new version of its original and one of its derivative,
+//! so a batch of 64 instances costs two manifests and two reference records, not 128.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use dicom_dictionary_std::tags;
+use medledger_crypto::{Digest, SecretKey, SigningKey};
+use medledger_deid::{DeidConfig, DeidError, DeidKey, DeidOption, Deidentifier, OptionSet};
+use medledger_ledger::{DeidRecord, Op, Tx};
+use medledger_node::{Client, ClientError, ImagingConfig};
+use medledger_store::{PutOptions, Scanned, Store, StoreError, StudyManifest, scan_memory};
+use rayon::prelude::*;
+
+use crate::index::{Index, InstanceMeta, StudyState, Version, View};
+
+/// Why the service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{what} {path}: {reason}")]
+    Key {
+        what: &'static str,
+        path: String,
+        reason: String,
+    },
+    #[error("store {location}: {source}")]
+    Store {
+        location: String,
+        #[source]
+        source: StoreError,
+    },
+    #[error("de-identification option {0:?} is unknown")]
+    Option(String),
+    #[error("rebuilding the index: {0}")]
+    Index(String),
+}
+
+/// Why an instance was not stored. Messages name attributes and kinds of problem, never
+/// patient data.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IngestError {
+    /// Not a DICOM instance medledger can store: the sender should not retry.
+    #[error("{0}")]
+    Malformed(String),
+    /// The SOP Instance UID is already stored with other content.
+    #[error("{0}")]
+    Conflict(String),
+    /// Storage failed: nothing was acknowledged; the sender may retry.
+    #[error("cannot store: {0}")]
+    Unavailable(String),
+}
+
+/// An instance stored (durably) by [`Service::ingest`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    pub sop_class_uid: String,
+    pub sop_instance_uid: String,
+    pub study_uid: String,
+    /// The instance was already stored with the same content; nothing changed.
+    pub duplicate: bool,
+    /// Stored as an original only: why it has no de-identified derivative.
+    pub warning: Option<String>,
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub instances_received: AtomicU64,
+    pub instances_stored: AtomicU64,
+    pub instances_duplicate: AtomicU64,
+    pub instances_rejected: AtomicU64,
+    pub instances_quarantined: AtomicU64,
+    pub bytes_received: AtomicU64,
+    pub batches: AtomicU64,
+    pub studies_registered: AtomicU64,
+    pub registration_failures: AtomicU64,
+}
+
+struct Job {
+    bytes: Vec<u8>,
+    reply: SyncSender<Result<Stored, IngestError>>,
+}
+
+/// The imaging service of one node.
+#[derive(Clone)]
+pub struct Service {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Service")
+            .field("org", &self.inner.org)
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) struct Inner {
+    pub(crate) org: String,
+    pub(crate) ae_title: String,
+    pub(crate) config: ImagingConfig,
+    pub(crate) store: Store,
+    owner: SecretKey,
+    deid: Deidentifier,
+    deid_key: DeidKey,
+    pub(crate) index: RwLock<Index>,
+    queue: Mutex<Option<SyncSender<Job>>>,
+    client: Client,
+    signer: SigningKey,
+    stable: Duration,
+    deid_record: DeidRecord,
+    pub(crate) ready: std::sync::atomic::AtomicBool,
+    pub(crate) metrics: Metrics,
+}
+
+/// Jobs queued beyond the one being committed; senders block when it is full (back pressure).
+const QUEUE: usize = 1024;
+/// A batch is at most this many instances or bytes.
+const BATCH_INSTANCES: usize = 256;
+const BATCH_BYTES: usize = 256 << 20;
+
+fn read_key<T>(
+    what: &'static str,
+    path: &Path,
+    parse: impl FnOnce(&str) -> Result<T, String>,
+) -> Result<T, StartError> {
+    let err = |reason: String| StartError::Key {
+        what,
+        path: path.display().to_string(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    parse(text.trim()).map_err(err)
+}
+
+impl Service {
+    /// Opens the store, rebuilds the index from it and from the ledger at `api` (this node's
+    /// own API), and starts the committer and the registrar.
+    pub fn start(org: &str, config: &ImagingConfig, api: &str) -> Result<Service, StartError> {
+        let owner = read_key("store key", &config.store_key, |t| {
+            SecretKey::from_text(t).map_err(|e| e.to_string())
+        })?;
+        let deid_key = read_key("de-identification key", &config.deid_key, |t| {
+            DeidKey::from_text(t).map_err(|e| e.to_string())
+        })?;
+        let signer = read_key("signing key", &config.signing_key, |t| {
+            SigningKey::from_text(t).map_err(|e| e.to_string())
+        })?;
+        let options = config
+            .deid_options
+            .iter()
+            .map(|n| {
+                DeidOption::ALL
+                    .into_iter()
+                    .find(|o| o.name() == n)
+                    .ok_or_else(|| StartError::Option(n.clone()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let options = OptionSet::new(options).map_err(|e| StartError::Option(e.to_string()))?;
+        let store = Store::open(&config.store).map_err(|source| StartError::Store {
+            location: config.store.clone(),
+            source,
+        })?;
+        let (tx, rx) = sync_channel(QUEUE);
+        let deid = Deidentifier::new(DeidConfig::new(deid_key.clone(), options));
+        // What the ledger records of how this node de-identifies (the same for every instance).
+        let deid_record = DeidRecord {
+            profile: "DICOM PS3.15 E.1 Basic Application Level Confidentiality Profile".into(),
+            options: deid
+                .config()
+                .options
+                .iter()
+                .map(|o| o.name().to_string())
+                .collect(),
+            table_edition: deid.config().table.edition().to_string(),
+            key_id: deid_key.id().to_string(),
+        };
+        let inner = Arc::new(Inner {
+            org: org.to_string(),
+            ae_title: config.ae_title.clone(),
+            config: config.clone(),
+            store,
+            deid,
+            deid_key,
+            deid_record,
+            ready: std::sync::atomic::AtomicBool::new(false),
+            owner,
+            index: RwLock::new(Index::default()),
+            queue: Mutex::new(Some(tx)),
+            client: Client::new(api),
+            signer,
+            stable: Duration::from_millis(config.stable_ms),
+            metrics: Metrics::default(),
+        });
+        // The index needs this node's own API (which versions the ledger holds), which starts
+        // beside this service: rebuild once it answers, then start taking instances. Senders
+        // wait in the queue meanwhile.
+        let starter = inner.clone();
+        std::thread::Builder::new()
+            .name("imaging-start".into())
+            .spawn(move || {
+                loop {
+                    match starter.client.status() {
+                        Ok(_) => break,
+                        Err(_) => std::thread::sleep(Duration::from_millis(100)),
+                    }
+                }
+                loop {
+                    match starter.rebuild() {
+                        Ok(()) => break,
+                        Err(e) => {
+                            tracing::error!("cannot rebuild the index (retrying in 5 s): {e}");
+                            std::thread::sleep(Duration::from_secs(5));
+                        }
+                    }
+                }
+                starter.ready.store(true, Ordering::Release);
+                let committer = starter.clone();
+                std::thread::Builder::new()
+                    .name("ingest".into())
+                    .spawn(move || committer.commit_loop(rx))
+                    .expect("spawn the ingest thread");
+                starter.register_loop();
+            })
+            .expect("spawn the imaging start thread");
+        Ok(Service { inner })
+    }
+
+    pub(crate) fn inner(&self) -> &Arc<Inner> {
+        &self.inner
+    }
+
+    /// Stores one instance (a Part 10 file); returns once it is durable, or why it was not
+    /// stored.
+    pub fn ingest(&self, file: Vec<u8>) -> Result<Stored, IngestError> {
+        self.inner
+            .metrics
+            .instances_received
+            .fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .metrics
+            .bytes_received
+            .fetch_add(file.len() as u64, Ordering::Relaxed);
+        let (reply, answer) = sync_channel(1);
+        let queue = self
+            .inner
+            .queue
+            .lock()
+            .expect("not poisoned")
+            .as_ref()
+            .cloned()
+            .ok_or_else(|| IngestError::Unavailable("the node is shutting down".into()))?;
+        let job = Job { bytes: file, reply };
+        match queue.try_send(job) {
+            Ok(()) => {}
+            Err(TrySendError::Full(job)) => queue
+                .send(job)
+                .map_err(|_| IngestError::Unavailable("the node is shutting down".into()))?,
+            Err(TrySendError::Disconnected(_)) => {
+                return Err(IngestError::Unavailable("the node is shutting down".into()));
+            }
+        }
+        let r = answer
+            .recv()
+            .unwrap_or_else(|_| Err(IngestError::Unavailable("the ingest thread stopped".into())));
+        let m = &self.inner.metrics;
+        match &r {
+            Ok(s) if s.duplicate => m.instances_duplicate.fetch_add(1, Ordering::Relaxed),
+            Ok(_) => m.instances_stored.fetch_add(1, Ordering::Relaxed),
+            Err(_) => m.instances_rejected.fetch_add(1, Ordering::Relaxed),
+        };
+        r
+    }
+
+    /// Studies waiting for registration (stored, not yet final on the ledger).
+    pub fn is_ready(&self) -> bool {
+        self.inner.ready.load(Ordering::Acquire)
+    }
+
+    pub fn pending(&self) -> usize {
+        self.inner
+            .index
+            .read()
+            .expect("not poisoned")
+            .studies
+            .values()
+            .filter(|s| s.pending())
+            .count()
+    }
+
+    /// Stops taking instances; those already queued are still committed.
+    pub fn shutdown(&self) {
+        self.inner.queue.lock().expect("not poisoned").take();
+    }
+
+    /// Reads a stored instance of `view` as a Part 10 file, every object verified.
+    pub fn read_instance(
+        &self,
+        entry: &medledger_store::InstanceEntry,
+    ) -> Result<Vec<u8>, StoreError> {
+        self.inner.store.fetch_instance(entry)
+    }
+
+    pub fn index(&self) -> std::sync::RwLockReadGuard<'_, Index> {
+        self.inner.index.read().expect("not poisoned")
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    pub fn ae_title(&self) -> &str {
+        &self.inner.ae_title
+    }
+
+    pub fn org(&self) -> &str {
+        &self.inner.org
+    }
+
+    pub fn config(&self) -> &ImagingConfig {
+        &self.inner.config
+    }
+}
+
+/// One instance ready to be written.
+struct Prepared {
+    original: Scanned,
+    original_meta: InstanceMeta,
+    derivative: Option<(Scanned, InstanceMeta, DeidRecord)>,
+    warning: Option<String>,
+    study_uid: String,
+    sop_uid: String,
+    sop_class: String,
+}
+
+impl Inner {
+    fn prepare(&self, name: String, bytes: Vec<u8>) -> Result<Prepared, IngestError> {
+        let original_meta = InstanceMeta::read(&bytes).map_err(IngestError::Malformed)?;
+        let bytes = Bytes::from(bytes);
+        let original = scan_memory(name.clone(), bytes.clone()).map_err(|e| match e {
+            StoreError::Split { error, .. } => IngestError::Malformed(error.to_string()),
+            e => IngestError::Malformed(e.to_string()),
+        })?;
+        let ids = original.ids().clone();
+        let (derivative, warning) = match self.deid.deidentify(&bytes) {
+            Ok(d) => {
+                let meta = InstanceMeta::read(&d.bytes).map_err(|e| {
+                    IngestError::Unavailable(format!("reading the de-identified instance: {e}"))
+                })?;
+                let record = DeidRecord {
+                    profile: d.provenance.profile.clone(),
+                    options: d
+                        .provenance
+                        .options
+                        .iter()
+                        .map(|o| o.name().to_string())
+                        .collect(),
+                    table_edition: d.provenance.table_edition.clone(),
+                    key_id: d.provenance.key_id.clone(),
+                };
+                let scanned = scan_memory(format!("{name} (de-identified)"), Bytes::from(d.bytes))
+                    .map_err(|e| {
+                        IngestError::Unavailable(format!(
+                            "splitting the de-identified instance: {e}"
+                        ))
+                    })?;
+                (Some((scanned, meta, record)), None)
+            }
+            Err(DeidError::Parse(e)) => {
+                return Err(IngestError::Malformed(format!(
+                    "not a readable DICOM file: {e}"
+                )));
+            }
+            Err(DeidError::NotAnInstance(e)) => {
+                return Err(IngestError::Malformed(format!("not a DICOM instance: {e}")));
+            }
+            Err(e) => {
+                self.metrics
+                    .instances_quarantined
+                    .fetch_add(1, Ordering::Relaxed);
+                (
+                    None,
+                    Some(format!(
+                        "stored as an original only, without a de-identified derivative: {e}"
+                    )),
+                )
+            }
+        };
+        Ok(Prepared {
+            original,
+            original_meta,
+            derivative,
+            warning,
+            study_uid: ids.study_uid,
+            sop_uid: ids.sop_instance_uid,
+            sop_class: ids.sop_class_uid,
+        })
+    }
+
+    fn commit_loop(self: Arc<Self>, rx: Receiver<Job>) {
+        while let Ok(first) = rx.recv() {
+            let mut size = first.bytes.len();
+            let mut batch = vec![first];
+            while batch.len() < BATCH_INSTANCES && size < BATCH_BYTES {
+                match rx.try_recv() {
+                    Ok(j) => {
+                        size += j.bytes.len();
+                        batch.push(j);
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.metrics.batches.fetch_add(1, Ordering::Relaxed);
+            self.commit(batch);
+        }
+        tracing::info!("ingest stopped");
+    }
+
+    fn commit(&self, batch: Vec<Job>) {
+        let mut replies: Vec<Option<SyncSender<Result<Stored, IngestError>>>> = Vec::new();
+        let mut inputs = Vec::new();
+        for (i, j) in batch.into_iter().enumerate() {
+            replies.push(Some(j.reply));
+            inputs.push((i, j.bytes));
+        }
+        let prepared: Vec<(usize, Result<Prepared, IngestError>)> = inputs
+            .into_par_iter()
+            .map(|(i, bytes)| (i, self.prepare(format!("#{i}"), bytes)))
+            .collect();
+        let mut by_study: BTreeMap<String, Vec<(usize, Prepared)>> = BTreeMap::new();
+        for (i, p) in prepared {
+            match p {
+                Ok(p) => by_study
+                    .entry(p.study_uid.clone())
+                    .or_default()
+                    .push((i, p)),
+                Err(e) => {
+                    tracing::info!("refused an instance: {e}");
+                    if let Some(r) = replies[i].take() {
+                        let _ = r.send(Err(e));
+                    }
+                }
+            }
+        }
+        for (study_uid, items) in by_study {
+            let outcome = self.commit_study(&study_uid, items);
+            for (i, r) in outcome {
+                if let Some(reply) = replies[i].take() {
+                    let _ = reply.send(r);
+                }
+            }
+        }
+    }
+
+    /// Writes one study's new instances as a new version of its original and derivative.
+    fn commit_study(
+        &self,
+        study_uid: &str,
+        items: Vec<(usize, Prepared)>,
+    ) -> Vec<(usize, Result<Stored, IngestError>)> {
+        let current = self
+            .index
+            .read()
+            .expect("not poisoned")
+            .studies
+            .get(study_uid)
+            .cloned();
+        let previous_original = current.as_ref().map(|s| s.original.manifest.clone());
+        let previous_derivative = current
+            .as_ref()
+            .and_then(|s| s.derivative.as_ref())
+            .map(|v| v.manifest.clone());
+        let known = |m: &Option<Arc<StudyManifest>>, sop: &str| {
+            m.as_ref()
+                .is_some_and(|m| m.instances().any(|(_, i)| i.sop_instance_uid == sop))
+        };
+        let mut originals = Vec::new();
+        let mut derivatives = Vec::new();
+        let mut metas = Vec::new();
+        let mut deid_record = None;
+        let mut accepted = Vec::new();
+        for (i, p) in items {
+            let duplicate = known(&previous_original, &p.sop_uid);
+            accepted.push((
+                i,
+                Stored {
+                    sop_class_uid: p.sop_class.clone(),
+                    sop_instance_uid: p.sop_uid.clone(),
+                    study_uid: study_uid.to_string(),
+                    duplicate,
+                    warning: p.warning.clone(),
+                },
+            ));
+            metas.push((View::Original, p.sop_uid.clone(), p.original_meta));
+            originals.push(p.original);
+            if let Some((scanned, meta, record)) = p.derivative {
+                let uid = scanned.ids().sop_instance_uid.clone();
+                if !known(&previous_derivative, &uid) {
+                    metas.push((View::Deidentified, uid, meta));
+                    derivatives.push(scanned);
+                }
+                deid_record = Some(record);
+            }
+        }
+        let fail = |accepted: Vec<(usize, Stored)>, e: String| {
+            tracing::error!("cannot store study instances: {e}");
+            accepted
+                .into_iter()
+                .map(|(i, _)| (i, Err(IngestError::Unavailable(e.clone()))))
+                .collect::<Vec<_>>()
+        };
+        let (original, skipped) = match self.store.extend_study(
+            previous_original.as_deref(),
+            originals,
+            &self.owner,
+            &PutOptions::default(),
+        ) {
+            Ok(o) => o,
+            Err(e) => return fail(accepted, e.to_string()),
+        };
+        let conflicts: HashMap<usize, String> = skipped
+            .into_iter()
+            .filter_map(|s| {
+                let i: usize = s.source.trim_start_matches('#').parse().ok()?;
+                Some((i, s.reason))
+            })
+            .collect();
+        let reuse = original.object_index();
+        // A derivative version is made when the original changed, so that it names the
+        // original's newest version.
+        let derivative = if !derivatives.is_empty() || previous_derivative.is_some() {
+            let opts = PutOptions {
+                derived_from: Some(original.root),
+                reuse: Some(&reuse),
+                ..PutOptions::default()
+            };
+            if derivatives.is_empty() && previous_derivative.is_none() {
+                None
+            } else {
+                match self.store.extend_study(
+                    previous_derivative.as_deref(),
+                    derivatives,
+                    &self.owner,
+                    &opts,
+                ) {
+                    Ok((d, _)) => Some(d),
+                    Err(e) => return fail(accepted, e.to_string()),
+                }
+            }
+        } else {
+            None
+        };
+        // Durable: update the index, then answer.
+        let patient = self.pseudonym(&metas, derivative.as_ref().map(|d| &d.manifest));
+        {
+            let mut index = self.index.write().expect("not poisoned");
+            for (view, uid, meta) in metas {
+                if !index.has_meta(view, &uid) {
+                    index.put_meta(view, &uid, Arc::new(meta));
+                }
+            }
+            let state = index
+                .studies
+                .entry(study_uid.to_string())
+                .or_insert_with(|| StudyState {
+                    original: Version::new(original.manifest.clone()),
+                    derivative: None,
+                    registered_original: None,
+                    registered_derivative: None,
+                    changed: Instant::now(),
+                    patient: patient.clone(),
+                    deid: None,
+                    failures: 0,
+                    last_error: None,
+                });
+            if state.original.root != original.root {
+                state.original = Version::new(original.manifest.clone());
+            }
+            if let Some(d) = derivative {
+                if state.derivative.as_ref().map(|v| v.root) != Some(d.root) {
+                    state.derivative = Some(Version::new(d.manifest));
+                }
+            }
+            if deid_record.is_some() {
+                state.deid = deid_record;
+            }
+            if !original.already_present {
+                state.changed = Instant::now();
+            }
+        }
+        // Versions between the registered one and the newest are dropped by the registrar.
+        accepted
+            .into_iter()
+            .map(|(i, stored)| match conflicts.get(&i) {
+                Some(reason) => (i, Err(IngestError::Conflict(reason.clone()))),
+                None => (i, Ok(stored)),
+            })
+            .collect()
+    }
+
+    /// The patient's pseudonym: the derivative's Patient ID (the keyed pseudonym), else one
+    /// made the same way from the original's identity.
+    fn pseudonym(
+        &self,
+        metas: &[(View, String, InstanceMeta)],
+        derivative: Option<&StudyManifest>,
+    ) -> String {
+        let _ = derivative;
+        for (view, _, m) in metas {
+            if *view == View::Deidentified {
+                let id = m.text(tags::PATIENT_ID);
+                if medledger_ledger::check_pseudonym(&id).is_ok() {
+                    return id;
+                }
+            }
+        }
+        let Some((_, _, m)) = metas.iter().find(|(v, _, _)| *v == View::Original) else {
+            return String::new();
+        };
+        let identity = medledger_deid::patient_identity(
+            &m.text(tags::PATIENT_ID),
+            &m.text(tags::PATIENT_NAME),
+            &m.text(tags::PATIENT_BIRTH_DATE),
+        )
+        .unwrap_or_else(|| format!("study:{}", m.text(tags::STUDY_INSTANCE_UID)));
+        self.deid_key.patient_pseudonym(&identity)
+    }
+
+    fn register_loop(self: Arc<Self>) {
+        loop {
+            std::thread::sleep(Duration::from_millis(200));
+            let due: Vec<(String, StudyState)> = {
+                let index = self.index.read().expect("not poisoned");
+                index
+                    .studies
+                    .iter()
+                    .filter(|(_, s)| s.pending() && s.changed.elapsed() >= self.stable)
+                    .filter(|(_, s)| {
+                        // Back off after failures: 1, 2, 4 ... up to 60 s.
+                        s.failures == 0
+                            || s.changed.elapsed()
+                                >= self.stable
+                                    + Duration::from_secs(1 << s.failures.min(6))
+                                        .min(Duration::from_secs(60))
+                    })
+                    .map(|(k, s)| (k.clone(), s.clone()))
+                    .collect()
+            };
+            for (uid, state) in due {
+                let r = self.register(&state);
+                let mut index = self.index.write().expect("not poisoned");
+                let Some(s) = index.studies.get_mut(&uid) else {
+                    continue;
+                };
+                match r {
+                    Ok(()) => {
+                        self.metrics
+                            .studies_registered
+                            .fetch_add(1, Ordering::Relaxed);
+                        let old = [
+                            s.registered_original.take().map(|v| v.root),
+                            s.registered_derivative.take().map(|v| v.root),
+                        ];
+                        s.registered_original = Some(state.original.clone());
+                        s.registered_derivative = state.derivative.clone();
+                        s.failures = 0;
+                        s.last_error = None;
+                        // A superseded version's record is kept: the ledger names it, and
+                        // grants made on it must still be served.
+                        let _ = old;
+                    }
+                    Err(e) => {
+                        self.metrics
+                            .registration_failures
+                            .fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!("registering study version {}: {e}", state.original.root);
+                        s.failures += 1;
+                        s.last_error = Some(e);
+                        s.changed = Instant::now();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Registers the newest versions of a study (original, then derivative) and waits until
+    /// they are final.
+    fn register(&self, s: &StudyState) -> Result<(), String> {
+        let modality = s
+            .original
+            .manifest
+            .series
+            .iter()
+            .map(|se| se.modality.trim().to_uppercase())
+            .find(|m| {
+                !m.is_empty()
+                    && m.len() <= 16
+                    && m.bytes()
+                        .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit())
+            })
+            .unwrap_or_else(|| "OT".to_string());
+        let mut ops = Vec::new();
+        let reg_orig = s.registered_original.as_ref().map(|v| v.root);
+        if reg_orig != Some(s.original.root) {
+            ops.push(Op::RegisterStudy {
+                root: s.original.root,
+                patient: s.patient.clone(),
+                modality: modality.clone(),
+                instances: s.original.manifest.instance_count() as u32,
+                bytes: s.original.manifest.plain_len(),
+                derived_from: None,
+                deid: None,
+                supersedes: reg_orig,
+            });
+        }
+        if let Some(d) = &s.derivative {
+            let reg = s.registered_derivative.as_ref().map(|v| v.root);
+            if reg != Some(d.root) && d.manifest.instance_count() > 0 {
+                if d.manifest.derived_from != Some(s.original.root) {
+                    return Err("the derivative does not name the newest original yet".into());
+                }
+                ops.push(Op::RegisterStudy {
+                    root: d.root,
+                    patient: s.patient.clone(),
+                    modality,
+                    instances: d.manifest.instance_count() as u32,
+                    bytes: d.manifest.plain_len(),
+                    derived_from: Some(s.original.root),
+                    deid: s.deid.clone(),
+                    supersedes: reg,
+                });
+            }
+        }
+        let chain = self.client.chain().map_err(|e| e.to_string())?;
+        let mut nonce = self
+            .client
+            .next_nonce(&self.signer.verifying_key())
+            .map_err(|e| e.to_string())?;
+        let mut ids = Vec::new();
+        for op in ops {
+            let tx = Tx::sign(&chain, &self.signer, nonce, op);
+            nonce += 1;
+            ids.push(self.client.submit_tx(&tx).map_err(|e| e.to_string())?);
+        }
+        for id in ids {
+            match self.client.wait(&id, Duration::from_secs(30)) {
+                Ok(_) => {}
+                // Registered before (by this node, before a restart): nothing to do.
+                Err(ClientError::Rejected { error, .. })
+                    if error.to_string().contains("already registered") => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Rebuilds the index from the store and the ledger: per study, the newest version of
+    /// the original and of its derivative, which of them the ledger has registered, and the
+    /// header attributes of every instance.
+    fn rebuild(&self) -> Result<(), String> {
+        let roots = self.store.studies().map_err(|e| e.to_string())?;
+        let mut originals: BTreeMap<String, Vec<StudyManifest>> = BTreeMap::new();
+        let mut derivatives: HashMap<Digest, Vec<StudyManifest>> = HashMap::new();
+        for root in roots {
+            let (_, m) = match self.store.open_manifest(&root, &self.owner) {
+                Ok(x) => x,
+                Err(StoreError::NotRecipient(_)) => continue,
+                Err(e) => return Err(e.to_string()),
+            };
+            match m.derived_from {
+                Some(from) => derivatives.entry(from).or_default().push(m),
+                None => originals.entry(m.study_uid.clone()).or_default().push(m),
+            }
+        }
+        let registered = |root: &Digest| -> Result<bool, String> {
+            match self.client.prove(&format!("study/{root}")) {
+                Ok(_) => Ok(true),
+                Err(ClientError::Refused { status: 404, .. }) => Ok(false),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        let mut index = Index::default();
+        for (uid, mut versions) in originals {
+            // Versions only grow: the newest has the most instances.
+            versions.sort_by_key(|m| m.instance_count());
+            let newest = versions.last().expect("at least one").clone();
+            let mut reg_orig = None;
+            for m in versions.iter().rev() {
+                if registered(&m.root())? {
+                    reg_orig = Some(Version::new(m.clone()));
+                    break;
+                }
+            }
+            let all_derivs: Vec<StudyManifest> = versions
+                .iter()
+                .flat_map(|m| derivatives.get(&m.root()).cloned().unwrap_or_default())
+                .collect();
+            let mut newest_deriv: Option<StudyManifest> = None;
+            let mut reg_deriv = None;
+            for d in &all_derivs {
+                if newest_deriv.as_ref().is_none_or(|n| {
+                    d.instance_count() > n.instance_count()
+                        || (d.instance_count() == n.instance_count()
+                            && d.derived_from == Some(newest.root()))
+                }) {
+                    newest_deriv = Some(d.clone());
+                }
+                if registered(&d.root())?
+                    && reg_deriv
+                        .as_ref()
+                        .is_none_or(|r: &Version| d.instance_count() > r.manifest.instance_count())
+                {
+                    reg_deriv = Some(Version::new(d.clone()));
+                }
+            }
+            // Header attributes, for queries.
+            for (view, m) in [
+                (View::Original, Some(&newest)),
+                (View::Deidentified, newest_deriv.as_ref()),
+            ] {
+                let Some(m) = m else { continue };
+                for (_, i) in m.instances() {
+                    if index.has_meta(view, &i.sop_instance_uid) {
+                        continue;
+                    }
+                    let file = self.store.fetch_instance(i).map_err(|e| e.to_string())?;
+                    let meta = InstanceMeta::read(&file)?;
+                    index.put_meta(view, &i.sop_instance_uid, Arc::new(meta));
+                }
+            }
+            let mut metas = Vec::new();
+            if let Some((_, i)) = newest.instances().next() {
+                if let Some(m) = index.meta(View::Original, &i.sop_instance_uid) {
+                    metas.push((
+                        View::Original,
+                        String::new(),
+                        InstanceMeta {
+                            attrs: m.attrs.clone(),
+                            transfer_syntax: m.transfer_syntax.clone(),
+                        },
+                    ));
+                }
+            }
+            if let Some((_, i)) = newest_deriv.as_ref().and_then(|d| d.instances().next()) {
+                if let Some(m) = index.meta(View::Deidentified, &i.sop_instance_uid) {
+                    metas.push((
+                        View::Deidentified,
+                        String::new(),
+                        InstanceMeta {
+                            attrs: m.attrs.clone(),
+                            transfer_syntax: m.transfer_syntax.clone(),
+                        },
+                    ));
+                }
+            }
+            let patient = self.pseudonym(&metas, None);
+            index.studies.insert(
+                uid,
+                StudyState {
+                    original: Version::new(newest),
+                    derivative: newest_deriv.map(Version::new),
+                    registered_original: reg_orig,
+                    registered_derivative: reg_deriv,
+                    changed: Instant::now(),
+                    patient,
+                    deid: Some(self.deid_record.clone()),
+                    failures: 0,
+                    last_error: None,
+                },
+            );
+        }
+        let n = index.studies.len();
+        *self.index.write().expect("not poisoned") = index;
+        tracing::info!("index rebuilt: {n} studies");
+        Ok(())
+    }
+}

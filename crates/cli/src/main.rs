@@ -8,6 +8,7 @@ mod cea;
 mod deid_cmd;
 mod demo;
 mod files;
+mod import_cmd;
 mod network_cmd;
 mod store_cmd;
 
@@ -43,8 +44,10 @@ enum Command {
     /// A local network of one node per organisation: init, up, down.
     #[command(subcommand)]
     Network(network_cmd::NetworkCommand),
-    /// Run one node (consensus, ledger, API) from its configuration.
+    /// Run one node (consensus, ledger, API, DICOMweb and DIMSE) from its configuration.
     Node(network_cmd::NodeArgs),
+    /// Send DICOM files to a node (STOW-RS): de-identified, stored, registered there.
+    Import(import_cmd::ImportArgs),
     /// Talk to a node's ledger API: status, query, history, studies, audit, submit, prove.
     #[command(subcommand)]
     Ledger(network_cmd::LedgerCommand),
@@ -79,6 +82,13 @@ fn main() -> ExitCode {
         Command::Store(cmd) => store_cmd::run(cmd),
         Command::Network(cmd) => network_cmd::run_network(cmd).map(|()| ExitCode::SUCCESS),
         Command::Node(args) => network_cmd::run_node(args).map(|()| ExitCode::SUCCESS),
+        Command::Import(args) => import_cmd::run(args).map(|ok| {
+            if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }),
         Command::Ledger(cmd) => network_cmd::run_ledger(cmd).map(|()| ExitCode::SUCCESS),
         Command::Identity(cmd) => network_cmd::run_identity(cmd).map(|()| ExitCode::SUCCESS),
         Command::Bench(cmd) => bench::run(cmd).map(|()| ExitCode::SUCCESS),

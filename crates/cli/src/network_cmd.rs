@@ -151,8 +151,56 @@ pub fn run_node(args: NodeArgs) -> Result<()> {
         "node of {} on chain {}: p2p {}, API http://{}",
         cfg.org, cfg.chain, cfg.p2p, cfg.api
     );
-    medledger_node::run_node(cfg)?;
+    let Some(imaging) = cfg.imaging.clone() else {
+        medledger_node::run_node(cfg)?;
+        return Ok(());
+    };
+    let service =
+        medledger_imaging::Service::start(&cfg.org, &imaging, &format!("http://{}", cfg.api))?;
+    let scp = medledger_dicom_net::Scp::start(
+        imaging.dicom,
+        medledger_dicom_net::ScpConfig::new(&imaging.ae_title),
+        std::sync::Arc::new(medledger_imaging::Dimse::new(service.clone())),
+    )
+    .with_context(|| format!("cannot listen for DIMSE on {}", imaging.dicom))?;
+    eprintln!(
+        "imaging: DICOMweb http://{}/dicom-web, DIMSE {} on {}, store {}",
+        cfg.api,
+        imaging.ae_title,
+        scp.local_addr(),
+        imaging.store
+    );
+    shutdown_on_signal(service.clone(), scp);
+    medledger_node::run_node_with(cfg, Some(medledger_imaging::router(service)))?;
     Ok(())
+}
+
+/// On SIGTERM or SIGINT: stop taking associations and instances, let what is queued be
+/// committed (it was not acknowledged yet, but it will be if it makes it), then exit.
+fn shutdown_on_signal(service: medledger_imaging::Service, scp: medledger_dicom_net::Scp) {
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("signal runtime");
+        rt.block_on(async {
+            use tokio::signal::unix::{SignalKind, signal};
+            let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+            let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        });
+        eprintln!("stopping: no new associations or instances; finishing what is queued");
+        service.shutdown();
+        scp.shutdown();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while service.busy() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        std::process::exit(0);
+    });
 }
 
 pub fn run_network(cmd: NetworkCommand) -> Result<()> {

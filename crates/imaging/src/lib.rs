@@ -1,7 +1,12 @@
 //! The imaging service.
 
+pub mod dicomweb;
+pub mod dimse;
 pub mod index;
+pub mod pixels;
 pub mod service;
 
+pub use dicomweb::router;
+pub use dimse::Dimse;
 pub use index::{Index, Query, QueryLevel, View};
 pub use service::{IngestError, Service, StartError, Stored};

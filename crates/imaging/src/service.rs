@@ -84,6 +84,8 @@ pub struct Metrics {
     pub instances_quarantined: AtomicU64,
     pub bytes_received: AtomicU64,
     pub batches: AtomicU64,
+    /// Instances submitted and not yet answered.
+    pub in_flight: AtomicU64,
     pub studies_registered: AtomicU64,
     pub registration_failures: AtomicU64,
 }
@@ -238,10 +240,6 @@ impl Service {
         Ok(Service { inner })
     }
 
-    pub(crate) fn inner(&self) -> &Arc<Inner> {
-        &self.inner
-    }
-
     /// Stores one instance (a Part 10 file); returns once it is durable, or why it was not
     /// stored.
     pub fn ingest(&self, file: Vec<u8>) -> Result<Stored, IngestError> {
@@ -253,6 +251,13 @@ impl Service {
             .metrics
             .bytes_received
             .fetch_add(file.len() as u64, Ordering::Relaxed);
+        self.inner.metrics.in_flight.fetch_add(1, Ordering::AcqRel);
+        let r = self.ingest_inner(file);
+        self.inner.metrics.in_flight.fetch_sub(1, Ordering::AcqRel);
+        r
+    }
+
+    fn ingest_inner(&self, file: Vec<u8>) -> Result<Stored, IngestError> {
         let (reply, answer) = sync_channel(1);
         let queue = self
             .inner
@@ -285,6 +290,11 @@ impl Service {
     }
 
     /// Studies waiting for registration (stored, not yet final on the ledger).
+    /// True while instances are being committed.
+    pub fn busy(&self) -> bool {
+        self.inner.metrics.in_flight.load(Ordering::Acquire) > 0
+    }
+
     pub fn is_ready(&self) -> bool {
         self.inner.ready.load(Ordering::Acquire)
     }

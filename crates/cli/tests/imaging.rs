@@ -1,0 +1,566 @@
+//! A node speaks DICOM, as a radiology department uses it: dcmtk sends the 64-slice chest CT
+//! by C-STORE, the study is de-identified, stored encrypted, registered on the ledger and then
+//! found with QIDO-RS and C-FIND, read back with WADO-RS (instances, metadata, frames,
+//! rendered), moved by C-MOVE to a PACS that sees originals; STOW-RS and `medledger import`
+//! take more; malformed input is refused with reasons; a node killed with SIGKILL in the
+//! middle of an ingest keeps every instance it acknowledged.
+
+mod common;
+use common::{medledger, text};
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+struct Network(PathBuf, PathBuf);
+impl Drop for Network {
+    fn drop(&mut self) {
+        let _ = medledger(&self.0)
+            .args(["network", "down"])
+            .arg(&self.1)
+            .output();
+    }
+}
+
+struct Child(std::process::Child);
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn dcmtk(tool: &str) -> Command {
+    let found = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .any(|d| d.join(tool).is_file());
+    assert!(
+        found,
+        "`{tool}` (dcmtk) is missing: run scripts/install-interop"
+    );
+    let mut c = Command::new(tool);
+    c.env("TCP_NODELAY", "1").stdin(Stdio::null());
+    c
+}
+
+fn run(c: &mut Command) -> Output {
+    c.output().unwrap_or_else(|e| panic!("{c:?}: {e}"))
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn http() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap()
+}
+
+fn get_json(url: &str) -> (u16, Value) {
+    let r = http().get(url).send().unwrap();
+    let code = r.status().as_u16();
+    let body = r.text().unwrap();
+    (code, serde_json::from_str(&body).unwrap_or(Value::Null))
+}
+
+/// The first value of attribute `tag` (8 hex digits) in a DICOM JSON object.
+fn attr(v: &Value, tag: &str) -> Value {
+    v[tag]["Value"][0].clone()
+}
+
+fn chest_ct() -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(medledger_testkit::chest_ct_series_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    files
+}
+
+/// Parts of a multipart/related answer.
+fn parts(resp: reqwest::blocking::Response) -> Vec<Vec<u8>> {
+    let ct = resp
+        .headers()
+        .get("content-type")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    let body = resp.bytes().unwrap();
+    medledger_imaging::dicomweb::split_multipart(&ct, &body)
+        .unwrap()
+        .into_iter()
+        .map(|(_, b)| b.to_vec())
+        .collect()
+}
+
+fn wait_for(what: &str, limit: Duration, mut ready: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ready() {
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn study_count(web: &str) -> usize {
+    let (code, v) = get_json(&format!("{web}/studies"));
+    if code == 204 {
+        return 0;
+    }
+    v.as_array().map(Vec::len).unwrap_or(0)
+}
+
+#[test]
+fn a_node_ingests_queries_and_serves_dicom_and_keeps_what_it_acknowledged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path();
+    let dir = home.join("net");
+    let base = 30_000 + (std::process::id() % 1_000) as u16 * 4;
+    let init = medledger(home)
+        .args([
+            "network",
+            "init",
+            "--orgs",
+            "hospital-a,hospital-b,research,patients",
+            "--out",
+        ])
+        .arg(&dir)
+        .args(["--base-port", &base.to_string()])
+        .output()
+        .unwrap();
+    assert!(init.status.success(), "{}", text(&init));
+
+    // Hospital A's PACS (a dcmtk storescp) sees originals; studies register after 1 s quiet.
+    let pacs_dir = home.join("pacs");
+    std::fs::create_dir_all(&pacs_dir).unwrap();
+    let pacs_port = free_port();
+    let _pacs = Child(
+        dcmtk("storescp")
+            .args(["-aet", "PACS", "+xa", "-od"])
+            .arg(&pacs_dir)
+            .arg(pacs_port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let cfg_path = dir.join("hospital-a/node.json");
+    let mut cfg: Value = serde_json::from_slice(&std::fs::read(&cfg_path).unwrap()).unwrap();
+    cfg["imaging"]["stable_ms"] = 1000.into();
+    cfg["imaging"]["dicom_peers"] = serde_json::json!([
+        { "ae_title": "PACS", "addr": format!("127.0.0.1:{pacs_port}"), "originals": true }
+    ]);
+    std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
+
+    let up = medledger(home)
+        .args(["network", "up"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let _net = Network(home.to_path_buf(), dir.clone());
+    assert!(up.status.success(), "{}", text(&up));
+    let api = format!("http://127.0.0.1:{}", base + 100);
+    let web = format!("{api}/dicom-web");
+    let dimse: SocketAddr = format!("127.0.0.1:{}", base + 200).parse().unwrap();
+    let port = dimse.port().to_string();
+    wait_for("the imaging service", Duration::from_secs(60), || {
+        http()
+            .get(format!("{api}/health"))
+            .send()
+            .is_ok_and(|r| r.status().is_success())
+    });
+
+    // C-ECHO, then the chest CT by C-STORE.
+    let echo =
+        run(dcmtk("echoscu").args(["-aet", "MODALITY", "-aec", "HOSPITAL_A", "127.0.0.1", &port]));
+    assert!(echo.status.success(), "{}", text(&echo));
+    let files = chest_ct();
+    assert_eq!(files.len(), 64);
+    let store = run(dcmtk("storescu")
+        .args(["-aet", "MODALITY", "-aec", "HOSPITAL_A", "127.0.0.1", &port])
+        .args(&files));
+    assert!(store.status.success(), "{}", text(&store));
+
+    // Visible once the ledger has finalised its registration.
+    wait_for("the study in QIDO-RS", Duration::from_secs(60), || {
+        study_count(&web) == 1
+    });
+    let (code, studies) = get_json(&format!("{web}/studies"));
+    assert_eq!(code, 200);
+    let s = &studies[0];
+    let original = dicom_object::open_file(&files[0]).unwrap();
+    let original_id = original
+        .element(dicom_dictionary_std::tags::PATIENT_ID)
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .trim()
+        .to_string();
+    let original_study = original
+        .element(dicom_dictionary_std::tags::STUDY_INSTANCE_UID)
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .trim_end_matches('\0')
+        .to_string();
+    // The anonymous view is the de-identified one: pseudonym, new UIDs.
+    let pseudonym = attr(s, "00100020").as_str().unwrap().to_string();
+    assert!(
+        pseudonym.starts_with("ML") && pseudonym != original_id,
+        "{s}"
+    );
+    let study_uid = attr(s, "0020000D").as_str().unwrap().to_string();
+    assert_ne!(study_uid, original_study);
+    assert_eq!(attr(s, "00201208"), Value::from(64), "{s}");
+    assert_eq!(attr(s, "00080061"), Value::from("CT"), "{s}");
+    // Both forms are on the ledger, owned by hospital A; no identifier there.
+    let ledger = medledger(home)
+        .args(["ledger", "studies", "--node", &api])
+        .output()
+        .unwrap();
+    assert!(ledger.status.success(), "{}", text(&ledger));
+    let on_ledger: Value = serde_json::from_slice(&ledger.stdout).unwrap();
+    assert_eq!(on_ledger.as_array().unwrap().len(), 2, "{on_ledger}");
+    assert!(!String::from_utf8_lossy(&ledger.stdout).contains(&original_id));
+
+    // QIDO-RS matching, paging, errors.
+    let (_, series) = get_json(&format!("{web}/studies/{study_uid}/series"));
+    assert_eq!(series.as_array().unwrap().len(), 1);
+    let series_uid = attr(&series[0], "0020000E").as_str().unwrap().to_string();
+    let (_, inst) = get_json(&format!(
+        "{web}/studies/{study_uid}/series/{series_uid}/instances?limit=10&offset=60"
+    ));
+    assert_eq!(inst.as_array().unwrap().len(), 4);
+    let (_, by_id) = get_json(&format!(
+        "{web}/studies?PatientID={pseudonym}&includefield=all"
+    ));
+    assert_eq!(by_id.as_array().unwrap().len(), 1);
+    let (_, by_wildcard) = get_json(&format!("{web}/studies?PatientID=ML*&ModalitiesInStudy=CT"));
+    assert_eq!(by_wildcard.as_array().unwrap().len(), 1);
+    let (code, _) = get_json(&format!("{web}/studies?PatientID=NOBODY"));
+    assert_eq!(code, 204);
+    let (code, _) = get_json(&format!("{web}/studies?StudyDate=19000101-19001231"));
+    assert_eq!(code, 204);
+    let (code, e) = get_json(&format!("{web}/studies?NoSuchAttribute=1"));
+    assert_eq!(code, 400);
+    assert!(e["error"].as_str().unwrap().contains("NoSuchAttribute"));
+
+    // WADO-RS: the study (64 verified instances), metadata, a frame, a rendering.
+    let resp = http()
+        .get(format!("{web}/studies/{study_uid}"))
+        .send()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let got = parts(resp);
+    assert_eq!(got.len(), 64);
+    for file in &got {
+        let (_, obj) = medledger_deid::read_instance(file).unwrap();
+        let id = obj
+            .get(dicom_dictionary_std::tags::PATIENT_ID)
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .trim()
+            .to_string();
+        assert_eq!(id, pseudonym);
+    }
+    let (code, meta) = get_json(&format!("{web}/studies/{study_uid}/metadata"));
+    assert_eq!(code, 200);
+    assert_eq!(meta.as_array().unwrap().len(), 64);
+    let sop = attr(&meta[0], "00080018").as_str().unwrap().to_string();
+    let rows = attr(&meta[0], "00280010").as_u64().unwrap();
+    let cols = attr(&meta[0], "00280011").as_u64().unwrap();
+    let inst_url = format!("{web}/studies/{study_uid}/series/{series_uid}/instances/{sop}");
+    let frames = parts(http().get(format!("{inst_url}/frames/1")).send().unwrap());
+    assert_eq!(frames.len(), 1);
+    assert_eq!(frames[0].len() as u64, rows * cols * 2);
+    let png = http()
+        .get(format!(
+            "{inst_url}/rendered?window=-600,1500&viewport=128,128"
+        ))
+        .header("Accept", "image/png")
+        .send()
+        .unwrap();
+    assert_eq!(png.status().as_u16(), 200);
+    assert!(png.bytes().unwrap().starts_with(b"\x89PNG"));
+    let missing = http().get(format!("{inst_url}/frames/2")).send().unwrap();
+    assert_eq!(missing.status().as_u16(), 404);
+    let unknown = http().get(format!("{web}/studies/1.2.3.4")).send().unwrap();
+    assert_eq!(unknown.status().as_u16(), 404);
+    // CORS for a viewer on another origin.
+    let pre = http()
+        .request(reqwest::Method::OPTIONS, format!("{web}/studies"))
+        .header("Origin", "http://viewer.example")
+        .header("Access-Control-Request-Method", "GET")
+        .send()
+        .unwrap();
+    assert!(pre.status().is_success());
+    assert_eq!(pre.headers()["access-control-allow-origin"], "*");
+
+    // C-FIND sees the de-identified view; the PACS's C-MOVE gets the originals.
+    let find = run(dcmtk("findscu")
+        .args([
+            "-S",
+            "-aet",
+            "VIEWER",
+            "-aec",
+            "HOSPITAL_A",
+            "127.0.0.1",
+            &port,
+        ])
+        .args([
+            "-k",
+            "QueryRetrieveLevel=STUDY",
+            "-k",
+            "PatientID",
+            "-k",
+            "StudyInstanceUID",
+        ]));
+    assert!(find.status.success(), "{}", text(&find));
+    let out = text(&find);
+    assert!(
+        out.contains(&pseudonym) && !out.contains(&original_id),
+        "{out}"
+    );
+    let mv = run(dcmtk("movescu")
+        .args([
+            "-S",
+            "-aet",
+            "PACS",
+            "-aec",
+            "HOSPITAL_A",
+            "-aem",
+            "PACS",
+            "127.0.0.1",
+            &port,
+        ])
+        .args([
+            "-k",
+            "QueryRetrieveLevel=STUDY",
+            "-k",
+            &format!("StudyInstanceUID={original_study}"),
+        ]));
+    assert!(mv.status.success(), "{}", text(&mv));
+    let moved: Vec<_> = std::fs::read_dir(&pacs_dir).unwrap().collect();
+    assert_eq!(moved.len(), 64, "{}", text(&mv));
+    // An AE not configured for originals cannot move them (it sees derivatives only).
+    let mv = run(dcmtk("movescu")
+        .args([
+            "-S",
+            "-aet",
+            "STRANGER",
+            "-aec",
+            "HOSPITAL_A",
+            "-aem",
+            "PACS",
+            "127.0.0.1",
+            &port,
+        ])
+        .args([
+            "-k",
+            "QueryRetrieveLevel=STUDY",
+            "-k",
+            &format!("StudyInstanceUID={original_study}"),
+        ]));
+    assert_eq!(
+        std::fs::read_dir(&pacs_dir).unwrap().count(),
+        64,
+        "{}",
+        text(&mv)
+    );
+
+    // Sending the series again changes nothing.
+    let again = run(dcmtk("storescu")
+        .args(["-aet", "MODALITY", "-aec", "HOSPITAL_A", "127.0.0.1", &port])
+        .args(&files[..8]));
+    assert!(again.status.success(), "{}", text(&again));
+
+    // Malformed input by STOW-RS: refused with a reason, nothing else changes.
+    let boundary = "XXbound";
+    let mut body = Vec::new();
+    body.extend_from_slice(
+        format!("--{boundary}\r\nContent-Type: application/dicom\r\n\r\n").as_bytes(),
+    );
+    body.extend_from_slice(b"this is not DICOM at all");
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    let r = http()
+        .post(format!("{web}/studies"))
+        .header(
+            "Content-Type",
+            format!("multipart/related; type=\"application/dicom\"; boundary={boundary}"),
+        )
+        .body(body)
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 409);
+    let v: Value = r.json().unwrap();
+    assert_eq!(
+        v["00081198"]["Value"][0]["00081197"]["Value"][0],
+        Value::from(0xC000)
+    );
+    let r = http()
+        .post(format!("{web}/studies"))
+        .header(
+            "Content-Type",
+            "multipart/related; type=\"application/dicom\"",
+        )
+        .body("x")
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let r = http()
+        .post(format!("{web}/studies"))
+        .header("Content-Type", "application/json")
+        .body("{}")
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 415);
+    // The damaged files of the test data: each stored or refused with a reason, none crash.
+    let damaged: Vec<PathBuf> = medledger_testkit::manifest()
+        .into_iter()
+        .filter(|e| !e.is_parseable())
+        .map(|e| medledger_testkit::test_data_dir().join(&e.path))
+        .collect();
+    assert!(!damaged.is_empty());
+    let imp = medledger(home)
+        .args(["import", "--json", "--node", &api])
+        .args(&damaged)
+        .output()
+        .unwrap();
+    let report: Value =
+        serde_json::from_slice(&imp.stdout).unwrap_or_else(|_| panic!("{}", text(&imp)));
+    assert_eq!(
+        report["stored"].as_u64().unwrap() as usize + report["failed"].as_array().unwrap().len(),
+        damaged.len(),
+        "{report}"
+    );
+    for f in report["failed"].as_array().unwrap() {
+        assert!(!f[1].as_str().unwrap().is_empty(), "{report}");
+    }
+    assert!(
+        http()
+            .get(format!("{api}/health"))
+            .send()
+            .unwrap()
+            .status()
+            .is_success()
+    );
+
+    // SIGKILL in the middle of an ingest: every acknowledged instance survives.
+    let synth = home.join("synth");
+    std::fs::create_dir_all(&synth).unwrap();
+    let patient = medledger_testkit::synth::FakePatient::generate(7);
+    let spec = medledger_testkit::synth::CtStudySpec {
+        slices: 200,
+        rows: 64,
+        columns: 64,
+        ..medledger_testkit::synth::CtStudySpec::for_seed(7)
+    };
+    let mut sent = Vec::new();
+    for (i, bytes) in medledger_testkit::synth::ct_study(&patient, &spec)
+        .into_iter()
+        .enumerate()
+    {
+        sent.push(bytes.clone());
+        std::fs::write(synth.join(format!("{i:04}.dcm")), bytes).unwrap();
+    }
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let sender = {
+        let acked = acked.clone();
+        std::thread::spawn(move || {
+            for file in sent {
+                match medledger_dicom_net::store_to(
+                    dimse,
+                    "MODALITY",
+                    "HOSPITAL_A",
+                    std::slice::from_ref(&file),
+                ) {
+                    Ok(st) if st[0].is_success() => {
+                        let (_, obj) = medledger_deid::read_instance(&file).unwrap();
+                        let uid = obj
+                            .get(dicom_dictionary_std::tags::SOP_INSTANCE_UID)
+                            .unwrap()
+                            .to_str()
+                            .unwrap()
+                            .trim_end_matches('\0')
+                            .to_string();
+                        acked.lock().unwrap().push(uid);
+                    }
+                    _ => return,
+                }
+            }
+        })
+    };
+    wait_for(
+        "some acknowledged instances",
+        Duration::from_secs(60),
+        || acked.lock().unwrap().len() >= 20,
+    );
+    let pid: i32 = std::fs::read_to_string(dir.join("hospital-a/node.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let _ = Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status();
+    sender.join().unwrap();
+    let acknowledged = acked.lock().unwrap().clone();
+    assert!(
+        acknowledged.len() < 200,
+        "the kill came too late to test anything"
+    );
+    let up = medledger(home)
+        .args(["network", "up"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(up.status.success(), "{}", text(&up));
+    // The derivatives' UIDs are the site key's replacements of the originals'.
+    let key = medledger_deid::DeidKey::from_text(
+        std::fs::read_to_string(dir.join("hospital-a/deid.key"))
+            .unwrap()
+            .trim(),
+    )
+    .unwrap();
+    let derived: Vec<String> = acknowledged.iter().map(|u| key.replace_uid(u)).collect();
+    let visible = || -> usize {
+        let (_, all) = get_json(&format!("{web}/instances?limit=100000"));
+        let have: std::collections::HashSet<String> = all
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|i| attr(i, "00080018").as_str().unwrap_or("").to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
+        derived.iter().filter(|u| have.contains(*u)).count()
+    };
+    let start = Instant::now();
+    while visible() < derived.len() && start.elapsed() < Duration::from_secs(90) {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(
+        visible(),
+        derived.len(),
+        "acknowledged instances missing after SIGKILL and restart"
+    );
+    // And the store verifies.
+    let verify = medledger(home)
+        .args(["store", "verify", "--deep", "--store"])
+        .arg(dir.join("hospital-a/store"))
+        .arg("--key-file")
+        .arg(dir.join("hospital-a/store.key"))
+        .output()
+        .unwrap();
+    assert!(verify.status.success(), "{}", text(&verify));
+}

@@ -1,0 +1,959 @@
+//! DICOMweb (PS3.18) at `/dicom-web`: STOW-RS into the ingest pipeline, QIDO-RS and WADO-RS
+//! from the index; `/health` and `/metrics` (Prometheus text); CORS for browser viewers on
+//! other origins. Anonymous requests see the de-identified view.
+
+use std::sync::atomic::Ordering;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Path, Query as QueryParams, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde_json::{Value, json};
+
+use crate::index::{Located, Query, QueryLevel, View};
+use crate::pixels::{self, Format, Render};
+use crate::service::{IngestError, Service};
+
+/// Largest STOW-RS request body.
+const MAX_STOW: usize = 2 << 30;
+
+/// The routes of the imaging service, to serve beside the node's API.
+pub fn router(service: Service) -> Router {
+    let web = Router::new()
+        .route("/studies", get(search_studies).post(stow))
+        .route("/series", get(search_series))
+        .route("/instances", get(search_instances))
+        .route("/studies/{study}", get(retrieve_study).post(stow_into))
+        .route("/studies/{study}/metadata", get(metadata_study))
+        .route("/studies/{study}/series", get(search_series_of))
+        .route("/studies/{study}/instances", get(search_instances_of_study))
+        .route("/studies/{study}/series/{series}", get(retrieve_series))
+        .route(
+            "/studies/{study}/series/{series}/metadata",
+            get(metadata_series),
+        )
+        .route(
+            "/studies/{study}/series/{series}/instances",
+            get(search_instances_of_series),
+        )
+        .route(
+            "/studies/{study}/series/{series}/instances/{instance}",
+            get(retrieve_instance),
+        )
+        .route(
+            "/studies/{study}/series/{series}/instances/{instance}/metadata",
+            get(metadata_instance),
+        )
+        .route(
+            "/studies/{study}/series/{series}/instances/{instance}/frames/{frames}",
+            get(retrieve_frames),
+        )
+        .route(
+            "/studies/{study}/series/{series}/instances/{instance}/rendered",
+            get(rendered_instance),
+        )
+        .route(
+            "/studies/{study}/series/{series}/instances/{instance}/thumbnail",
+            get(rendered_instance),
+        )
+        .route(
+            "/studies/{study}/series/{series}/instances/{instance}/frames/{frames}/rendered",
+            get(rendered_frame),
+        )
+        .layer(DefaultBodyLimit::max(MAX_STOW))
+        .with_state(service.clone());
+    Router::new()
+        .nest("/dicom-web", web)
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .with_state(service)
+        .layer(middleware::from_fn(cors))
+}
+
+/// CORS: any origin may read (the data served anonymously is the de-identified view);
+/// preflight requests are answered here.
+async fn cors(req: Request, next: Next) -> Response {
+    let preflight = req.method() == Method::OPTIONS;
+    let mut resp = if preflight {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        next.run(req).await
+    };
+    let h = resp.headers_mut();
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("GET, POST, OPTIONS"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("Accept, Content-Type, Authorization"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_EXPOSE_HEADERS,
+        HeaderValue::from_static("Content-Type, Content-Length, Warning"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("600"),
+    );
+    resp
+}
+
+fn problem(code: StatusCode, message: impl Into<String>) -> Response {
+    let message = message.into();
+    (
+        code,
+        [(header::CONTENT_TYPE, "application/json")],
+        json!({ "error": message }).to_string(),
+    )
+        .into_response()
+}
+
+fn view_of(_headers: &HeaderMap) -> View {
+    View::Deidentified
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f)
+        .await
+        .expect("a DICOMweb worker does not panic")
+}
+
+async fn health(State(s): State<Service>) -> Response {
+    if s.is_ready() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "starting: rebuilding the index\n",
+        )
+            .into_response()
+    }
+}
+
+async fn metrics(State(s): State<Service>) -> Response {
+    let m = s.metrics();
+    let (studies, instances, pending) = {
+        let index = s.index();
+        (
+            index.studies.len(),
+            index.instance_count(),
+            index.studies.values().filter(|s| s.pending()).count(),
+        )
+    };
+    let c = |name: &str, help: &str, v: u64| {
+        format!(
+            "# HELP medledger_{name} {help}\n# TYPE medledger_{name} counter\nmedledger_{name} {v}\n"
+        )
+    };
+    let g = |name: &str, help: &str, v: usize| {
+        format!(
+            "# HELP medledger_{name} {help}\n# TYPE medledger_{name} gauge\nmedledger_{name} {v}\n"
+        )
+    };
+    let body = [
+        c(
+            "instances_received_total",
+            "Instances received (C-STORE, STOW-RS, import).",
+            m.instances_received.load(Ordering::Relaxed),
+        ),
+        c(
+            "instances_stored_total",
+            "Instances stored durably.",
+            m.instances_stored.load(Ordering::Relaxed),
+        ),
+        c(
+            "instances_duplicate_total",
+            "Instances received again with the same content.",
+            m.instances_duplicate.load(Ordering::Relaxed),
+        ),
+        c(
+            "instances_rejected_total",
+            "Instances refused.",
+            m.instances_rejected.load(Ordering::Relaxed),
+        ),
+        c(
+            "instances_without_derivative_total",
+            "Instances stored as originals only (quarantined by de-identification).",
+            m.instances_quarantined.load(Ordering::Relaxed),
+        ),
+        c(
+            "received_bytes_total",
+            "Bytes of instances received.",
+            m.bytes_received.load(Ordering::Relaxed),
+        ),
+        c(
+            "ingest_batches_total",
+            "Group commits.",
+            m.batches.load(Ordering::Relaxed),
+        ),
+        c(
+            "study_registrations_total",
+            "Study versions registered on the ledger.",
+            m.studies_registered.load(Ordering::Relaxed),
+        ),
+        c(
+            "study_registration_failures_total",
+            "Registrations that failed (retried).",
+            m.registration_failures.load(Ordering::Relaxed),
+        ),
+        g("studies", "Studies held.", studies),
+        g("instances", "Instances held (originals).", instances),
+        g(
+            "studies_pending_registration",
+            "Studies stored but not yet final on the ledger.",
+            pending,
+        ),
+    ]
+    .concat();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}
+
+/// A data set in the DICOM JSON model (PS3.18 Annex F), with IS and DS values as JSON
+/// numbers as F.2.3 asks (dicom-rs keeps the strings it read).
+pub fn to_json(obj: &dicom_object::InMemDicomObject) -> Value {
+    let mut v = dicom_json::to_value(obj).unwrap_or(Value::Null);
+    numbers(&mut v);
+    v
+}
+
+fn numbers(v: &mut Value) {
+    let Value::Object(map) = v else { return };
+    for (_, attr) in map.iter_mut() {
+        let vr = attr["vr"].as_str().unwrap_or("").to_string();
+        let Some(Value::Array(values)) = attr.get_mut("Value") else {
+            continue;
+        };
+        match vr.as_str() {
+            "IS" | "DS" => {
+                for x in values.iter_mut() {
+                    if let Value::String(t) = x {
+                        let t = t.trim();
+                        *x = if vr == "IS" {
+                            t.parse::<i64>().map(Value::from).unwrap_or(Value::Null)
+                        } else {
+                            t.parse::<f64>()
+                                .ok()
+                                .and_then(serde_json::Number::from_f64)
+                                .map(Value::Number)
+                                .unwrap_or(Value::Null)
+                        };
+                    }
+                }
+            }
+            "SQ" => values.iter_mut().for_each(numbers),
+            _ => {}
+        }
+    }
+}
+
+// ---- QIDO-RS ----
+
+type Params = QueryParams<Vec<(String, String)>>;
+
+async fn qido(
+    s: Service,
+    headers: HeaderMap,
+    level: QueryLevel,
+    study: Option<String>,
+    series: Option<String>,
+    params: Vec<(String, String)>,
+) -> Response {
+    let mut q = match Query::from_params(level, &params) {
+        Ok(q) => q,
+        Err(e) => return problem(StatusCode::BAD_REQUEST, e.0),
+    };
+    q.study_uid = study;
+    q.series_uid = series;
+    let view = view_of(&headers);
+    let results = blocking(move || s.index().search(view, &q)).await;
+    let values: Vec<Value> = results.iter().map(to_json).collect();
+    if values.is_empty() {
+        return StatusCode::NO_CONTENT.into_response();
+    }
+    (
+        [(header::CONTENT_TYPE, "application/dicom+json")],
+        Value::Array(values).to_string(),
+    )
+        .into_response()
+}
+
+async fn search_studies(
+    State(s): State<Service>,
+    h: HeaderMap,
+    QueryParams(p): Params,
+) -> Response {
+    qido(s, h, QueryLevel::Study, None, None, p).await
+}
+async fn search_series(State(s): State<Service>, h: HeaderMap, QueryParams(p): Params) -> Response {
+    qido(s, h, QueryLevel::Series, None, None, p).await
+}
+async fn search_instances(
+    State(s): State<Service>,
+    h: HeaderMap,
+    QueryParams(p): Params,
+) -> Response {
+    qido(s, h, QueryLevel::Instance, None, None, p).await
+}
+async fn search_series_of(
+    State(s): State<Service>,
+    h: HeaderMap,
+    Path(study): Path<String>,
+    QueryParams(p): Params,
+) -> Response {
+    qido(s, h, QueryLevel::Series, Some(study), None, p).await
+}
+async fn search_instances_of_study(
+    State(s): State<Service>,
+    h: HeaderMap,
+    Path(study): Path<String>,
+    QueryParams(p): Params,
+) -> Response {
+    qido(s, h, QueryLevel::Instance, Some(study), None, p).await
+}
+async fn search_instances_of_series(
+    State(s): State<Service>,
+    h: HeaderMap,
+    Path((study, series)): Path<(String, String)>,
+    QueryParams(p): Params,
+) -> Response {
+    qido(s, h, QueryLevel::Instance, Some(study), Some(series), p).await
+}
+
+// ---- WADO-RS ----
+
+fn boundary() -> String {
+    format!("medledger-{:016x}", rand::random::<u64>())
+}
+
+/// A multipart/related body of `parts` (content type, bytes).
+fn multipart(kind: &str, parts: Vec<(String, Vec<u8>)>) -> Response {
+    let b = boundary();
+    let mut body = Vec::with_capacity(parts.iter().map(|(_, p)| p.len() + 128).sum());
+    for (ct, bytes) in parts {
+        body.extend_from_slice(format!("--{b}\r\nContent-Type: {ct}\r\n\r\n").as_bytes());
+        body.extend_from_slice(&bytes);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{b}--\r\n").as_bytes());
+    Response::builder()
+        .header(
+            header::CONTENT_TYPE,
+            format!("multipart/related; type=\"{kind}\"; boundary={b}"),
+        )
+        .body(Body::from(body))
+        .expect("a valid response")
+}
+
+fn locate(
+    s: &Service,
+    view: View,
+    study: &str,
+    series: Option<&str>,
+    instance: Option<&str>,
+) -> Result<Vec<Located>, Response> {
+    let found = s.index().locate(view, study, series, instance);
+    if found.is_empty() {
+        let what = match (series, instance) {
+            (_, Some(i)) => format!("instance {i}"),
+            (Some(se), None) => format!("series {se}"),
+            _ => format!("study {study}"),
+        };
+        return Err(problem(StatusCode::NOT_FOUND, format!("no {what} here")));
+    }
+    Ok(found)
+}
+
+async fn retrieve(
+    s: Service,
+    headers: HeaderMap,
+    study: String,
+    series: Option<String>,
+    instance: Option<String>,
+) -> Response {
+    let view = view_of(&headers);
+    blocking(move || {
+        let found = match locate(&s, view, &study, series.as_deref(), instance.as_deref()) {
+            Ok(f) => f,
+            Err(r) => return r,
+        };
+        let mut parts = Vec::with_capacity(found.len());
+        for l in found {
+            match s.read_instance(&l.entry) {
+                Ok(file) => parts.push((
+                    format!(
+                        "application/dicom; transfer-syntax={}",
+                        l.meta.transfer_syntax
+                    ),
+                    file,
+                )),
+                Err(e) => {
+                    tracing::error!(
+                        "instance {} failed verification: {e}",
+                        l.entry.sop_instance_uid
+                    );
+                    return problem(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!(
+                            "instance {} failed verification in the store; it is not served",
+                            l.entry.sop_instance_uid
+                        ),
+                    );
+                }
+            }
+        }
+        multipart("application/dicom", parts)
+    })
+    .await
+}
+
+async fn retrieve_study(
+    State(s): State<Service>,
+    h: HeaderMap,
+    Path(study): Path<String>,
+) -> Response {
+    retrieve(s, h, study, None, None).await
+}
+async fn retrieve_series(
+    State(s): State<Service>,
+    h: HeaderMap,
+    Path((study, series)): Path<(String, String)>,
+) -> Response {
+    retrieve(s, h, study, Some(series), None).await
+}
+async fn retrieve_instance(
+    State(s): State<Service>,
+    h: HeaderMap,
+    Path((study, series, instance)): Path<(String, String, String)>,
+) -> Response {
+    retrieve(s, h, study, Some(series), Some(instance)).await
+}
+
+async fn metadata(
+    s: Service,
+    headers: HeaderMap,
+    study: String,
+    series: Option<String>,
+    instance: Option<String>,
+) -> Response {
+    let view = view_of(&headers);
+    blocking(move || {
+        let found = match locate(&s, view, &study, series.as_deref(), instance.as_deref()) {
+            Ok(f) => f,
+            Err(r) => return r,
+        };
+        let values: Vec<Value> = found
+            .iter()
+            .map(|l| {
+                let mut v = to_json(&l.meta.attrs);
+                if let Value::Object(m) = &mut v {
+                    // Where the pixels are: the frames resource of the instance.
+                    m.insert(
+                        "7FE00010".into(),
+                        json!({ "vr": "OW", "BulkDataURI": format!(
+                            "/dicom-web/studies/{study}/series/{}/instances/{}/frames/1",
+                            l.series.series_uid, l.entry.sop_instance_uid
+                        )}),
+                    );
+                    m.insert(
+                        "00083002".into(),
+                        json!({ "vr": "UI", "Value": [l.meta.transfer_syntax] }),
+                    );
+                }
+                v
+            })
+            .collect();
+        (
+            [(header::CONTENT_TYPE, "application/dicom+json")],
+            Value::Array(values).to_string(),
+        )
+            .into_response()
+    })
+    .await
+}
+
+async fn metadata_study(
+    State(s): State<Service>,
+    h: HeaderMap,
+    Path(study): Path<String>,
+) -> Response {
+    metadata(s, h, study, None, None).await
+}
+async fn metadata_series(
+    State(s): State<Service>,
+    h: HeaderMap,
+    Path((study, series)): Path<(String, String)>,
+) -> Response {
+    metadata(s, h, study, Some(series), None).await
+}
+async fn metadata_instance(
+    State(s): State<Service>,
+    h: HeaderMap,
+    Path((study, series, instance)): Path<(String, String, String)>,
+) -> Response {
+    metadata(s, h, study, Some(series), Some(instance)).await
+}
+
+fn frame_numbers(list: &str) -> Result<Vec<u32>, Response> {
+    list.split(',')
+        .map(|n| {
+            n.trim()
+                .parse::<u32>()
+                .ok()
+                .filter(|n| *n >= 1)
+                .ok_or_else(|| {
+                    problem(
+                        StatusCode::BAD_REQUEST,
+                        format!("frame list {list:?}: frames are numbered from 1"),
+                    )
+                })
+        })
+        .collect()
+}
+
+fn pixel_problem(e: pixels::PixelError) -> Response {
+    match e {
+        pixels::PixelError::NoSuchFrame(..) | pixels::PixelError::NoPixelData => {
+            problem(StatusCode::NOT_FOUND, e.to_string())
+        }
+        pixels::PixelError::Unsupported(_) => problem(StatusCode::NOT_ACCEPTABLE, e.to_string()),
+        pixels::PixelError::Malformed(_) => {
+            problem(StatusCode::UNPROCESSABLE_ENTITY, e.to_string())
+        }
+    }
+}
+
+fn one_instance(
+    s: &Service,
+    view: View,
+    study: &str,
+    series: &str,
+    instance: &str,
+) -> Result<Vec<u8>, Response> {
+    let found = locate(s, view, study, Some(series), Some(instance))?;
+    s.read_instance(&found[0].entry).map_err(|e| {
+        tracing::error!("instance {instance} failed verification: {e}");
+        problem(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("instance {instance} failed verification in the store; it is not served"),
+        )
+    })
+}
+
+async fn retrieve_frames(
+    State(s): State<Service>,
+    h: HeaderMap,
+    Path((study, series, instance, frames)): Path<(String, String, String, String)>,
+) -> Response {
+    let view = view_of(&h);
+    blocking(move || {
+        let numbers = match frame_numbers(&frames) {
+            Ok(n) => n,
+            Err(r) => return r,
+        };
+        let file = match one_instance(&s, view, &study, &series, &instance) {
+            Ok(f) => f,
+            Err(r) => return r,
+        };
+        match pixels::frames(&file, &numbers) {
+            Ok((ts, frames)) => {
+                let native = matches!(
+                    ts.as_str(),
+                    "1.2.840.10008.1.2"
+                        | "1.2.840.10008.1.2.1"
+                        | "1.2.840.10008.1.2.2"
+                        | "1.2.840.10008.1.2.1.99"
+                );
+                let (kind, ct) = if native {
+                    (
+                        "application/octet-stream",
+                        "application/octet-stream; transfer-syntax=1.2.840.10008.1.2.1".to_string(),
+                    )
+                } else {
+                    (
+                        "application/octet-stream",
+                        format!("application/octet-stream; transfer-syntax={ts}"),
+                    )
+                };
+                multipart(kind, frames.into_iter().map(|f| (ct.clone(), f)).collect())
+            }
+            Err(e) => pixel_problem(e),
+        }
+    })
+    .await
+}
+
+fn render_params(
+    params: &[(String, String)],
+    headers: &HeaderMap,
+) -> Result<(Format, Render), Response> {
+    let mut r = Render::default();
+    for (k, v) in params {
+        match k.as_str() {
+            "window" => {
+                let parts: Vec<f64> = v
+                    .split(',')
+                    .take(2)
+                    .map(|x| x.trim().parse::<f64>())
+                    .collect::<Result<_, _>>()
+                    .map_err(|_| {
+                        problem(
+                            StatusCode::BAD_REQUEST,
+                            format!("window {v:?}: center,width[,function]"),
+                        )
+                    })?;
+                if parts.len() != 2 || parts[1] <= 0.0 {
+                    return Err(problem(
+                        StatusCode::BAD_REQUEST,
+                        format!("window {v:?}: center,width[,function] with width > 0"),
+                    ));
+                }
+                r.window = Some((parts[0], parts[1]));
+            }
+            "viewport" => {
+                let parts: Vec<u32> = v
+                    .split(',')
+                    .map(|x| x.trim().parse::<u32>())
+                    .collect::<Result<_, _>>()
+                    .map_err(|_| {
+                        problem(
+                            StatusCode::BAD_REQUEST,
+                            format!("viewport {v:?}: width,height"),
+                        )
+                    })?;
+                if parts.len() < 2 || parts[0] == 0 || parts[1] == 0 {
+                    return Err(problem(
+                        StatusCode::BAD_REQUEST,
+                        format!("viewport {v:?}: width,height"),
+                    ));
+                }
+                r.viewport = Some((parts[0], parts[1]));
+            }
+            "quality" => {
+                let q: u8 = v
+                    .parse()
+                    .ok()
+                    .filter(|q| (1..=100).contains(q))
+                    .ok_or_else(|| {
+                        problem(StatusCode::BAD_REQUEST, format!("quality {v:?}: 1 to 100"))
+                    })?;
+                r.quality = Some(q);
+            }
+            _ => {}
+        }
+    }
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("image/jpeg");
+    let format = if accept.contains("image/png") {
+        Format::Png
+    } else if accept.contains("image/jpeg") || accept.contains("*/*") || accept.contains("image/*")
+    {
+        Format::Jpeg
+    } else {
+        return Err(problem(
+            StatusCode::NOT_ACCEPTABLE,
+            format!("rendered images are image/jpeg or image/png, not {accept:?}"),
+        ));
+    };
+    Ok((format, r))
+}
+
+async fn render(
+    s: Service,
+    h: HeaderMap,
+    study: String,
+    series: String,
+    instance: String,
+    frame: String,
+    params: Vec<(String, String)>,
+) -> Response {
+    let view = view_of(&h);
+    blocking(move || {
+        let (format, r) = match render_params(&params, &h) {
+            Ok(x) => x,
+            Err(resp) => return resp,
+        };
+        let number = match frame_numbers(&frame) {
+            Ok(n) if n.len() == 1 => n[0],
+            Ok(_) => return problem(StatusCode::BAD_REQUEST, "a rendering is of one frame"),
+            Err(resp) => return resp,
+        };
+        let file = match one_instance(&s, view, &study, &series, &instance) {
+            Ok(f) => f,
+            Err(resp) => return resp,
+        };
+        match pixels::render(&file, number, format, &r) {
+            Ok(bytes) => (
+                [(
+                    header::CONTENT_TYPE,
+                    match format {
+                        Format::Png => "image/png",
+                        Format::Jpeg => "image/jpeg",
+                    },
+                )],
+                bytes,
+            )
+                .into_response(),
+            Err(e) => pixel_problem(e),
+        }
+    })
+    .await
+}
+
+async fn rendered_instance(
+    State(s): State<Service>,
+    h: HeaderMap,
+    Path((study, series, instance)): Path<(String, String, String)>,
+    QueryParams(p): Params,
+) -> Response {
+    render(s, h, study, series, instance, "1".into(), p).await
+}
+
+async fn rendered_frame(
+    State(s): State<Service>,
+    h: HeaderMap,
+    Path((study, series, instance, frame)): Path<(String, String, String, String)>,
+    QueryParams(p): Params,
+) -> Response {
+    render(s, h, study, series, instance, frame, p).await
+}
+
+// ---- STOW-RS ----
+
+/// The parts of a multipart/related body whose boundary is given in `content_type`.
+pub fn split_multipart(content_type: &str, body: &[u8]) -> Result<Vec<(String, Bytes)>, String> {
+    let boundary = content_type
+        .split(';')
+        .map(str::trim)
+        .find_map(|p| {
+            let (k, v) = p.split_once('=')?;
+            k.trim()
+                .eq_ignore_ascii_case("boundary")
+                .then(|| v.trim().trim_matches('"').to_string())
+        })
+        .ok_or("the multipart/related content type has no boundary")?;
+    if boundary.is_empty() {
+        return Err("the multipart boundary is empty".into());
+    }
+    let delim = format!("--{boundary}");
+    let delim = delim.as_bytes();
+    let find = |from: usize| -> Option<usize> {
+        body.get(from..)?
+            .windows(delim.len())
+            .position(|w| w == delim)
+            .map(|p| p + from)
+    };
+    let mut parts = Vec::new();
+    let mut at = find(0).ok_or("the body holds no part with the declared boundary")?;
+    loop {
+        let after = at + delim.len();
+        if body.get(after..after + 2) == Some(b"--") {
+            break;
+        }
+        let start = after
+            + if body.get(after..after + 2) == Some(b"\r\n") {
+                2
+            } else {
+                return Err("a multipart delimiter is not followed by CRLF".into());
+            };
+        let next = find(start).ok_or("the multipart body ends without its closing delimiter")?;
+        // The part ends with the CRLF that precedes the next delimiter.
+        let end = if next >= 2 && &body[next - 2..next] == b"\r\n" {
+            next - 2
+        } else {
+            next
+        };
+        let part = &body[start..end.max(start)];
+        let split = part
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map(|p| (p, p + 4))
+            .or_else(|| part.starts_with(b"\r\n").then_some((0, 2)))
+            .ok_or("a part has no header/body separator")?;
+        let head = String::from_utf8_lossy(&part[..split.0]);
+        let ct = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.trim()
+                    .eq_ignore_ascii_case("content-type")
+                    .then(|| v.trim().to_string())
+            })
+            .unwrap_or_default();
+        parts.push((ct, Bytes::copy_from_slice(&part[split.1..])));
+        at = next;
+    }
+    Ok(parts)
+}
+
+fn sq(items: Vec<Value>) -> Value {
+    json!({ "vr": "SQ", "Value": items })
+}
+
+async fn stow_into(
+    State(s): State<Service>,
+    h: HeaderMap,
+    Path(study): Path<String>,
+    body: Bytes,
+) -> Response {
+    stow_impl(s, h, Some(study), body).await
+}
+
+async fn stow(State(s): State<Service>, h: HeaderMap, body: Bytes) -> Response {
+    stow_impl(s, h, None, body).await
+}
+
+async fn stow_impl(s: Service, h: HeaderMap, study: Option<String>, body: Bytes) -> Response {
+    let ct = h
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let lower = ct.to_ascii_lowercase();
+    let parts = if lower.starts_with("multipart/related") {
+        if !(lower.contains("application/dicom") || !lower.contains("type="))
+            || lower.contains("application/dicom+")
+        {
+            return problem(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "STOW-RS here takes multipart/related; type=\"application/dicom\" (instances as Part 10 files)",
+            );
+        }
+        match split_multipart(&ct, &body) {
+            Ok(p) => p,
+            Err(e) => return problem(StatusCode::BAD_REQUEST, e),
+        }
+    } else if lower.starts_with("application/dicom") && !lower.starts_with("application/dicom+") {
+        vec![(ct.clone(), body)]
+    } else {
+        return problem(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("STOW-RS takes multipart/related; type=\"application/dicom\", not {ct:?}"),
+        );
+    };
+    if parts.is_empty() {
+        return problem(StatusCode::BAD_REQUEST, "the request holds no instance");
+    }
+    blocking(move || {
+        // Parts are stored concurrently, so that one request fills a group commit.
+        let results: Vec<(String, Result<crate::service::Stored, IngestError>)> =
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = parts
+                    .into_iter()
+                    .map(|(pct, bytes)| {
+                        let s = &s;
+                        let study = study.clone();
+                        scope.spawn(move || {
+                            let pl = pct.to_ascii_lowercase();
+                            if !pl.is_empty() && !pl.starts_with("application/dicom") {
+                                let e = IngestError::Malformed(format!(
+                                    "a part of type {pct:?} is not an instance (application/dicom)"
+                                ));
+                                return (pct, Err(e));
+                            }
+                            let r = s.ingest(bytes.to_vec());
+                            let r = match (r, study) {
+                                (Ok(st), Some(want)) if st.study_uid != want => Err(IngestError::Malformed(format!(
+                                    "the instance belongs to study {}, not to the study of the request URL",
+                                    st.study_uid
+                                ))),
+                                (r, _) => r,
+                            };
+                            (pct, r)
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().expect("no panic")).collect()
+            });
+        let mut referenced = Vec::new();
+        let mut failed = Vec::new();
+        let mut warnings = false;
+        for (_, r) in results {
+            match r {
+                Ok(st) => {
+                    let mut item = json!({
+                        "00081150": { "vr": "UI", "Value": [st.sop_class_uid] },
+                        "00081155": { "vr": "UI", "Value": [st.sop_instance_uid] },
+                        "00081190": { "vr": "UR", "Value": [format!("/dicom-web/studies/{}", st.study_uid)] },
+                    });
+                    if let Some(w) = st.warning {
+                        warnings = true;
+                        item["00081196"] = json!({ "vr": "US", "Value": [0xB000] });
+                        tracing::info!("{w}");
+                    }
+                    referenced.push(item);
+                }
+                Err(e) => {
+                    let code = match e {
+                        IngestError::Malformed(_) => 0xC000,
+                        IngestError::Conflict(_) => 0xA900,
+                        IngestError::Unavailable(_) => 0xA700,
+                    };
+                    failed.push(json!({
+                        "00081197": { "vr": "US", "Value": [code] },
+                        "00000902": { "vr": "LO", "Value": [e.to_string().chars().take(64).collect::<String>()] },
+                    }));
+                }
+            }
+        }
+        let status = if failed.is_empty() {
+            if warnings { StatusCode::ACCEPTED } else { StatusCode::OK }
+        } else if referenced.is_empty() {
+            StatusCode::CONFLICT
+        } else {
+            StatusCode::ACCEPTED
+        };
+        let mut out = serde_json::Map::new();
+        if !referenced.is_empty() {
+            out.insert("00081199".into(), sq(referenced));
+        }
+        if !failed.is_empty() {
+            out.insert("00081198".into(), sq(failed));
+        }
+        (
+            status,
+            [(header::CONTENT_TYPE, "application/dicom+json")],
+            Value::Object(out).to_string(),
+        )
+            .into_response()
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn multipart_bodies_split_into_their_parts_and_bad_ones_are_named() {
+        let body = b"preamble\r\n--XY\r\nContent-Type: application/dicom\r\n\r\nAAA\r\n--XY\r\nContent-Type: application/dicom\r\n\r\nB\r\nB\r\n--XY--\r\n";
+        let parts = split_multipart(
+            "multipart/related; type=\"application/dicom\"; boundary=XY",
+            body,
+        )
+        .unwrap();
+        assert_eq!(parts.len(), 2);
+        assert_eq!(&parts[0].1[..], b"AAA");
+        assert_eq!(&parts[1].1[..], b"B\r\nB");
+        assert_eq!(parts[0].0, "application/dicom");
+        let e = split_multipart("multipart/related", body).unwrap_err();
+        assert!(e.contains("boundary"));
+        let e = split_multipart("multipart/related; boundary=ZZ", body).unwrap_err();
+        assert!(e.contains("no part"));
+        let e = split_multipart(
+            "multipart/related; boundary=XY",
+            b"--XY\r\nContent-Type: a\r\n\r\nAAA",
+        )
+        .unwrap_err();
+        assert!(e.contains("closing"), "{e}");
+    }
+}

@@ -21,6 +21,9 @@ pub enum BenchCommand {
     Store(crate::bench_store::BenchStoreArgs),
     /// Ledger throughput and latency: four nodes as processes, concurrent clients.
     Ledger(crate::bench_ledger::BenchLedgerArgs),
+    /// A node against Orthanc in the same run: C-STORE and STOW-RS ingest, QIDO-RS latency,
+    /// WADO-RS retrieval (needs dcmtk and Orthanc: scripts/install-interop).
+    Node(crate::bench_node::BenchNodeArgs),
 }
 
 #[derive(Args, Debug)]
@@ -62,6 +65,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Deid(args) => bench_deid(args),
         BenchCommand::Store(args) => crate::bench_store::run(args),
         BenchCommand::Ledger(args) => crate::bench_ledger::run(args),
+        BenchCommand::Node(args) => crate::bench_node::run(args),
     }
 }
 

@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_ledger;
+mod bench_node;
 mod bench_store;
 mod cea;
 mod deid_cmd;

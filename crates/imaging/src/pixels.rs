@@ -404,7 +404,7 @@ fn frame_fragments(
         return Ok((0..n).map(|i| i..i + 1).collect());
     }
     if n == 1 {
-        return Ok(vec![0..fragments.len()]);
+        return Ok(std::iter::once(0..fragments.len()).collect());
     }
     // No usable offset table: frames begin where a codestream begins.
     let starts: Vec<usize> = (0..fragments.len())

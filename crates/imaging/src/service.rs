@@ -754,14 +754,13 @@ impl Inner {
             }
         }
         let chain = self.client.chain().map_err(|e| e.to_string())?;
-        let mut nonce = self
+        let first = self
             .client
             .next_nonce(&self.signer.verifying_key())
             .map_err(|e| e.to_string())?;
         let mut ids = Vec::new();
-        for op in ops {
+        for (nonce, op) in (first..).zip(ops) {
             let tx = Tx::sign(&chain, &self.signer, nonce, op);
-            nonce += 1;
             ids.push(self.client.submit_tx(&tx).map_err(|e| e.to_string())?);
         }
         for id in ids {

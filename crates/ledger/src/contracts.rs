@@ -354,7 +354,7 @@ pub(crate) fn execute(
                 if let Some(newer) = state.get_raw(&format!("superseded/{old}")) {
                     return Err(LedgerError::Conflict(format!(
                         "study {old} was already replaced by {}",
-                        String::from_utf8_lossy(&newer).trim_matches('"')
+                        String::from_utf8_lossy(newer).trim_matches('"')
                     )));
                 }
                 state.put(format!("superseded/{old}"), &root.to_hex());

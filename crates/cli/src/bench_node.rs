@@ -178,7 +178,11 @@ fn stow(http: &reqwest::blocking::Client, url: &str, files: &[PathBuf]) -> Resul
     let status = r.status();
     let text = r.text()?;
     let s = t.elapsed().as_secs_f64();
-    if !status.is_success() || text.contains("00081198") {
+    let failed = serde_json::from_str::<Value>(&text)
+        .ok()
+        .and_then(|v| v["00081198"]["Value"].as_array().map(|a| !a.is_empty()))
+        .unwrap_or(false);
+    if !status.is_success() || failed {
         bail!(
             "STOW-RS to {url}: {status}: {}",
             &text[..text.len().min(400)]

@@ -129,6 +129,19 @@ pub enum IdentityCommand {
         #[arg(long)]
         out: PathBuf,
     },
+    /// A bearer token for DICOMweb (`Authorization: Bearer TOKEN`), signed with a member's
+    /// key: the organisation's clinicians and admins see identified originals with it.
+    Token {
+        /// The member's signing key (from `identity issue`).
+        #[arg(long)]
+        key_file: PathBuf,
+        /// The organisation whose nodes will accept it.
+        #[arg(long)]
+        org: String,
+        /// Minutes of validity (at most a day).
+        #[arg(long, default_value_t = 480)]
+        minutes: u64,
+    },
     /// Show a certificate and check it against a CA certificate.
     Show {
         cert: PathBuf,
@@ -440,6 +453,24 @@ pub fn run_ledger(cmd: LedgerCommand) -> Result<()> {
 
 pub fn run_identity(cmd: IdentityCommand) -> Result<()> {
     match cmd {
+        IdentityCommand::Token {
+            key_file,
+            org,
+            minutes,
+        } => {
+            let text = std::fs::read_to_string(&key_file)
+                .with_context(|| format!("cannot read {}", key_file.display()))?;
+            let key = SigningKey::from_text(text.trim())
+                .with_context(|| format!("{} is not a signing key", key_file.display()))?;
+            println!(
+                "{}",
+                medledger_imaging::access::issue_token(
+                    &key,
+                    &org,
+                    Duration::from_secs(minutes * 60)
+                )
+            );
+        }
         IdentityCommand::Issue {
             ca,
             name,

@@ -232,6 +232,55 @@ fn a_node_ingests_queries_and_serves_dicom_and_keeps_what_it_acknowledged() {
     assert_eq!(on_ledger.as_array().unwrap().len(), 2, "{on_ledger}");
     assert!(!String::from_utf8_lossy(&ledger.stdout).contains(&original_id));
 
+    // A clinician of hospital A, registered on the ledger, sees the identified original with
+    // a token signed by their key; hospital B's admin and a forged token do not.
+    let issue = medledger(home)
+        .args(["identity", "issue", "--ca"])
+        .arg(dir.join("hospital-a"))
+        .args(["--name", "Dr A", "--roles", "clinician", "--out"])
+        .arg(home.join("dra"))
+        .output()
+        .unwrap();
+    assert!(issue.status.success(), "{}", text(&issue));
+    let add = medledger(home)
+        .args(["ledger", "add-member", "--node", &api, "--key-file"])
+        .arg(dir.join("hospital-a/admin.key"))
+        .arg("--cert")
+        .arg(home.join("dra.pem"))
+        .output()
+        .unwrap();
+    assert!(add.status.success(), "{}", text(&add));
+    let token = |key: PathBuf| {
+        let o = medledger(home)
+            .args(["identity", "token", "--org", "hospital-a", "--key-file"])
+            .arg(key)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+        String::from_utf8(o.stdout).unwrap().trim().to_string()
+    };
+    let with = |t: &str| {
+        let r = http()
+            .get(format!("{web}/studies"))
+            .bearer_auth(t)
+            .send()
+            .unwrap();
+        let code = r.status().as_u16();
+        (code, r.json::<Value>().unwrap_or(Value::Null))
+    };
+    let (code, v) = with(&token(home.join("dra.key")));
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(attr(&v[0], "00100020"), Value::from(original_id.as_str()));
+    assert_eq!(
+        attr(&v[0], "0020000D"),
+        Value::from(original_study.as_str())
+    );
+    let (code, _) = with(&token(dir.join("hospital-b/admin.key")));
+    assert_eq!(code, 403);
+    let (code, e) = with("ml1.00.1.00");
+    assert_eq!(code, 401);
+    assert!(e["error"].as_str().unwrap().contains("refused"), "{e}");
+
     // QIDO-RS matching, paging, errors.
     let (_, series) = get_json(&format!("{web}/studies/{study_uid}/series"));
     assert_eq!(series.as_array().unwrap().len(), 1);

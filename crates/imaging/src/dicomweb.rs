@@ -119,8 +119,32 @@ fn problem(code: StatusCode, message: impl Into<String>) -> Response {
         .into_response()
 }
 
-fn view_of(_headers: &HeaderMap) -> View {
-    View::Deidentified
+/// The view a request sees: the identified originals for a member of this organisation with
+/// a clinical role (bearer token, see [`crate::access`]), else the de-identified derivatives.
+async fn view_of(s: &Service, headers: &HeaderMap) -> Result<View, Response> {
+    let Some(auth) = headers.get(header::AUTHORIZATION) else {
+        return Ok(View::Deidentified);
+    };
+    let token = auth
+        .to_str()
+        .ok()
+        .and_then(|a| a.strip_prefix("Bearer "))
+        .map(str::to_string)
+        .ok_or_else(|| {
+            problem(
+                StatusCode::UNAUTHORIZED,
+                "Authorization: Bearer <token from `medledger identity token`>",
+            )
+        })?;
+    let s = s.clone();
+    match blocking(move || s.clinical(&token)).await {
+        Ok(true) => Ok(View::Original),
+        Ok(false) => Err(problem(
+            StatusCode::FORBIDDEN,
+            "identified originals are for this organisation's clinicians and admins; send no token for the de-identified view",
+        )),
+        Err(e) => Err(problem(StatusCode::UNAUTHORIZED, e.to_string())),
+    }
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
@@ -275,7 +299,10 @@ async fn qido(
     };
     q.study_uid = study;
     q.series_uid = series;
-    let view = view_of(&headers);
+    let view = match view_of(&s, &headers).await {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
     let results = blocking(move || s.index().search(view, &q)).await;
     let values: Vec<Value> = results.iter().map(to_json).collect();
     if values.is_empty() {
@@ -381,7 +408,10 @@ async fn retrieve(
     series: Option<String>,
     instance: Option<String>,
 ) -> Response {
-    let view = view_of(&headers);
+    let view = match view_of(&s, &headers).await {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
     blocking(move || {
         let found = match locate(&s, view, &study, series.as_deref(), instance.as_deref()) {
             Ok(f) => f,
@@ -446,7 +476,10 @@ async fn metadata(
     series: Option<String>,
     instance: Option<String>,
 ) -> Response {
-    let view = view_of(&headers);
+    let view = match view_of(&s, &headers).await {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
     blocking(move || {
         let found = match locate(&s, view, &study, series.as_deref(), instance.as_deref()) {
             Ok(f) => f,
@@ -555,7 +588,10 @@ async fn retrieve_frames(
     h: HeaderMap,
     Path((study, series, instance, frames)): Path<(String, String, String, String)>,
 ) -> Response {
-    let view = view_of(&h);
+    let view = match view_of(&s, &h).await {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
     blocking(move || {
         let numbers = match frame_numbers(&frames) {
             Ok(n) => n,
@@ -679,7 +715,10 @@ async fn render(
     frame: String,
     params: Vec<(String, String)>,
 ) -> Response {
-    let view = view_of(&h);
+    let view = match view_of(&s, &h).await {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
     blocking(move || {
         let (format, r) = match render_params(&params, &h) {
             Ok(x) => x,
@@ -816,6 +855,13 @@ async fn stow(State(s): State<Service>, h: HeaderMap, body: Bytes) -> Response {
 }
 
 async fn stow_impl(s: Service, h: HeaderMap, study: Option<String>, body: Bytes) -> Response {
+    let base = format!(
+        "http://{}",
+        h.get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("localhost")
+    );
+    let study_given = study.is_some();
     let ct = h
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -863,30 +909,33 @@ async fn stow_impl(s: Service, h: HeaderMap, study: Option<String>, body: Bytes)
                                 ));
                                 return (pct, Err(e));
                             }
-                            let r = s.ingest(bytes.to_vec());
-                            let r = match (r, study) {
-                                (Ok(st), Some(want)) if st.study_uid != want => Err(IngestError::Malformed(format!(
-                                    "the instance belongs to study {}, not to the study of the request URL",
-                                    st.study_uid
-                                ))),
-                                (r, _) => r,
-                            };
+                            let r = s.ingest_into(bytes.to_vec(), study);
                             (pct, r)
                         })
                     })
                     .collect();
-                handles.into_iter().map(|h| h.join().expect("no panic")).collect()
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("no panic"))
+                    .collect()
             });
         let mut referenced = Vec::new();
         let mut failed = Vec::new();
         let mut warnings = false;
+        let mut retrieve_url: Option<String> = None;
+        let mut one_study = true;
         for (_, r) in results {
             match r {
                 Ok(st) => {
+                    // Where an anonymous client finds it: the de-identified study.
+                    let study = st.derived_study_uid.clone().unwrap_or(st.study_uid.clone());
+                    let url = format!("{base}/dicom-web/studies/{study}");
+                    one_study &= retrieve_url.as_ref().is_none_or(|u| *u == url);
+                    retrieve_url = Some(url.clone());
                     let mut item = json!({
                         "00081150": { "vr": "UI", "Value": [st.sop_class_uid] },
                         "00081155": { "vr": "UI", "Value": [st.sop_instance_uid] },
-                        "00081190": { "vr": "UR", "Value": [format!("/dicom-web/studies/{}", st.study_uid)] },
+                        "00081190": { "vr": "UR", "Value": [url] },
                     });
                     if let Some(w) = st.warning {
                         warnings = true;
@@ -901,21 +950,31 @@ async fn stow_impl(s: Service, h: HeaderMap, study: Option<String>, body: Bytes)
                         IngestError::Conflict(_) => 0xA900,
                         IngestError::Unavailable(_) => 0xA700,
                     };
+                    // The reason in full in Error Comment (0000,0902), as a DIMSE status carries
+                    // it; JSON has no 64-character limit.
                     failed.push(json!({
                         "00081197": { "vr": "US", "Value": [code] },
-                        "00000902": { "vr": "LO", "Value": [e.to_string().chars().take(64).collect::<String>()] },
+                        "00000902": { "vr": "LO", "Value": [e.to_string()] },
                     }));
                 }
             }
         }
         let status = if failed.is_empty() {
-            if warnings { StatusCode::ACCEPTED } else { StatusCode::OK }
+            if warnings {
+                StatusCode::ACCEPTED
+            } else {
+                StatusCode::OK
+            }
         } else if referenced.is_empty() {
             StatusCode::CONFLICT
         } else {
             StatusCode::ACCEPTED
         };
         let mut out = serde_json::Map::new();
+        // The study's URL at the top when every instance went to one study.
+        if let Some(url) = retrieve_url.filter(|_| one_study || study_given) {
+            out.insert("00081190".into(), json!({ "vr": "UR", "Value": [url] }));
+        }
         if !referenced.is_empty() {
             out.insert("00081199".into(), sq(referenced));
         }

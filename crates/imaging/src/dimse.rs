@@ -30,7 +30,12 @@ impl Dimse {
             .config()
             .dicom_peers
             .iter()
-            .any(|p| p.originals && p.ae_title.trim() == peer.calling_ae.trim());
+            // The AE title and the address it connects from: an AE title alone is a claim.
+            .any(|p| {
+                p.originals
+                    && p.ae_title.trim() == peer.calling_ae.trim()
+                    && p.addr.ip() == peer.addr.ip()
+            });
         if known {
             View::Original
         } else {

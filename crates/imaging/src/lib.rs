@@ -1,5 +1,6 @@
 //! The imaging service.
 
+pub mod access;
 pub mod dicomweb;
 pub mod dimse;
 pub mod index;

@@ -68,7 +68,10 @@ pub struct Stored {
     pub sop_class_uid: String,
     pub sop_instance_uid: String,
     pub study_uid: String,
-    /// The instance was already stored with the same content; nothing changed.
+    /// The de-identified derivative's Study Instance UID (what anonymous queries show).
+    pub derived_study_uid: Option<String>,
+    /// An instance with this SOP Instance UID was already stored; the first one is kept
+    /// (as Orthanc does by default), nothing changed.
     pub duplicate: bool,
     /// Stored as an original only: why it has no de-identified derivative.
     pub warning: Option<String>,
@@ -92,6 +95,8 @@ pub struct Metrics {
 
 struct Job {
     bytes: Vec<u8>,
+    /// STOW-RS to a study's URL: instances of other studies are refused before storing.
+    study: Option<String>,
     reply: SyncSender<Result<Stored, IngestError>>,
 }
 
@@ -123,12 +128,13 @@ pub(crate) struct Inner {
     signer: SigningKey,
     stable: Duration,
     deid_record: DeidRecord,
+    gate: crate::access::Gate,
     pub(crate) ready: std::sync::atomic::AtomicBool,
     pub(crate) metrics: Metrics,
 }
 
 /// Jobs queued beyond the one being committed; senders block when it is full (back pressure).
-const QUEUE: usize = 1024;
+const QUEUE: usize = 256;
 /// A batch is at most this many instances or bytes.
 const BATCH_INSTANCES: usize = 256;
 const BATCH_BYTES: usize = 256 << 20;
@@ -202,6 +208,7 @@ impl Service {
             index: RwLock::new(Index::default()),
             queue: Mutex::new(Some(tx)),
             client: Client::new(api),
+            gate: crate::access::Gate::new(org, Client::new(api)),
             signer,
             stable: Duration::from_millis(config.stable_ms),
             metrics: Metrics::default(),
@@ -243,6 +250,11 @@ impl Service {
     /// Stores one instance (a Part 10 file); returns once it is durable, or why it was not
     /// stored.
     pub fn ingest(&self, file: Vec<u8>) -> Result<Stored, IngestError> {
+        self.ingest_into(file, None)
+    }
+
+    /// Like [`Service::ingest`], but only an instance of study `study` is accepted.
+    pub fn ingest_into(&self, file: Vec<u8>, study: Option<String>) -> Result<Stored, IngestError> {
         self.inner
             .metrics
             .instances_received
@@ -252,12 +264,12 @@ impl Service {
             .bytes_received
             .fetch_add(file.len() as u64, Ordering::Relaxed);
         self.inner.metrics.in_flight.fetch_add(1, Ordering::AcqRel);
-        let r = self.ingest_inner(file);
+        let r = self.ingest_inner(file, study);
         self.inner.metrics.in_flight.fetch_sub(1, Ordering::AcqRel);
         r
     }
 
-    fn ingest_inner(&self, file: Vec<u8>) -> Result<Stored, IngestError> {
+    fn ingest_inner(&self, file: Vec<u8>, study: Option<String>) -> Result<Stored, IngestError> {
         let (reply, answer) = sync_channel(1);
         let queue = self
             .inner
@@ -267,7 +279,11 @@ impl Service {
             .as_ref()
             .cloned()
             .ok_or_else(|| IngestError::Unavailable("the node is shutting down".into()))?;
-        let job = Job { bytes: file, reply };
+        let job = Job {
+            bytes: file,
+            study,
+            reply,
+        };
         match queue.try_send(job) {
             Ok(()) => {}
             Err(TrySendError::Full(job)) => queue
@@ -290,6 +306,11 @@ impl Service {
     }
 
     /// Studies waiting for registration (stored, not yet final on the ledger).
+    /// May the bearer of this access token see identified originals?
+    pub fn clinical(&self, token: &str) -> Result<bool, crate::access::TokenError> {
+        self.inner.gate.clinical(token)
+    }
+
     /// True while instances are being committed.
     pub fn busy(&self) -> bool {
         self.inner.metrics.in_flight.load(Ordering::Acquire) > 0
@@ -356,8 +377,21 @@ struct Prepared {
 }
 
 impl Inner {
-    fn prepare(&self, name: String, bytes: Vec<u8>) -> Result<Prepared, IngestError> {
+    fn prepare(
+        &self,
+        name: String,
+        bytes: Vec<u8>,
+        study: Option<String>,
+    ) -> Result<Prepared, IngestError> {
         let original_meta = InstanceMeta::read(&bytes).map_err(IngestError::Malformed)?;
+        if let Some(want) = study {
+            let have = original_meta.text(tags::STUDY_INSTANCE_UID);
+            if have != want {
+                return Err(IngestError::Malformed(format!(
+                    "the instance belongs to study {have}, not to the study of the request URL ({want})"
+                )));
+            }
+        }
         let bytes = Bytes::from(bytes);
         let original = scan_memory(name.clone(), bytes.clone()).map_err(|e| match e {
             StoreError::Split { error, .. } => IngestError::Malformed(error.to_string()),
@@ -443,11 +477,11 @@ impl Inner {
         let mut inputs = Vec::new();
         for (i, j) in batch.into_iter().enumerate() {
             replies.push(Some(j.reply));
-            inputs.push((i, j.bytes));
+            inputs.push((i, j.bytes, j.study));
         }
         let prepared: Vec<(usize, Result<Prepared, IngestError>)> = inputs
             .into_par_iter()
-            .map(|(i, bytes)| (i, self.prepare(format!("#{i}"), bytes)))
+            .map(|(i, bytes, study)| (i, self.prepare(format!("#{i}"), bytes, study)))
             .collect();
         let mut by_study: BTreeMap<String, Vec<(usize, Prepared)>> = BTreeMap::new();
         for (i, p) in prepared {
@@ -501,18 +535,30 @@ impl Inner {
         let mut metas = Vec::new();
         let mut deid_record = None;
         let mut accepted = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         for (i, p) in items {
-            let duplicate = known(&previous_original, &p.sop_uid);
+            // The same SOP Instance UID again (another route re-encodes the same instance, a
+            // sender retries): the first one is kept and the sender told it is stored.
+            let duplicate =
+                known(&previous_original, &p.sop_uid) || !seen.insert(p.sop_uid.clone());
+            let derived_study_uid = p
+                .derivative
+                .as_ref()
+                .map(|(d, _, _)| d.ids().study_uid.clone());
             accepted.push((
                 i,
                 Stored {
                     sop_class_uid: p.sop_class.clone(),
                     sop_instance_uid: p.sop_uid.clone(),
                     study_uid: study_uid.to_string(),
+                    derived_study_uid,
                     duplicate,
                     warning: p.warning.clone(),
                 },
             ));
+            if duplicate {
+                continue;
+            }
             metas.push((View::Original, p.sop_uid.clone(), p.original_meta));
             originals.push(p.original);
             if let Some((scanned, meta, record)) = p.derivative {
@@ -523,6 +569,9 @@ impl Inner {
                 }
                 deid_record = Some(record);
             }
+        }
+        if originals.is_empty() {
+            return accepted.into_iter().map(|(i, s)| (i, Ok(s))).collect();
         }
         let fail = |accepted: Vec<(usize, Stored)>, e: String| {
             tracing::error!("cannot store study instances: {e}");

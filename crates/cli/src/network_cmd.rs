@@ -24,7 +24,7 @@ pub enum NetworkCommand {
         out: PathBuf,
         #[arg(long, default_value = "medledger-local")]
         chain: String,
-        /// p2p ports are base, base+1, ...; API ports base+100, base+101, ...
+        /// p2p ports are base, base+1, ...; HTTP (API, DICOMweb) base+100, ...; DIMSE base+200, ...
         #[arg(long, default_value_t = 7100)]
         base_port: u16,
     },

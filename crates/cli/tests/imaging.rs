@@ -341,6 +341,31 @@ fn a_node_ingests_queries_and_serves_dicom_and_keeps_what_it_acknowledged() {
         .unwrap();
     assert_eq!(png.status().as_u16(), 200);
     assert!(png.bytes().unwrap().starts_with(b"\x89PNG"));
+    // No transcoding: a transfer syntax other than the stored one is refused, not ignored.
+    let jpeg = http()
+        .get(&inst_url)
+        .header(
+            "Accept",
+            "multipart/related; type=\"application/dicom\"; transfer-syntax=1.2.840.10008.1.2.4.50",
+        )
+        .send()
+        .unwrap();
+    assert_eq!(jpeg.status().as_u16(), 406);
+    let xml = http()
+        .get(format!("{inst_url}/metadata"))
+        .header("Accept", "application/dicom+xml")
+        .send()
+        .unwrap();
+    assert_eq!(xml.status().as_u16(), 406);
+    let any = http()
+        .get(&inst_url)
+        .header(
+            "Accept",
+            "multipart/related; type=\"application/dicom\"; transfer-syntax=*",
+        )
+        .send()
+        .unwrap();
+    assert_eq!(any.status().as_u16(), 200);
     let missing = http().get(format!("{inst_url}/frames/2")).send().unwrap();
     assert_eq!(missing.status().as_u16(), 404);
     let unknown = http().get(format!("{web}/studies/1.2.3.4")).send().unwrap();

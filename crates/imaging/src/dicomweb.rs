@@ -359,6 +359,53 @@ async fn search_instances_of_series(
 
 // ---- WADO-RS ----
 
+/// Does the request's Accept header allow `kind` parts in transfer syntax `ts` (we never
+/// transcode)? No header, `*/*`, a missing or `*` transfer-syntax parameter, or the stored
+/// syntax are acceptable.
+fn accepts(headers: &HeaderMap, kind: &str, ts: &str) -> bool {
+    let Some(accept) = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()) else {
+        return true;
+    };
+    accept.split(',').any(|range| {
+        let mut params = range.split(';').map(str::trim);
+        let media = params.next().unwrap_or("").to_ascii_lowercase();
+        let mut typ = None;
+        let mut syntax = None;
+        for p in params {
+            if let Some((k, v)) = p.split_once('=') {
+                let v = v.trim().trim_matches('"').to_string();
+                match k.trim().to_ascii_lowercase().as_str() {
+                    "type" => typ = Some(v.to_ascii_lowercase()),
+                    "transfer-syntax" => syntax = Some(v),
+                    _ => {}
+                }
+            }
+        }
+        let syntax_ok = syntax.as_deref().is_none_or(|t| t == "*" || t == ts);
+        match media.as_str() {
+            "*/*" | "multipart/*" => true,
+            "multipart/related" => {
+                typ.as_deref().is_none_or(|t| {
+                    t == kind
+                        || t == "*/*"
+                        || t.strip_suffix("/*")
+                            .is_some_and(|major| kind.starts_with(&format!("{major}/")))
+                }) && syntax_ok
+            }
+            m => m == kind && syntax_ok,
+        }
+    })
+}
+
+fn not_acceptable(what: &str) -> Response {
+    problem(
+        StatusCode::NOT_ACCEPTABLE,
+        format!(
+            "{what}; this node serves instances as stored (no transcoding): ask for transfer-syntax=* or leave it out"
+        ),
+    )
+}
+
 fn boundary() -> String {
     format!("medledger-{:016x}", rand::random::<u64>())
 }
@@ -417,6 +464,15 @@ async fn retrieve(
             Ok(f) => f,
             Err(r) => return r,
         };
+        if let Some(l) = found
+            .iter()
+            .find(|l| !accepts(&headers, "application/dicom", &l.meta.transfer_syntax))
+        {
+            return not_acceptable(&format!(
+                "instance {} is stored in transfer syntax {}, which the Accept header does not allow",
+                l.entry.sop_instance_uid, l.meta.transfer_syntax
+            ));
+        }
         let mut parts = Vec::with_capacity(found.len());
         for l in found {
             match s.read_instance(&l.entry) {
@@ -480,6 +536,14 @@ async fn metadata(
         Ok(v) => v,
         Err(r) => return r,
     };
+    if !accepts(&headers, "application/dicom+json", "")
+        && !accepts(&headers, "application/json", "")
+    {
+        return problem(
+            StatusCode::NOT_ACCEPTABLE,
+            "metadata is served as application/dicom+json only",
+        );
+    }
     blocking(move || {
         let found = match locate(&s, view, &study, series.as_deref(), instance.as_deref()) {
             Ok(f) => f,
@@ -603,6 +667,17 @@ async fn retrieve_frames(
         };
         match pixels::frames(&file, &numbers) {
             Ok((ts, frames)) => {
+                let jpeg = matches!(
+                    ts.as_str(),
+                    "1.2.840.10008.1.2.4.50" | "1.2.840.10008.1.2.4.51"
+                );
+                if !accepts(&h, "application/octet-stream", &ts)
+                    && !(jpeg && accepts(&h, "image/jpeg", &ts))
+                {
+                    return not_acceptable(&format!(
+                        "the frames are stored in transfer syntax {ts}"
+                    ));
+                }
                 let native = matches!(
                     ts.as_str(),
                     "1.2.840.10008.1.2"

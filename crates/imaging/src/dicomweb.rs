@@ -671,9 +671,9 @@ async fn retrieve_frames(
                     ts.as_str(),
                     "1.2.840.10008.1.2.4.50" | "1.2.840.10008.1.2.4.51"
                 );
-                if !accepts(&h, "application/octet-stream", &ts)
-                    && !(jpeg && accepts(&h, "image/jpeg", &ts))
-                {
+                let served = accepts(&h, "application/octet-stream", &ts)
+                    || (jpeg && accepts(&h, "image/jpeg", &ts));
+                if !served {
                     return not_acceptable(&format!(
                         "the frames are stored in transfer syntax {ts}"
                     ));

@@ -6,85 +6,17 @@
 //! middle of an ingest keeps every instance it acknowledged.
 
 mod common;
-use common::{medledger, text};
+use common::{
+    Child, attr, chest_ct, dcmtk, free_port, get_json, http, medledger, network, run, text,
+    wait_for,
+};
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-
-struct Network(PathBuf, PathBuf);
-impl Drop for Network {
-    fn drop(&mut self) {
-        let _ = medledger(&self.0)
-            .args(["network", "down"])
-            .arg(&self.1)
-            .output();
-    }
-}
-
-struct Child(std::process::Child);
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn dcmtk(tool: &str) -> Command {
-    let found = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
-        .any(|d| d.join(tool).is_file());
-    assert!(
-        found,
-        "`{tool}` (dcmtk) is missing: run scripts/install-interop"
-    );
-    let mut c = Command::new(tool);
-    c.env("TCP_NODELAY", "1").stdin(Stdio::null());
-    c
-}
-
-fn run(c: &mut Command) -> Output {
-    c.output().unwrap_or_else(|e| panic!("{c:?}: {e}"))
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn http() -> reqwest::blocking::Client {
-    reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(120))
-        .build()
-        .unwrap()
-}
-
-fn get_json(url: &str) -> (u16, Value) {
-    let r = http().get(url).send().unwrap();
-    let code = r.status().as_u16();
-    let body = r.text().unwrap();
-    (code, serde_json::from_str(&body).unwrap_or(Value::Null))
-}
-
-/// The first value of attribute `tag` (8 hex digits) in a DICOM JSON object.
-fn attr(v: &Value, tag: &str) -> Value {
-    v[tag]["Value"][0].clone()
-}
-
-fn chest_ct() -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(medledger_testkit::chest_ct_series_dir())
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.is_file())
-        .collect();
-    files.sort();
-    files
-}
 
 /// Parts of a multipart/related answer.
 fn parts(resp: reqwest::blocking::Response) -> Vec<Vec<u8>> {
@@ -103,14 +35,6 @@ fn parts(resp: reqwest::blocking::Response) -> Vec<Vec<u8>> {
         .collect()
 }
 
-fn wait_for(what: &str, limit: Duration, mut ready: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !ready() {
-        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
 fn study_count(web: &str) -> usize {
     let (code, v) = get_json(&format!("{web}/studies"));
     if code == 204 {
@@ -124,21 +48,7 @@ fn a_node_ingests_queries_and_serves_dicom_and_keeps_what_it_acknowledged() {
     let tmp = tempfile::tempdir().unwrap();
     let home = tmp.path();
     let dir = home.join("net");
-    let base = 30_000 + (std::process::id() % 1_000) as u16 * 4;
-    let init = medledger(home)
-        .args([
-            "network",
-            "init",
-            "--orgs",
-            "hospital-a,hospital-b,research,patients",
-            "--out",
-        ])
-        .arg(&dir)
-        .args(["--base-port", &base.to_string()])
-        .output()
-        .unwrap();
-    assert!(init.status.success(), "{}", text(&init));
-
+    let base = common::free_base(30_000 + (std::process::id() % 1_000) as u16 * 4);
     // Hospital A's PACS (a dcmtk storescp) sees originals; studies register after 1 s quiet.
     let pacs_dir = home.join("pacs");
     std::fs::create_dir_all(&pacs_dir).unwrap();
@@ -153,31 +63,17 @@ fn a_node_ingests_queries_and_serves_dicom_and_keeps_what_it_acknowledged() {
             .spawn()
             .unwrap(),
     );
-    let cfg_path = dir.join("hospital-a/node.json");
-    let mut cfg: Value = serde_json::from_slice(&std::fs::read(&cfg_path).unwrap()).unwrap();
-    cfg["imaging"]["stable_ms"] = 1000.into();
-    cfg["imaging"]["dicom_peers"] = serde_json::json!([
-        { "ae_title": "PACS", "addr": format!("127.0.0.1:{pacs_port}"), "originals": true }
-    ]);
-    std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
-
-    let up = medledger(home)
-        .args(["network", "up"])
-        .arg(&dir)
-        .output()
-        .unwrap();
-    let _net = Network(home.to_path_buf(), dir.clone());
-    assert!(up.status.success(), "{}", text(&up));
-    let api = format!("http://127.0.0.1:{}", base + 100);
+    let (_net, api) = network(
+        home,
+        &dir,
+        base,
+        serde_json::json!([
+            { "ae_title": "PACS", "addr": format!("127.0.0.1:{pacs_port}"), "originals": true }
+        ]),
+    );
     let web = format!("{api}/dicom-web");
     let dimse: SocketAddr = format!("127.0.0.1:{}", base + 200).parse().unwrap();
     let port = dimse.port().to_string();
-    wait_for("the imaging service", Duration::from_secs(60), || {
-        http()
-            .get(format!("{api}/health"))
-            .send()
-            .is_ok_and(|r| r.status().is_success())
-    });
 
     // C-ECHO, then the chest CT by C-STORE.
     let echo =
@@ -626,7 +522,8 @@ fn a_node_ingests_queries_and_serves_dicom_and_keeps_what_it_acknowledged() {
     assert_eq!(
         visible(),
         derived.len(),
-        "acknowledged instances missing after SIGKILL and restart"
+        "acknowledged instances missing after SIGKILL and restart; node log:\n{}",
+        std::fs::read_to_string(dir.join("hospital-a/node.log")).unwrap_or_default()
     );
     // And the store verifies.
     let verify = medledger(home)

@@ -2,22 +2,12 @@
 //! C-STORE succeeds, the node's memory stays bounded, and what was acknowledged is there.
 
 mod common;
-use common::{medledger, text};
+use common::network;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-
-struct Network(std::path::PathBuf, std::path::PathBuf);
-impl Drop for Network {
-    fn drop(&mut self) {
-        let _ = medledger(&self.0)
-            .args(["network", "down"])
-            .arg(&self.1)
-            .output();
-    }
-}
 
 /// Peak resident memory of a process, in MB (Linux).
 fn peak_rss_mb(pid: u32) -> f64 {
@@ -39,37 +29,9 @@ fn fifty_concurrent_senders_for_a_minute_all_succeed_in_bounded_memory() {
     let tmp = tempfile::tempdir().unwrap();
     let home = tmp.path();
     let dir = home.join("net");
-    let base = 36_000 + (std::process::id() % 1_000) as u16 * 4;
-    let init = medledger(home)
-        .args([
-            "network",
-            "init",
-            "--orgs",
-            "hospital-a,hospital-b,research,patients",
-            "--out",
-        ])
-        .arg(&dir)
-        .args(["--base-port", &base.to_string()])
-        .output()
-        .unwrap();
-    assert!(init.status.success(), "{}", text(&init));
-    let up = medledger(home)
-        .args(["network", "up"])
-        .arg(&dir)
-        .output()
-        .unwrap();
-    let _net = Network(home.to_path_buf(), dir.clone());
-    assert!(up.status.success(), "{}", text(&up));
-    let api = format!("http://127.0.0.1:{}", base + 100);
+    let base = common::free_base(36_000 + (std::process::id() % 1_000) as u16 * 4);
+    let (_net, api) = network(home, &dir, base, serde_json::json!([]));
     let dimse: SocketAddr = format!("127.0.0.1:{}", base + 200).parse().unwrap();
-    let start = Instant::now();
-    while !reqwest::blocking::get(format!("{api}/health")).is_ok_and(|r| r.status().is_success()) {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "the node did not become ready"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
     let pid: u32 = std::fs::read_to_string(dir.join("hospital-a/node.pid"))
         .unwrap()
         .trim()

@@ -9,9 +9,10 @@
 //! instruction (a skipped interoperability test would pass without checking anything).
 
 mod common;
-use common::{medledger, text};
+use common::{
+    Child, attr, chest_ct, free_port, get_json, http, network, post_json, text, wait_for,
+};
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -19,80 +20,6 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 const INSTALL: &str = "run `bash scripts/install-interop` (as root or with sudo)";
-
-struct Network(PathBuf, PathBuf);
-impl Drop for Network {
-    fn drop(&mut self) {
-        let _ = medledger(&self.0)
-            .args(["network", "down"])
-            .arg(&self.1)
-            .output();
-    }
-}
-
-/// A peer process started by the test: killed by its PID and waited for.
-struct Child(std::process::Child);
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn http() -> reqwest::blocking::Client {
-    reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(120))
-        .build()
-        .unwrap()
-}
-
-fn get_json(url: &str) -> (u16, Value) {
-    let r = http().get(url).send().unwrap();
-    let code = r.status().as_u16();
-    let body = r.text().unwrap();
-    (code, serde_json::from_str(&body).unwrap_or(Value::Null))
-}
-
-fn post_json(url: &str, body: &Value) -> (u16, Value) {
-    let r = http().post(url).json(body).send().unwrap();
-    let code = r.status().as_u16();
-    let text = r.text().unwrap();
-    (
-        code,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
-}
-
-/// The first value of attribute `tag` (8 hex digits) in a DICOM JSON object.
-fn attr(v: &Value, tag: &str) -> Value {
-    v[tag]["Value"][0].clone()
-}
-
-fn wait_for(what: &str, limit: Duration, mut ready: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !ready() {
-        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
-fn chest_ct() -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(medledger_testkit::chest_ct_series_dir())
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.is_file())
-        .collect();
-    files.sort();
-    files
-}
 
 fn text_of(file: &Path, tag: dicom_core::Tag) -> String {
     dicom_object::open_file(file)
@@ -112,44 +39,6 @@ fn node_instances(web: &str, uid: &str) -> usize {
         return 0;
     }
     attr(&v[0], "00201208").as_u64().unwrap_or(0) as usize
-}
-
-/// A four-organisation network whose hospital A registers studies after 1 s of quiet and
-/// knows the DIMSE `peers`; returns its guard and hospital A's API root once it is ready.
-fn network(home: &Path, dir: &Path, base: u16, peers: Value) -> (Network, String) {
-    let init = medledger(home)
-        .args([
-            "network",
-            "init",
-            "--orgs",
-            "hospital-a,hospital-b,research,patients",
-            "--out",
-        ])
-        .arg(dir)
-        .args(["--base-port", &base.to_string()])
-        .output()
-        .unwrap();
-    assert!(init.status.success(), "{}", text(&init));
-    let cfg_path = dir.join("hospital-a/node.json");
-    let mut cfg: Value = serde_json::from_slice(&std::fs::read(&cfg_path).unwrap()).unwrap();
-    cfg["imaging"]["stable_ms"] = 1000.into();
-    cfg["imaging"]["dicom_peers"] = peers;
-    std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
-    let up = medledger(home)
-        .args(["network", "up"])
-        .arg(dir)
-        .output()
-        .unwrap();
-    let net = Network(home.to_path_buf(), dir.to_path_buf());
-    assert!(up.status.success(), "{}", text(&up));
-    let api = format!("http://127.0.0.1:{}", base + 100);
-    wait_for("the imaging service", Duration::from_secs(60), || {
-        http()
-            .get(format!("{api}/health"))
-            .send()
-            .is_ok_and(|r| r.status().is_success())
-    });
-    (net, api)
 }
 
 // ---- the peers ----
@@ -446,7 +335,7 @@ fn dicomweb_client_pynetdicom_and_orthanc_work_with_a_node() {
     let tmp = tempfile::tempdir().unwrap();
     let home = tmp.path();
     let dir = home.join("net");
-    let base = 40_000 + (std::process::id() % 1_000) as u16 * 4;
+    let base = common::free_base(40_000 + (std::process::id() % 1_000) as u16 * 4);
     // Orthanc is a peer that sees de-identified derivatives only (a C-MOVE destination).
     let orthanc_http = free_port();
     let orthanc_dicom = free_port();
@@ -820,7 +709,7 @@ fn the_same_instance_sent_again_by_another_route_is_not_a_conflict() {
     let tmp = tempfile::tempdir().unwrap();
     let home = tmp.path();
     let dir = home.join("net");
-    let base = 44_000 + (std::process::id() % 1_000) as u16 * 4;
+    let base = common::free_base(44_000 + (std::process::id() % 1_000) as u16 * 4);
     let (_net, api) = network(home, &dir, base, json!([]));
     let web = format!("{api}/dicom-web");
     let dimse: std::net::SocketAddr = format!("127.0.0.1:{}", base + 200).parse().unwrap();

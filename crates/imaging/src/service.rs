@@ -365,6 +365,20 @@ impl Service {
     }
 }
 
+/// The objects of a manifest by plaintext digest, for a derivative to reuse.
+struct PutOutcomeIndex(HashMap<Digest, medledger_store::ObjectRef>);
+
+impl From<&StudyManifest> for PutOutcomeIndex {
+    fn from(m: &StudyManifest) -> Self {
+        PutOutcomeIndex(
+            m.instances()
+                .flat_map(|(_, i)| i.objects())
+                .map(|o| (o.digest, o.clone()))
+                .collect(),
+        )
+    }
+}
+
 /// One instance ready to be written.
 struct Prepared {
     original: Scanned,
@@ -824,6 +838,57 @@ impl Inner {
         Ok(())
     }
 
+    /// Brings a study's derivative up to its newest original: the instances the derivative's
+    /// original version lacked are read back, de-identified and added, in a new derivative
+    /// version that names the newest original.
+    fn repair_derivative(
+        &self,
+        newest: &StudyManifest,
+        versions: &[StudyManifest],
+        derivative: Option<StudyManifest>,
+    ) -> Result<Option<StudyManifest>, String> {
+        let covered: std::collections::HashSet<String> = derivative
+            .as_ref()
+            .and_then(|d| versions.iter().find(|v| Some(v.root()) == d.derived_from))
+            .map(|v| {
+                v.instances()
+                    .map(|(_, i)| i.sop_instance_uid.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut added = Vec::new();
+        for (_, i) in newest.instances() {
+            if covered.contains(&i.sop_instance_uid) {
+                continue;
+            }
+            let file = self.store.fetch_instance(i).map_err(|e| e.to_string())?;
+            // Quarantined instances have no derivative, now as when they arrived.
+            if let Ok(d) = self.deid.deidentify(&file) {
+                let scanned = scan_memory(i.sop_instance_uid.clone(), Bytes::from(d.bytes))
+                    .map_err(|e| e.to_string())?;
+                added.push(scanned);
+            }
+        }
+        if added.is_empty() && derivative.is_none() {
+            return Ok(None);
+        }
+        let outcome = PutOutcomeIndex::from(newest);
+        let opts = PutOptions {
+            derived_from: Some(newest.root()),
+            reuse: Some(&outcome.0),
+            ..PutOptions::default()
+        };
+        let (d, _) = self
+            .store
+            .extend_study(derivative.as_ref(), added, &self.owner, &opts)
+            .map_err(|e| e.to_string())?;
+        tracing::info!(
+            "study {}: derivative brought up to its original after an interrupted write",
+            newest.root()
+        );
+        Ok(Some(d.manifest))
+    }
+
     /// Rebuilds the index from the store and the ledger: per study, the newest version of
     /// the original and of its derivative, which of them the ledger has registered, and the
     /// header attributes of every instance.
@@ -882,6 +947,14 @@ impl Inner {
                 {
                     reg_deriv = Some(Version::new(d.clone()));
                 }
+            }
+            // A crash between writing the original's version and the derivative's leaves the
+            // derivative behind: de-identify what it lacks again from the stored originals.
+            if newest_deriv
+                .as_ref()
+                .is_none_or(|d| d.derived_from != Some(newest.root()))
+            {
+                newest_deriv = self.repair_derivative(&newest, &versions, newest_deriv)?;
             }
             // Header attributes, for queries.
             for (view, m) in [

@@ -155,26 +155,9 @@ fn storescu(port: u16, aec: &str, files: &[PathBuf]) -> Result<f64> {
 }
 
 fn stow(http: &reqwest::blocking::Client, url: &str, files: &[PathBuf]) -> Result<f64> {
-    let boundary = "benchboundary7f3a";
-    let mut body = Vec::new();
-    for f in files {
-        body.extend_from_slice(
-            format!("--{boundary}\r\nContent-Type: application/dicom\r\n\r\n").as_bytes(),
-        );
-        body.extend_from_slice(&std::fs::read(f)?);
-        body.extend_from_slice(b"\r\n");
-    }
-    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    let (boundary, body) = crate::import_cmd::stow_body(files)?;
     let t = Instant::now();
-    let r = http
-        .post(url)
-        .header(
-            "Content-Type",
-            format!("multipart/related; type=\"application/dicom\"; boundary={boundary}"),
-        )
-        .header("Accept", "application/dicom+json")
-        .body(body)
-        .send()?;
+    let r = crate::import_cmd::post_stow(http, url, &boundary, body)?;
     let status = r.status();
     let text = r.text()?;
     let s = t.elapsed().as_secs_f64();

@@ -120,30 +120,11 @@ fn send(
     batch: &[PathBuf],
     report: &Mutex<Report>,
 ) -> Result<()> {
-    let boundary = format!("medledger-import-{:016x}", rand::random::<u64>());
-    let mut body = Vec::new();
-    let mut sent = Vec::new();
-    for f in batch {
-        let bytes = std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?;
-        body.extend_from_slice(
-            format!("--{boundary}\r\nContent-Type: application/dicom\r\n\r\n").as_bytes(),
-        );
-        body.extend_from_slice(&bytes);
-        body.extend_from_slice(b"\r\n");
-        sent.push(f.display().to_string());
-    }
-    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    let sent: Vec<String> = batch.iter().map(|f| f.display().to_string()).collect();
+    let (boundary, body) = stow_body(batch)?;
     let len = body.len() as u64;
-    let resp = http
-        .post(url)
-        .header(
-            "Content-Type",
-            format!("multipart/related; type=\"application/dicom\"; boundary={boundary}"),
-        )
-        .header("Accept", "application/dicom+json")
-        .body(body)
-        .send()
-        .with_context(|| format!("cannot reach {url}"))?;
+    let resp =
+        post_stow(http, url, &boundary, body).with_context(|| format!("cannot reach {url}"))?;
     let status = resp.status();
     let text = resp.text().unwrap_or_default();
     if !matches!(status.as_u16(), 200 | 202 | 409) {
@@ -182,4 +163,37 @@ fn send(
         r.failed.push((sent[0].clone(), reason));
     }
     Ok(())
+}
+
+/// A STOW-RS request body: each file a part of type application/dicom. Returns the boundary.
+pub fn stow_body(files: &[PathBuf]) -> Result<(String, Vec<u8>)> {
+    let boundary = format!("medledger-stow-{:016x}", rand::random::<u64>());
+    let mut body = Vec::new();
+    for f in files {
+        let bytes = std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?;
+        body.extend_from_slice(
+            format!("--{boundary}\r\nContent-Type: application/dicom\r\n\r\n").as_bytes(),
+        );
+        body.extend_from_slice(&bytes);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    Ok((boundary, body))
+}
+
+/// Posts a STOW-RS body made by [`stow_body`].
+pub fn post_stow(
+    http: &reqwest::blocking::Client,
+    url: &str,
+    boundary: &str,
+    body: Vec<u8>,
+) -> reqwest::Result<reqwest::blocking::Response> {
+    http.post(url)
+        .header(
+            "Content-Type",
+            format!("multipart/related; type=\"application/dicom\"; boundary={boundary}"),
+        )
+        .header("Accept", "application/dicom+json")
+        .body(body)
+        .send()
 }

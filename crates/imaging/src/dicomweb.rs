@@ -185,52 +185,54 @@ async fn metrics(State(s): State<Service>) -> Response {
             "# HELP medledger_{name} {help}\n# TYPE medledger_{name} gauge\nmedledger_{name} {v}\n"
         )
     };
-    let body = [
-        c(
+    let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 9] = [
+        (
             "instances_received_total",
             "Instances received (C-STORE, STOW-RS, import).",
-            m.instances_received.load(Ordering::Relaxed),
+            &m.instances_received,
         ),
-        c(
+        (
             "instances_stored_total",
             "Instances stored durably.",
-            m.instances_stored.load(Ordering::Relaxed),
+            &m.instances_stored,
         ),
-        c(
+        (
             "instances_duplicate_total",
-            "Instances received again with the same content.",
-            m.instances_duplicate.load(Ordering::Relaxed),
+            "Instances whose SOP Instance UID was already stored.",
+            &m.instances_duplicate,
         ),
-        c(
+        (
             "instances_rejected_total",
             "Instances refused.",
-            m.instances_rejected.load(Ordering::Relaxed),
+            &m.instances_rejected,
         ),
-        c(
+        (
             "instances_without_derivative_total",
             "Instances stored as originals only (quarantined by de-identification).",
-            m.instances_quarantined.load(Ordering::Relaxed),
+            &m.instances_quarantined,
         ),
-        c(
+        (
             "received_bytes_total",
             "Bytes of instances received.",
-            m.bytes_received.load(Ordering::Relaxed),
+            &m.bytes_received,
         ),
-        c(
-            "ingest_batches_total",
-            "Group commits.",
-            m.batches.load(Ordering::Relaxed),
-        ),
-        c(
+        ("ingest_batches_total", "Group commits.", &m.batches),
+        (
             "study_registrations_total",
             "Study versions registered on the ledger.",
-            m.studies_registered.load(Ordering::Relaxed),
+            &m.studies_registered,
         ),
-        c(
+        (
             "study_registration_failures_total",
             "Registrations that failed (retried).",
-            m.registration_failures.load(Ordering::Relaxed),
+            &m.registration_failures,
         ),
+    ];
+    let body = [
+        counters
+            .iter()
+            .map(|(name, help, v)| c(name, help, v.load(Ordering::Relaxed)))
+            .collect::<String>(),
         g("studies", "Studies held.", studies),
         g("instances", "Instances held (originals).", instances),
         g(

@@ -237,6 +237,29 @@ fn a_node_ingests_queries_and_serves_dicom_and_keeps_what_it_acknowledged() {
         .unwrap();
     assert_eq!(png.status().as_u16(), 200);
     assert!(png.bytes().unwrap().starts_with(b"\x89PNG"));
+    // The accept query parameter wins over the header; series and study thumbnails.
+    let png = http()
+        .get(format!("{inst_url}/thumbnail?accept=image/png"))
+        .header(
+            "Accept",
+            "multipart/related; type=\"application/octet-stream\"",
+        )
+        .send()
+        .unwrap();
+    assert_eq!(png.status().as_u16(), 200);
+    assert!(png.bytes().unwrap().starts_with(b"\x89PNG"));
+    for url in [
+        format!("{web}/studies/{study_uid}/thumbnail?viewport=64,64"),
+        format!("{web}/studies/{study_uid}/series/{series_uid}/thumbnail"),
+    ] {
+        let r = http()
+            .get(&url)
+            .header("Accept", "image/jpeg")
+            .send()
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200, "{url}");
+        assert!(r.bytes().unwrap().starts_with(b"\xff\xd8"), "{url}");
+    }
     // No transcoding: a transfer syntax other than the stored one is refused, not ignored.
     let jpeg = http()
         .get(&inst_url)

@@ -66,6 +66,15 @@ pub fn router(service: Service) -> Router {
             "/studies/{study}/series/{series}/instances/{instance}/frames/{frames}/rendered",
             get(rendered_frame),
         )
+        .route(
+            "/studies/{study}/series/{series}/instances/{instance}/frames/{frames}/thumbnail",
+            get(rendered_frame),
+        )
+        .route("/studies/{study}/thumbnail", get(thumbnail_study))
+        .route(
+            "/studies/{study}/series/{series}/thumbnail",
+            get(thumbnail_series),
+        )
         .layer(DefaultBodyLimit::max(MAX_STOW))
         .with_state(service.clone());
     Router::new()
@@ -765,21 +774,37 @@ fn render_params(
             _ => {}
         }
     }
-    let accept = headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("image/jpeg");
-    let format = if accept.contains("image/png") {
-        Format::Png
-    } else if accept.contains("image/jpeg") || accept.contains("*/*") || accept.contains("image/*")
-    {
-        Format::Jpeg
-    } else {
-        return Err(problem(
-            StatusCode::NOT_ACCEPTABLE,
-            format!("rendered images are image/jpeg or image/png, not {accept:?}"),
-        ));
-    };
+    // The `accept` query parameter overrides the header (PS3.18 8.3.3.1); the first
+    // rendered type listed wins; types we do not render are ignored (8.7.7), JPEG by default.
+    let accept = params
+        .iter()
+        .find(|(k, _)| k == "accept")
+        .map(|(_, v)| v.clone())
+        .or_else(|| {
+            headers
+                .get(header::ACCEPT)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_default();
+    let format = accept
+        .split(',')
+        .filter_map(|range| {
+            match range
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+                .as_str()
+            {
+                "image/png" => Some(Format::Png),
+                "image/jpeg" | "image/*" | "*/*" => Some(Format::Jpeg),
+                _ => None,
+            }
+        })
+        .next()
+        .unwrap_or(Format::Jpeg);
     Ok((format, r))
 }
 
@@ -835,6 +860,60 @@ async fn rendered_instance(
     QueryParams(p): Params,
 ) -> Response {
     render(s, h, study, series, instance, "1".into(), p).await
+}
+
+/// A study's or series' thumbnail: its middle instance (by Instance Number) rendered.
+async fn thumbnail_of(
+    s: Service,
+    h: HeaderMap,
+    study: String,
+    series: Option<String>,
+    p: Vec<(String, String)>,
+) -> Response {
+    let view = match view_of(&s, &h).await {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let s2 = s.clone();
+    let pick = blocking(move || {
+        let mut found = locate(&s2, view, &study, series.as_deref(), None)?;
+        let first_series = found[0].series.series_uid.clone();
+        found.retain(|l| l.series.series_uid == first_series);
+        found.sort_by_key(|l| {
+            crate::index::text(&l.meta.attrs, dicom_dictionary_std::tags::INSTANCE_NUMBER)
+                .parse::<i64>()
+                .unwrap_or(0)
+        });
+        let l = &found[found.len() / 2];
+        Ok::<_, Response>((
+            study,
+            l.series.series_uid.clone(),
+            l.entry.sop_instance_uid.clone(),
+        ))
+    })
+    .await;
+    match pick {
+        Ok((study, series, instance)) => render(s, h, study, series, instance, "1".into(), p).await,
+        Err(r) => r,
+    }
+}
+
+async fn thumbnail_study(
+    State(s): State<Service>,
+    h: HeaderMap,
+    Path(study): Path<String>,
+    QueryParams(p): Params,
+) -> Response {
+    thumbnail_of(s, h, study, None, p).await
+}
+
+async fn thumbnail_series(
+    State(s): State<Service>,
+    h: HeaderMap,
+    Path((study, series)): Path<(String, String)>,
+    QueryParams(p): Params,
+) -> Response {
+    thumbnail_of(s, h, study, Some(series), p).await
 }
 
 async fn rendered_frame(

@@ -484,31 +484,37 @@ async fn retrieve(
                 l.entry.sop_instance_uid, l.meta.transfer_syntax
             ));
         }
-        let mut parts = Vec::with_capacity(found.len());
-        for l in found {
-            match s.read_instance(&l.entry) {
-                Ok(file) => parts.push((
-                    format!(
-                        "application/dicom; transfer-syntax={}",
-                        l.meta.transfer_syntax
-                    ),
-                    file,
-                )),
-                Err(e) => {
-                    tracing::error!(
-                        "instance {} failed verification: {e}",
-                        l.entry.sop_instance_uid
-                    );
-                    return problem(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        format!(
-                            "instance {} failed verification in the store; it is not served",
+        // Instances are read, decrypted and verified in parallel, answered in order.
+        use rayon::prelude::*;
+        let read: Vec<Result<(String, Vec<u8>), Response>> = found
+            .par_iter()
+            .map(|l| {
+                s.read_instance(&l.entry)
+                    .map(|file| {
+                        (
+                            format!("application/dicom; transfer-syntax={}", l.meta.transfer_syntax),
+                            file,
+                        )
+                    })
+                    .map_err(|e| {
+                        tracing::error!(
+                            "instance {} failed verification: {e}",
                             l.entry.sop_instance_uid
-                        ),
-                    );
-                }
-            }
-        }
+                        );
+                        problem(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            format!(
+                                "instance {} failed verification in the store; it is not served",
+                                l.entry.sop_instance_uid
+                            ),
+                        )
+                    })
+            })
+            .collect();
+        let parts = match read.into_iter().collect::<Result<Vec<_>, _>>() {
+            Ok(p) => p,
+            Err(r) => return r,
+        };
         multipart("application/dicom", parts)
     })
     .await

@@ -594,7 +594,9 @@ impl Inner {
                 .map(|(i, _)| (i, Err(IngestError::Unavailable(e.clone()))))
                 .collect::<Vec<_>>()
         };
-        let (original, skipped) = match self.store.extend_study(
+        // Both versions are sealed in memory first, then written together: objects and
+        // manifests in one durable batch, the two reference records in a second.
+        let staged_original = match self.store.stage_version(
             previous_original.as_deref(),
             originals,
             &self.owner,
@@ -603,38 +605,42 @@ impl Inner {
             Ok(o) => o,
             Err(e) => return fail(accepted, e.to_string()),
         };
-        let conflicts: HashMap<usize, String> = skipped
-            .into_iter()
+        let conflicts: HashMap<usize, String> = staged_original
+            .skipped
+            .iter()
             .filter_map(|s| {
                 let i: usize = s.source.trim_start_matches('#').parse().ok()?;
-                Some((i, s.reason))
+                Some((i, s.reason.clone()))
             })
             .collect();
-        let reuse = original.object_index();
-        // A derivative version is made when the original changed, so that it names the
+        let reuse = staged_original.outcome.object_index();
+        // A derivative version is made whenever the original changed, so that it names the
         // original's newest version.
-        let derivative = if !derivatives.is_empty() || previous_derivative.is_some() {
+        let staged_derivative = if !derivatives.is_empty() || previous_derivative.is_some() {
             let opts = PutOptions {
-                derived_from: Some(original.root),
+                derived_from: Some(staged_original.outcome.root),
                 reuse: Some(&reuse),
                 ..PutOptions::default()
             };
-            if derivatives.is_empty() && previous_derivative.is_none() {
-                None
-            } else {
-                match self.store.extend_study(
-                    previous_derivative.as_deref(),
-                    derivatives,
-                    &self.owner,
-                    &opts,
-                ) {
-                    Ok((d, _)) => Some(d),
-                    Err(e) => return fail(accepted, e.to_string()),
-                }
+            match self.store.stage_version(
+                previous_derivative.as_deref(),
+                derivatives,
+                &self.owner,
+                &opts,
+            ) {
+                Ok(d) => Some(d),
+                Err(e) => return fail(accepted, e.to_string()),
             }
         } else {
             None
         };
+        let mut both = vec![&staged_original];
+        both.extend(staged_derivative.as_ref());
+        if let Err(e) = self.store.write_staged(&both) {
+            return fail(accepted, e.to_string());
+        }
+        let original = staged_original.outcome;
+        let derivative = staged_derivative.map(|d| d.outcome);
         // Durable: update the index, then answer.
         let patient = self.pseudonym(&metas, derivative.as_ref().map(|d| &d.manifest));
         {

@@ -325,6 +325,57 @@ fn ref_key(root: &Digest) -> String {
     format!("refs/{}.json", root.to_hex())
 }
 
+/// Seals a manifest and makes the study's reference record (envelopes for the owner and
+/// `recipients`): (the manifest object to write, the record to write after it).
+fn seal_manifest(
+    manifest: &StudyManifest,
+    owner: &SecretKey,
+    recipients: &[PublicKey],
+    object_bytes: u64,
+) -> ((String, Bytes), StudyRef) {
+    let root = manifest.root();
+    let (manifest_key, sealed) = medledger_crypto::seal(&manifest.encode());
+    let manifest_address = Digest::of(&sealed);
+    let manifest_bytes = sealed.len() as u64;
+    let mut envelopes = vec![medledger_crypto::wrap(
+        &manifest_key,
+        &owner.public(),
+        root.as_bytes(),
+    )];
+    for r in recipients {
+        if !envelopes.iter().any(|e| e.is_for(r)) {
+            envelopes.push(medledger_crypto::wrap(&manifest_key, r, root.as_bytes()));
+        }
+    }
+    let mut objects: Vec<Digest> = manifest
+        .instances()
+        .flat_map(|(_, i)| i.objects().map(|o| o.address))
+        .collect();
+    objects.sort();
+    objects.dedup();
+    let record = StudyRef {
+        format: REF_FORMAT.to_string(),
+        root,
+        manifest: manifest_address,
+        objects,
+        own_bytes: object_bytes + manifest_bytes,
+        envelopes,
+    };
+    ((object_key(&manifest_address), Bytes::from(sealed)), record)
+}
+
+/// A study version sealed in memory by [`Store::stage_version`], written by
+/// [`Store::write_staged`].
+#[derive(Debug)]
+pub struct Staged {
+    pub outcome: PutOutcome,
+    pub skipped: Vec<Skipped>,
+    /// Sealed objects and the sealed manifest.
+    writes: Vec<(String, Bytes)>,
+    /// The reference record, written once every object of every staged version is durable.
+    record: Option<StudyRef>,
+}
+
 /// Receives each instance of a study being read: its series, its entry, its rebuilt file.
 pub type InstanceSink<'a> =
     dyn Fn(&SeriesEntry, &InstanceEntry, Vec<u8>) -> Result<(), StoreError> + Sync + 'a;
@@ -539,6 +590,45 @@ impl Store {
         owner: &SecretKey,
         opts: &PutOptions<'_>,
     ) -> Result<(PutOutcome, Vec<Skipped>), StoreError> {
+        let staged = self.stage_version(previous, new, owner, opts)?;
+        self.write_staged(&[&staged])?;
+        Ok((staged.outcome, staged.skipped))
+    }
+
+    /// Writes staged versions: every object and manifest in one durable batch, then every
+    /// reference record in a second, so several versions (an original and its derivative)
+    /// cost two rounds of flushes between them.
+    pub fn write_staged(&self, staged: &[&Staged]) -> Result<(), StoreError> {
+        let objects: Vec<(String, Bytes)> = staged
+            .iter()
+            .flat_map(|s| s.writes.iter().cloned())
+            .collect();
+        if !objects.is_empty() {
+            self.backend.put_batch(objects)?;
+        }
+        let refs: Vec<(String, Bytes)> = staged
+            .iter()
+            .filter_map(|s| s.record.as_ref())
+            .map(|r| {
+                let json = serde_json::to_vec_pretty(r).expect("a study reference serialises");
+                (ref_key(&r.root), Bytes::from(json))
+            })
+            .collect();
+        if !refs.is_empty() {
+            self.backend.put_batch(refs)?;
+        }
+        Ok(())
+    }
+
+    /// [`Store::extend_study`] up to the writes: the new version sealed in memory (its
+    /// manifest already holds the new objects' keys, for a derivative to reuse).
+    pub fn stage_version(
+        &self,
+        previous: Option<&StudyManifest>,
+        new: Vec<Scanned>,
+        owner: &SecretKey,
+        opts: &PutOptions<'_>,
+    ) -> Result<Staged, StoreError> {
         let (mut plans, mut skipped) = plan(new);
         if plans.len() > 1 {
             return Err(StoreError::Invalid(format!(
@@ -625,8 +715,8 @@ impl Store {
                 ));
             };
             let root = previous.root();
-            return Ok((
-                PutOutcome {
+            return Ok(Staged {
+                outcome: PutOutcome {
                     root,
                     manifest: previous.clone(),
                     already_present: true,
@@ -635,7 +725,9 @@ impl Store {
                     objects_reused: 0,
                 },
                 skipped,
-            ));
+                writes: Vec::new(),
+                record: None,
+            });
         }
         manifest
             .canonicalize()
@@ -651,19 +743,30 @@ impl Store {
             .flat_map(|s| s.instances.iter_mut())
             .filter_map(|i| new_uids.get(i.sop_instance_uid.as_str()).map(|s| (*s, i)))
             .collect();
-        let (written, written_bytes, reused) = self.write_instances(work, opts, &|_| {})?;
-        let record = self.commit(&manifest, owner, opts.recipients, written_bytes)?;
-        Ok((
-            PutOutcome {
+        let reused = AtomicU64::new(0);
+        let sealed: Vec<Vec<(String, Bytes)>> = work
+            .into_par_iter()
+            .map(|(scanned, slot)| seal_instance(scanned, slot, opts.reuse, &reused))
+            .collect::<Result<_, StoreError>>()?;
+        let mut writes: Vec<(String, Bytes)> = sealed.into_iter().flatten().collect();
+        let object_bytes: u64 = writes.iter().map(|(_, b)| b.len() as u64).sum();
+        let objects_written = writes.len() as u64 + 1;
+        let (manifest_object, record) =
+            seal_manifest(&manifest, owner, opts.recipients, object_bytes);
+        writes.push(manifest_object);
+        Ok(Staged {
+            outcome: PutOutcome {
                 root,
                 manifest,
                 already_present: false,
-                objects_written: written + 1,
+                objects_written,
                 bytes_written: record.own_bytes,
-                objects_reused: reused,
+                objects_reused: reused.into_inner(),
             },
             skipped,
-        ))
+            writes,
+            record: Some(record),
+        })
     }
 
     /// Drops a study's reference record (a version superseded by a newer one). Its objects
@@ -722,37 +825,8 @@ impl Store {
         recipients: &[PublicKey],
         object_bytes: u64,
     ) -> Result<StudyRef, StoreError> {
-        let root = manifest.root();
-        let (manifest_key, sealed) = medledger_crypto::seal(&manifest.encode());
-        let manifest_address = Digest::of(&sealed);
-        let manifest_bytes = sealed.len() as u64;
-        self.backend
-            .put(&object_key(&manifest_address), Bytes::from(sealed))?;
-        let mut envelopes = vec![medledger_crypto::wrap(
-            &manifest_key,
-            &owner.public(),
-            root.as_bytes(),
-        )];
-        for r in recipients {
-            if !envelopes.iter().any(|e| e.is_for(r)) {
-                envelopes.push(medledger_crypto::wrap(&manifest_key, r, root.as_bytes()));
-            }
-        }
-        let mut objects: Vec<Digest> = manifest
-            .instances()
-            .flat_map(|(_, i)| i.objects().map(|o| o.address))
-            .collect();
-        objects.sort();
-        objects.dedup();
-        let own_bytes = object_bytes + manifest_bytes;
-        let record = StudyRef {
-            format: REF_FORMAT.to_string(),
-            root,
-            manifest: manifest_address,
-            objects,
-            own_bytes,
-            envelopes,
-        };
+        let ((key, sealed), record) = seal_manifest(manifest, owner, recipients, object_bytes);
+        self.backend.put(&key, sealed)?;
         self.write_ref(&record)?;
         Ok(record)
     }

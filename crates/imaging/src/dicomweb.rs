@@ -29,14 +29,14 @@ pub fn router(service: Service) -> Router {
         .route("/studies", get(search_studies).post(stow))
         .route("/series", get(search_series))
         .route("/instances", get(search_instances))
-        .route("/studies/{study}", get(retrieve_study).post(stow_into))
-        .route("/studies/{study}/metadata", get(metadata_study))
+        .route("/studies/{study}", get(retrieve_any).post(stow_into))
+        .route("/studies/{study}/metadata", get(metadata_any))
         .route("/studies/{study}/series", get(search_series_of))
         .route("/studies/{study}/instances", get(search_instances_of_study))
-        .route("/studies/{study}/series/{series}", get(retrieve_series))
+        .route("/studies/{study}/series/{series}", get(retrieve_any))
         .route(
             "/studies/{study}/series/{series}/metadata",
-            get(metadata_series),
+            get(metadata_any),
         )
         .route(
             "/studies/{study}/series/{series}/instances",
@@ -44,11 +44,11 @@ pub fn router(service: Service) -> Router {
         )
         .route(
             "/studies/{study}/series/{series}/instances/{instance}",
-            get(retrieve_instance),
+            get(retrieve_any),
         )
         .route(
             "/studies/{study}/series/{series}/instances/{instance}/metadata",
-            get(metadata_instance),
+            get(metadata_any),
         )
         .route(
             "/studies/{study}/series/{series}/instances/{instance}/frames/{frames}",
@@ -520,26 +520,22 @@ async fn retrieve(
     .await
 }
 
-async fn retrieve_study(
-    State(s): State<Service>,
-    h: HeaderMap,
-    Path(study): Path<String>,
-) -> Response {
-    retrieve(s, h, study, None, None).await
+/// The study, series and instance UIDs a WADO-RS path names (series and instance optional).
+type Uids = Path<std::collections::HashMap<String, String>>;
+
+fn uids(
+    mut p: std::collections::HashMap<String, String>,
+) -> (String, Option<String>, Option<String>) {
+    (
+        p.remove("study").unwrap_or_default(),
+        p.remove("series"),
+        p.remove("instance"),
+    )
 }
-async fn retrieve_series(
-    State(s): State<Service>,
-    h: HeaderMap,
-    Path((study, series)): Path<(String, String)>,
-) -> Response {
-    retrieve(s, h, study, Some(series), None).await
-}
-async fn retrieve_instance(
-    State(s): State<Service>,
-    h: HeaderMap,
-    Path((study, series, instance)): Path<(String, String, String)>,
-) -> Response {
-    retrieve(s, h, study, Some(series), Some(instance)).await
+
+async fn retrieve_any(State(s): State<Service>, h: HeaderMap, Path(p): Uids) -> Response {
+    let (study, series, instance) = uids(p);
+    retrieve(s, h, study, series, instance).await
 }
 
 async fn metadata(
@@ -596,26 +592,9 @@ async fn metadata(
     .await
 }
 
-async fn metadata_study(
-    State(s): State<Service>,
-    h: HeaderMap,
-    Path(study): Path<String>,
-) -> Response {
-    metadata(s, h, study, None, None).await
-}
-async fn metadata_series(
-    State(s): State<Service>,
-    h: HeaderMap,
-    Path((study, series)): Path<(String, String)>,
-) -> Response {
-    metadata(s, h, study, Some(series), None).await
-}
-async fn metadata_instance(
-    State(s): State<Service>,
-    h: HeaderMap,
-    Path((study, series, instance)): Path<(String, String, String)>,
-) -> Response {
-    metadata(s, h, study, Some(series), Some(instance)).await
+async fn metadata_any(State(s): State<Service>, h: HeaderMap, Path(p): Uids) -> Response {
+    let (study, series, instance) = uids(p);
+    metadata(s, h, study, series, instance).await
 }
 
 fn frame_numbers(list: &str) -> Result<Vec<u32>, Response> {

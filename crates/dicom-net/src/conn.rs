@@ -210,30 +210,15 @@ impl Conn {
     ) -> Result<(), NetError> {
         let start = dest.len();
         loop {
-            match self.next()? {
-                Incoming::Pdu(Pdu::AbortRQ { .. }) => return Err(NetError::Aborted),
-                Incoming::Pdu(p) => {
-                    return Err(NetError::Protocol(format!(
-                        "unexpected PDU {} inside a data set",
-                        p.short_description()
-                    )));
-                }
-                Incoming::Pdv(pdv) => {
-                    if pdv.command || pdv.pcid != pcid {
-                        return Err(NetError::Protocol(
-                            "unexpected fragment inside a data set".into(),
-                        ));
-                    }
-                    if dest.len() - start + pdv.len > cap {
-                        return Err(NetError::Protocol(format!(
-                            "data set larger than {cap} bytes"
-                        )));
-                    }
-                    self.read_value(pdv.len, dest)?;
-                    if pdv.last {
-                        return Ok(());
-                    }
-                }
+            let pdv = self.next_data_fragment(pcid)?;
+            if dest.len() - start + pdv.len > cap {
+                return Err(NetError::Protocol(format!(
+                    "data set larger than {cap} bytes"
+                )));
+            }
+            self.read_value(pdv.len, dest)?;
+            if pdv.last {
+                return Ok(());
             }
         }
     }
@@ -241,32 +226,33 @@ impl Conn {
     /// Read and drop the data set following a command.
     pub(crate) fn skip_data(&mut self, pcid: u8) -> Result<(), NetError> {
         loop {
-            match self.next()? {
-                Incoming::Pdu(Pdu::AbortRQ { .. }) => return Err(NetError::Aborted),
-                Incoming::Pdu(p) => {
-                    return Err(NetError::Protocol(format!(
-                        "unexpected PDU {} inside a data set",
-                        p.short_description()
-                    )));
-                }
-                Incoming::Pdv(pdv) => {
-                    if pdv.command || pdv.pcid != pcid {
-                        return Err(NetError::Protocol(
-                            "unexpected fragment inside a data set".into(),
-                        ));
-                    }
-                    let n = std::io::copy(
-                        &mut (&mut self.reader).take(pdv.len as u64),
-                        &mut std::io::sink(),
-                    )?;
-                    if n as usize != pdv.len {
-                        return Err(NetError::Io(ErrorKind::UnexpectedEof.into()));
-                    }
-                    if pdv.last {
-                        return Ok(());
-                    }
-                }
+            let pdv = self.next_data_fragment(pcid)?;
+            let n = std::io::copy(
+                &mut (&mut self.reader).take(pdv.len as u64),
+                &mut std::io::sink(),
+            )?;
+            if n as usize != pdv.len {
+                return Err(NetError::Io(ErrorKind::UnexpectedEof.into()));
             }
+            if pdv.last {
+                return Ok(());
+            }
+        }
+    }
+
+    /// The header of the next data set fragment on context `pcid`; anything else inside a
+    /// data set (an abort, another PDU, a command or another context's fragment) is an error.
+    fn next_data_fragment(&mut self, pcid: u8) -> Result<Pdv, NetError> {
+        match self.next()? {
+            Incoming::Pdu(Pdu::AbortRQ { .. }) => Err(NetError::Aborted),
+            Incoming::Pdu(p) => Err(NetError::Protocol(format!(
+                "unexpected PDU {} inside a data set",
+                p.short_description()
+            ))),
+            Incoming::Pdv(pdv) if pdv.command || pdv.pcid != pcid => Err(NetError::Protocol(
+                "unexpected fragment inside a data set".into(),
+            )),
+            Incoming::Pdv(pdv) => Ok(pdv),
         }
     }
 

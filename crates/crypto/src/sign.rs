@@ -49,6 +49,17 @@ impl SigningKey {
         Signature(out)
     }
 
+    /// The key as PKCS#8 v1 DER (RFC 8410), as TLS libraries take it.
+    pub fn to_pkcs8_der(&self) -> Vec<u8> {
+        // SEQUENCE { INTEGER 0, SEQUENCE { OID 1.3.101.112 }, OCTET STRING { OCTET STRING seed } }
+        let mut out = vec![
+            0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22,
+            0x04, 0x20,
+        ];
+        out.extend_from_slice(&self.seed);
+        out
+    }
+
     /// `medledger-ed25519-secret-v1:<64 hex digits>`.
     pub fn to_text(&self) -> String {
         format!("{SECRET_PREFIX}{}", hex::encode(self.seed))
@@ -154,5 +165,12 @@ mod tests {
         assert!(!k.verifying_key().verify(b"register study", &bad));
         let again = SigningKey::from_text(&k.to_text()).unwrap();
         assert_eq!(again.verifying_key(), k.verifying_key());
+    }
+
+    #[test]
+    fn pkcs8_is_what_ring_reads() {
+        let k = SigningKey::from_seed([9; 32]);
+        let pair = Ed25519KeyPair::from_pkcs8_maybe_unchecked(&k.to_pkcs8_der()).unwrap();
+        assert_eq!(pair.public_key().as_ref(), &k.verifying_key().0);
     }
 }

@@ -119,8 +119,12 @@ pub(crate) fn admit_org(
     ca: &str,
     admin: &str,
     node: &str,
+    store_key: Option<&str>,
 ) -> Result<()> {
     let (ca, admin, node) = check_new_org(state, id, ca, admin, node)?;
+    if let Some(k) = store_key {
+        check_store_key(k)?;
+    }
     state.put(
         format!("org/{id}"),
         &Org {
@@ -128,12 +132,28 @@ pub(crate) fn admit_org(
             class,
             active: true,
             ca: ca.to_pem(),
+            store_key: store_key.map(str::to_string),
         },
     );
     for m in [admin, node] {
         state.put(format!("member/{}", m.key), &m);
     }
     Ok(())
+}
+
+/// A store key is an X25519 public key in its text form (`medledger-x25519-v1:...`).
+fn check_store_key(k: &str) -> Result<()> {
+    medledger_crypto::PublicKey::from_text(k)
+        .map(|_| ())
+        .map_err(|e| invalid(format!("store key: {e}")))
+}
+
+/// Appends `id` to a sequence (`{name}-seq/{n}`), so that followers read new entries in order.
+fn append_seq(state: &mut State, name: &str, id: &str) {
+    let counter = format!("{name}-count");
+    let n: u64 = state.get(&counter).unwrap_or(0) + 1;
+    state.put(counter, &n);
+    state.put(format!("{name}-seq/{n:016}"), &id.to_string());
 }
 
 pub(crate) fn consents_of(state: &State, patient: &str) -> Vec<Consent> {
@@ -248,9 +268,13 @@ pub(crate) fn execute(
                     ca,
                     admin,
                     node,
+                    store_key,
                     ..
                 } => {
                     check_new_org(state, id, ca, admin, node)?;
+                    if let Some(k) = store_key {
+                        check_store_key(k)?;
+                    }
                 }
                 OrgChange::Remove { org: id } => {
                     org(state, id)?;
@@ -465,6 +489,7 @@ pub(crate) fn execute(
                     at: now,
                 },
             );
+            append_seq(state, "request", &id);
             Ok(Some(id))
         }
         Op::GrantAccess {
@@ -608,6 +633,7 @@ pub(crate) fn execute(
         }
         Op::RecordRetrieval {
             grant,
+            session,
             objects,
             bytes,
             receiver,
@@ -623,24 +649,32 @@ pub(crate) fn execute(
                     "a retrieval is recorded by the serving (owner's) node",
                 ));
             }
+            if session.is_empty() || session.len() > 64 {
+                return Err(invalid("a retrieval session id is 1-64 characters"));
+            }
+            let once = format!("retrieval-session/{session}");
+            if state.get_raw(&once).is_some() {
+                return Err(LedgerError::Conflict(format!(
+                    "retrieval session {session} is already recorded (replayed receipt)"
+                )));
+            }
             let r: Member = state
                 .get::<Member>(&format!("member/{receiver}"))
                 .filter(|m| m.has(Role::Node) && m.org == g.grantee)
                 .ok_or_else(|| unauthorized("the receiver is not a node of the grantee"))?;
             if !r.key.verify(
-                &retrieval_statement(grant, *objects, *bytes),
+                &retrieval_statement(grant, session, *objects, *bytes),
                 receiver_signature,
             ) {
                 return Err(LedgerError::BadSignature(
                     "the receiving node's signature does not verify".into(),
                 ));
             }
-            let seq: u64 = state.get("audit-seq").unwrap_or(0) + 1;
-            state.put("audit-seq".into(), &seq);
-            state.put(
-                format!("audit/{seq:016}"),
-                &AuditEvent {
-                    seq,
+            state.put(once, &true);
+            let seq = put_audit(
+                state,
+                AuditEvent {
+                    seq: 0,
                     grant: grant.clone(),
                     study: g.study,
                     server_org: signer.org.clone(),
@@ -649,9 +683,78 @@ pub(crate) fn execute(
                     bytes: *bytes,
                     break_glass: g.break_glass,
                     at: now,
+                    refused: None,
+                    recorded_by: signer.org.clone(),
                 },
             );
             Ok(Some(seq.to_string()))
+        }
+        Op::RecordRefusal {
+            grant,
+            peer,
+            serving,
+            reason,
+        } => {
+            require_any(signer, &[Role::Node], "recording a refusal")?;
+            if reason.is_empty() || reason.len() > 512 {
+                return Err(invalid("a refusal's reason is 1-512 characters"));
+            }
+            check_org_id(peer)?;
+            if peer == &signer.org {
+                return Err(invalid("a node does not refuse its own organisation"));
+            }
+            let g: Option<Grant> = match grant {
+                Some(id) => Some(
+                    state
+                        .get(&format!("grant/{id}"))
+                        .ok_or_else(|| LedgerError::NotFound(format!("no grant {id}")))?,
+                ),
+                None => None,
+            };
+            let (server_org, receiver_org) = if *serving {
+                (signer.org.clone(), peer.clone())
+            } else {
+                (peer.clone(), signer.org.clone())
+            };
+            if let Some(g) = &g {
+                // Either side of the grant may record a refusal of it, nobody else.
+                let owner = study(state, &g.study)?.owner;
+                if owner != signer.org && g.grantee != signer.org {
+                    return Err(unauthorized(
+                        "a refusal is recorded by the study's owner or the grantee",
+                    ));
+                }
+                if owner != server_org {
+                    return Err(invalid(
+                        "the serving side of a refusal is the study's owner",
+                    ));
+                }
+            }
+            let seq = put_audit(
+                state,
+                AuditEvent {
+                    seq: 0,
+                    grant: grant.clone().unwrap_or_default(),
+                    study: g.as_ref().map(|g| g.study).unwrap_or_default(),
+                    server_org,
+                    receiver_org,
+                    objects: 0,
+                    bytes: 0,
+                    break_glass: g.as_ref().is_some_and(|g| g.break_glass),
+                    at: now,
+                    refused: Some(reason.clone()),
+                    recorded_by: signer.org.clone(),
+                },
+            );
+            Ok(Some(seq.to_string()))
+        }
+        Op::SetStoreKey { key } => {
+            require_any(signer, &[Role::Admin], "setting the store key")?;
+            check_store_key(key)?;
+            let mut o = signer_org;
+            o.store_key = Some(key.clone());
+            state.put(format!("org/{}", o.id), &o);
+            Ok(None)
         }
         Op::PublishDataset {
             name,
@@ -752,7 +855,17 @@ fn check_envelope(envelope: &str) -> Result<()> {
     Ok(())
 }
 
+/// Appends an audit event; returns its sequence number.
+fn put_audit(state: &mut State, mut e: AuditEvent) -> u64 {
+    let seq: u64 = state.get("audit-seq").unwrap_or(0) + 1;
+    state.put("audit-seq".into(), &seq);
+    e.seq = seq;
+    state.put(format!("audit/{seq:016}"), &e);
+    seq
+}
+
 fn put_grant(state: &mut State, g: Grant) {
+    append_seq(state, "grant", &g.id);
     state.put(format!("study-grant/{}/{}", g.study, g.id), &true);
     state.put(format!("grant/{}", g.id), &g);
 }
@@ -773,7 +886,8 @@ fn finish_proposal(state: &mut State, mut p: Proposal) -> Result<()> {
                 ca,
                 admin,
                 node,
-            } => admit_org(state, id, *class, ca, admin, node)?,
+                store_key,
+            } => admit_org(state, id, *class, ca, admin, node, store_key.as_deref())?,
             OrgChange::Remove { org: id } => {
                 let mut o = org(state, id)?;
                 o.active = false;

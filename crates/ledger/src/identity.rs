@@ -150,6 +150,7 @@ impl OrgCa {
             ca: self.cert.to_pem(),
             admin: admin.to_pem(),
             node: node.to_pem(),
+            store_key: None,
         })
     }
 }

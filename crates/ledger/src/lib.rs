@@ -55,6 +55,9 @@ pub struct GenesisOrg {
     /// Its first admin's and its node's certificates (PEM), issued by that CA.
     pub admin: String,
     pub node: String,
+    /// The X25519 public key (text form) the organisation's store opens studies with.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub store_key: Option<String>,
 }
 
 /// The first state of a network.
@@ -113,7 +116,15 @@ impl Ledger {
                     o.id
                 )));
             }
-            contracts::admit_org(&mut l.state, &o.id, o.class, &o.ca, &o.admin, &o.node)?;
+            contracts::admit_org(
+                &mut l.state,
+                &o.id,
+                o.class,
+                &o.ca,
+                &o.admin,
+                &o.node,
+                o.store_key.as_deref(),
+            )?;
         }
         l.state.put("chain".into(), &g.chain);
         Ok(l)

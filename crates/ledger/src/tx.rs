@@ -79,10 +79,26 @@ pub enum Op {
     // Audit.
     RecordRetrieval {
         grant: String,
+        /// The serving node's id for this transfer: recorded once, so a receipt cannot be
+        /// replayed.
+        session: String,
         objects: u32,
         bytes: u64,
         receiver: VerifyingKey,
         receiver_signature: Signature,
+    },
+    /// A node refused to serve (`serving`: this node is the owner, `peer` the requester) or
+    /// to accept (`serving` false: `peer` served data that failed verification) a transfer.
+    RecordRefusal {
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        grant: Option<String>,
+        peer: String,
+        serving: bool,
+        reason: String,
+    },
+    /// An organisation's admin sets the key its node's store opens shared studies with.
+    SetStoreKey {
+        key: String,
     },
     // Datasets.
     PublishDataset {
@@ -169,6 +185,6 @@ impl Tx {
 }
 
 /// The bytes a receiving node signs to acknowledge a retrieval.
-pub fn retrieval_statement(grant: &str, objects: u32, bytes: u64) -> Vec<u8> {
-    format!("medledger retrieval v1\n{grant}\n{objects}\n{bytes}").into_bytes()
+pub fn retrieval_statement(grant: &str, session: &str, objects: u32, bytes: u64) -> Vec<u8> {
+    format!("medledger retrieval v2\n{grant}\n{session}\n{objects}\n{bytes}").into_bytes()
 }

@@ -118,6 +118,10 @@ pub struct Org {
     pub active: bool,
     /// The organisation's CA certificate (PEM): every member's certificate chains to it.
     pub ca: String,
+    /// The X25519 public key (text form) its node's store opens studies with: grants to this
+    /// organisation carry study keys wrapped for it.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub store_key: Option<String>,
 }
 
 /// A member identity, from the certificate its organisation's CA issued: the key, the
@@ -258,6 +262,12 @@ pub struct AuditEvent {
     pub bytes: u64,
     pub break_glass: bool,
     pub at: u64,
+    /// For a refusal: why nothing (or not everything) was delivered.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub refused: Option<String>,
+    /// The organisation whose node recorded the event.
+    #[serde(default)]
+    pub recorded_by: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -290,6 +300,8 @@ pub enum OrgChange {
         ca: String,
         admin: String,
         node: String,
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        store_key: Option<String>,
     },
     Remove {
         org: String,

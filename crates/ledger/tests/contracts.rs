@@ -185,9 +185,14 @@ fn consent(net: &mut Net, purpose: Purpose, recipient: Recipient) -> String {
 }
 
 fn retrieval(net: &mut Net, grant: &str, receiver_node: u8) -> Receipt {
-    let statement = retrieval_statement(grant, 129, 33_900_000);
+    retrieval_in(net, grant, receiver_node, &format!("s{}", net.time))
+}
+
+fn retrieval_in(net: &mut Net, grant: &str, receiver_node: u8, session: &str) -> Receipt {
+    let statement = retrieval_statement(grant, session, 129, 33_900_000);
     let op = Op::RecordRetrieval {
         grant: grant.into(),
+        session: session.into(),
         objects: 129,
         bytes: 33_900_000,
         receiver: key(receiver_node).verifying_key(),
@@ -249,6 +254,89 @@ fn care_sharing_with_consent_grant_audit_and_revocation() {
     assert_eq!(grants.len(), 1);
     assert_eq!(audit.len(), 1);
     assert_eq!(audit[0].receiver_org, "hospital-b");
+    assert_eq!(audit[0].recorded_by, "hospital-a");
+    assert_eq!(audit[0].refused, None);
+
+    // The same receipt again (same session) is a replay: refused, nothing recorded.
+    let session = "session-1";
+    assert!(retrieval_in(&mut net, &grant, 12, session).is_ok());
+    assert!(matches!(
+        net.refused(11, {
+            let statement = retrieval_statement(&grant, session, 129, 33_900_000);
+            Op::RecordRetrieval {
+                grant: grant.clone(),
+                session: session.into(),
+                objects: 129,
+                bytes: 33_900_000,
+                receiver: key(12).verifying_key(),
+                receiver_signature: key(12).sign(&statement),
+            }
+        }),
+        LedgerError::Conflict(_)
+    ));
+    // A signature over other counts does not verify.
+    assert!(matches!(
+        net.refused(11, {
+            let statement = retrieval_statement(&grant, "session-2", 1, 1);
+            Op::RecordRetrieval {
+                grant: grant.clone(),
+                session: "session-2".into(),
+                objects: 129,
+                bytes: 33_900_000,
+                receiver: key(12).verifying_key(),
+                receiver_signature: key(12).sign(&statement),
+            }
+        }),
+        LedgerError::BadSignature(_)
+    ));
+
+    // Refusals: the owner's node refusing to serve, the grantee's node refusing bad data;
+    // both land in the patient's view; a third organisation cannot record one.
+    let refusal = |serving: bool| Op::RecordRefusal {
+        grant: Some(grant.clone()),
+        peer: if serving { "hospital-b" } else { "hospital-a" }.into(),
+        serving,
+        reason: "object 1f2e failed verification".into(),
+    };
+    net.ok(11, refusal(true));
+    net.ok(12, refusal(false));
+    assert!(matches!(
+        net.refused(13, refusal(false)),
+        LedgerError::Unauthorized(_)
+    ));
+    assert!(matches!(
+        net.refused(21, refusal(true)),
+        LedgerError::Unauthorized(_)
+    ));
+    let (_, audit) = net.ledger.patient_view(PATIENT);
+    let refused: Vec<_> = audit.iter().filter(|a| a.refused.is_some()).collect();
+    assert_eq!(refused.len(), 2);
+    assert!(refused.iter().all(|a| a.server_org == "hospital-a"
+        && a.receiver_org == "hospital-b"
+        && a.bytes == 0));
+    assert_eq!(refused[1].recorded_by, "hospital-b");
+    // A refusal without a grant (an unknown peer) is recorded too, against no study.
+    net.ok(
+        11,
+        Op::RecordRefusal {
+            grant: None,
+            peer: "hospital-c".into(),
+            serving: true,
+            reason: "certificate not issued by a member organisation".into(),
+        },
+    );
+    assert_eq!(net.ledger.audit().last().unwrap().study, Digest::default());
+
+    // Followers read requests and grants in order.
+    let seq: Vec<String> = net
+        .ledger
+        .state()
+        .keys("grant-seq/")
+        .iter()
+        .filter_map(|k| net.ledger.state().get::<String>(k))
+        .collect();
+    assert_eq!(seq, vec![grant.clone()]);
+    assert_eq!(net.ledger.state().keys("request-seq/").len(), 1);
 
     // The patient withdraws consent: the grant no longer lets B retrieve.
     net.ok(25, Op::RevokeConsent { consent: c });
@@ -583,6 +671,22 @@ fn forged_replayed_and_unauthorised_transactions_are_refused() {
 }
 
 #[test]
+fn an_admin_sets_the_store_key_grants_are_wrapped_for() {
+    let mut net = Net::new();
+    let k = medledger_crypto::SecretKey::generate().public().to_text();
+    assert!(matches!(
+        net.refused(11, Op::SetStoreKey { key: k.clone() }),
+        LedgerError::Unauthorized(_)
+    ));
+    assert!(matches!(
+        net.refused(2, Op::SetStoreKey { key: "medledger-x25519-v1:00".into() }),
+        LedgerError::Invalid(_)
+    ));
+    net.ok(2, Op::SetStoreKey { key: k.clone() });
+    assert_eq!(net.ledger.org("hospital-b").unwrap().store_key, Some(k));
+}
+
+#[test]
 fn governance_admits_and_removes_organisations_by_majority() {
     let mut net = Net::new();
     let g = genesis_org(4);
@@ -592,6 +696,7 @@ fn governance_admits_and_removes_organisations_by_majority() {
         ca: g.ca,
         admin: g.admin,
         node: g.node,
+        store_key: None,
     };
     let p = net.ok(1, Op::Propose { change }).unwrap();
     assert!(net.ledger.org("hospital-c").is_none());

@@ -67,6 +67,12 @@ fn write_file(path: &Path, bytes: &[u8], durable: bool, secret: bool) -> Result<
     let dir = path
         .parent()
         .with_context(|| format!("{} has no parent folder", path.display()))?;
+    // A bare file name lives in the current folder.
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
     fs::create_dir_all(dir).with_context(|| format!("cannot create folder {}", dir.display()))?;
     let file_name = path
         .file_name()

@@ -99,6 +99,9 @@ pub struct StudyState {
     /// Registration attempts that failed in a row (for backing off and for status).
     pub failures: u32,
     pub last_error: Option<String>,
+    /// Received from another organisation under this grant: kept as received, never
+    /// registered or de-identified here.
+    pub received: Option<String>,
 }
 
 impl StudyState {
@@ -111,7 +114,8 @@ impl StudyState {
 
     /// True while a version is stored that the ledger has not finalised.
     pub fn pending(&self) -> bool {
-        self.registered_original.as_ref().map(|v| v.root) != Some(self.original.root)
+        self.received.is_none()
+            && self.registered_original.as_ref().map(|v| v.root) != Some(self.original.root)
             || self.derivative.as_ref().map(|v| v.root)
                 != self.registered_derivative.as_ref().map(|v| v.root)
     }
@@ -149,6 +153,7 @@ impl Index {
     pub fn instance_count(&self) -> usize {
         self.studies
             .values()
+            .filter(|s| s.received.is_none())
             .map(|s| s.original.manifest.instance_count())
             .sum()
     }

@@ -6,8 +6,10 @@ pub mod dimse;
 pub mod index;
 pub mod pixels;
 pub mod service;
+pub mod share;
 
 pub use dicomweb::router;
 pub use dimse::Dimse;
 pub use index::{Index, Query, QueryLevel, View};
 pub use service::{IngestError, Service, StartError, Stored};
+pub use share::Sharing;

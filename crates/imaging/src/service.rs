@@ -119,13 +119,17 @@ pub(crate) struct Inner {
     pub(crate) ae_title: String,
     pub(crate) config: ImagingConfig,
     pub(crate) store: Store,
-    owner: SecretKey,
+    pub(crate) owner: SecretKey,
     deid: Deidentifier,
     deid_key: DeidKey,
+    /// The consortium's linkage key: makes the patient pseudonyms on the ledger.
+    linkage: Option<DeidKey>,
     pub(crate) index: RwLock<Index>,
     queue: Mutex<Option<SyncSender<Job>>>,
-    client: Client,
-    signer: SigningKey,
+    pub(crate) client: Client,
+    pub(crate) signer: SigningKey,
+    /// The nonce this node's next transaction takes, once it has submitted one.
+    next_nonce: Mutex<Option<u64>>,
     stable: Duration,
     deid_record: DeidRecord,
     gate: crate::access::Gate,
@@ -166,6 +170,12 @@ impl Service {
         let signer = read_key("signing key", &config.signing_key, |t| {
             SigningKey::from_text(t).map_err(|e| e.to_string())
         })?;
+        let linkage = match &config.linkage_key {
+            Some(p) => Some(read_key("linkage key", p, |t| {
+                DeidKey::from_text(t).map_err(|e| e.to_string())
+            })?),
+            None => None,
+        };
         let options = config
             .deid_options
             .iter()
@@ -202,6 +212,7 @@ impl Service {
             store,
             deid,
             deid_key,
+            linkage,
             deid_record,
             ready: std::sync::atomic::AtomicBool::new(false),
             owner,
@@ -210,6 +221,7 @@ impl Service {
             client: Client::new(api),
             gate: crate::access::Gate::new(org, Client::new(api)),
             signer,
+            next_nonce: Mutex::new(None),
             stable: Duration::from_millis(config.stable_ms),
             metrics: Metrics::default(),
         });
@@ -245,6 +257,10 @@ impl Service {
             })
             .expect("spawn the imaging start thread");
         Ok(Service { inner })
+    }
+
+    pub(crate) fn inner(&self) -> &Arc<Inner> {
+        &self.inner
     }
 
     /// Stores one instance (a Part 10 file); returns once it is durable, or why it was not
@@ -663,6 +679,7 @@ impl Inner {
                     deid: None,
                     failures: 0,
                     last_error: None,
+                    received: None,
                 });
             if state.original.root != original.root {
                 state.original = Version::new(original.manifest.clone());
@@ -697,6 +714,17 @@ impl Inner {
         derivative: Option<&StudyManifest>,
     ) -> String {
         let _ = derivative;
+        if let Some(linkage) = &self.linkage {
+            if let Some((_, _, m)) = metas.iter().find(|(v, _, _)| *v == View::Original) {
+                if let Some(identity) = medledger_deid::patient_identity(
+                    &m.text(tags::PATIENT_ID),
+                    &m.text(tags::PATIENT_NAME),
+                    &m.text(tags::PATIENT_BIRTH_DATE),
+                ) {
+                    return linkage.patient_pseudonym(&identity);
+                }
+            }
+        }
         for (view, _, m) in metas {
             if *view == View::Deidentified {
                 let id = m.text(tags::PATIENT_ID);
@@ -715,6 +743,46 @@ impl Inner {
         )
         .unwrap_or_else(|| format!("study:{}", m.text(tags::STUDY_INSTANCE_UID)));
         self.deid_key.patient_pseudonym(&identity)
+    }
+
+    /// Puts a study received from another organisation into the index, visible in `view`.
+    pub(crate) fn index_received(
+        &self,
+        index: &mut Index,
+        root: Digest,
+        manifest: StudyManifest,
+        view: View,
+        grant: &str,
+    ) -> Result<(), String> {
+        for (_, i) in manifest.instances() {
+            if index.has_meta(view, &i.sop_instance_uid) {
+                continue;
+            }
+            let file = self.store.fetch_instance(i).map_err(|e| e.to_string())?;
+            let meta = InstanceMeta::read(&file)?;
+            index.put_meta(view, &i.sop_instance_uid, Arc::new(meta));
+        }
+        let version = Version::new(manifest);
+        let (registered_original, derivative, registered_derivative) = match view {
+            View::Original => (Some(version.clone()), None, None),
+            View::Deidentified => (None, Some(version.clone()), Some(version.clone())),
+        };
+        index.studies.insert(
+            format!("received:{root}:{}", version.root),
+            StudyState {
+                original: version,
+                derivative,
+                registered_original,
+                registered_derivative,
+                changed: Instant::now(),
+                patient: String::new(),
+                deid: None,
+                failures: 0,
+                last_error: None,
+                received: Some(grant.to_string()),
+            },
+        );
+        Ok(())
     }
 
     fn register_loop(self: Arc<Self>) {
@@ -822,18 +890,8 @@ impl Inner {
                 });
             }
         }
-        let chain = self.client.chain().map_err(|e| e.to_string())?;
-        let first = self
-            .client
-            .next_nonce(&self.signer.verifying_key())
-            .map_err(|e| e.to_string())?;
-        let mut ids = Vec::new();
-        for (nonce, op) in (first..).zip(ops) {
-            let tx = Tx::sign(&chain, &self.signer, nonce, op);
-            ids.push(self.client.submit_tx(&tx).map_err(|e| e.to_string())?);
-        }
-        for id in ids {
-            match self.client.wait(&id, Duration::from_secs(30)) {
+        for r in self.execute(ops)? {
+            match r {
                 Ok(_) => {}
                 // Registered before (by this node, before a restart): nothing to do.
                 Err(ClientError::Rejected { error, .. })
@@ -842,6 +900,47 @@ impl Inner {
             }
         }
         Ok(())
+    }
+
+    /// Signs `ops` as this node with consecutive nonces, submits them and waits until each is
+    /// final (or refused). Nonces are handed out under a lock from the larger of the ledger's
+    /// next nonce and the last one handed out, so that the registrar, grants and audit
+    /// records of this node can be in flight at once.
+    pub(crate) fn execute(
+        &self,
+        ops: Vec<Op>,
+    ) -> Result<Vec<Result<medledger_node::Finality, ClientError>>, String> {
+        let chain = self.client.chain().map_err(|e| e.to_string())?;
+        let mut ids = Vec::new();
+        {
+            let mut next = self.next_nonce.lock().expect("not poisoned");
+            let ledger_next = self
+                .client
+                .next_nonce(&self.signer.verifying_key())
+                .map_err(|e| e.to_string())?;
+            let first = next.map_or(ledger_next, |n| n.max(ledger_next));
+            for (nonce, op) in (first..).zip(ops) {
+                let tx = Tx::sign(&chain, &self.signer, nonce, op);
+                match self.client.submit_tx(&tx) {
+                    Ok(id) => {
+                        ids.push(id);
+                        *next = Some(nonce + 1);
+                    }
+                    Err(e) => {
+                        // Start again from the ledger's view next time.
+                        *next = None;
+                        if ids.is_empty() {
+                            return Err(e.to_string());
+                        }
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(ids
+            .into_iter()
+            .map(|id| self.client.wait(&id, Duration::from_secs(30)))
+            .collect())
     }
 
     /// Brings a study's derivative up to its newest original: the instances the derivative's
@@ -900,6 +999,23 @@ impl Inner {
     /// header attributes of every instance.
     fn rebuild(&self) -> Result<(), String> {
         let roots = self.store.studies().map_err(|e| e.to_string())?;
+        let notes = self.store.notes("received/").map_err(|e| e.to_string())?;
+        let mut received = Vec::new();
+        let mut received_roots = std::collections::HashSet::new();
+        for (_, note) in notes {
+            let Ok(r) = serde_json::from_value::<crate::share::Received>(note) else {
+                continue;
+            };
+            received_roots.insert(r.stored_root);
+            match self.store.open_manifest(&r.stored_root, &self.owner) {
+                Ok((_, m)) => received.push((r.root, m, r.view(), r.grant)),
+                Err(e) => tracing::warn!("received study {}: {e}", r.root),
+            }
+        }
+        let roots: Vec<Digest> = roots
+            .into_iter()
+            .filter(|r| !received_roots.contains(r))
+            .collect();
         let mut originals: BTreeMap<String, Vec<StudyManifest>> = BTreeMap::new();
         let mut derivatives: HashMap<Digest, Vec<StudyManifest>> = HashMap::new();
         for root in roots {
@@ -1015,8 +1131,14 @@ impl Inner {
                     deid: Some(self.deid_record.clone()),
                     failures: 0,
                     last_error: None,
+                    received: None,
                 },
             );
+        }
+        // Studies received from other organisations: shown as they were received, never
+        // registered or de-identified again here.
+        for (root, manifest, view, grant) in received {
+            self.index_received(&mut index, root, manifest, view, &grant)?;
         }
         let n = index.studies.len();
         *self.index.write().expect("not poisoned") = index;

@@ -68,6 +68,8 @@ pub fn serve(
                     .route("/api/nonce/{key}", get(nonce))
                     .route("/api/studies", get(studies))
                     .route("/api/audit", get(audit))
+                    .route("/api/may-retrieve/{grant}/{org}", get(may_retrieve))
+                    .route("/api/patients/{patient}", get(patient_view))
                     .route("/api/state/{*key}", get(state_proof))
                     .route("/api/query", get(query))
                     .with_state(state);
@@ -283,6 +285,36 @@ async fn studies(State(s): State<ApiState>) -> ApiResult {
 async fn audit(State(s): State<ApiState>) -> ApiResult {
     let l = s.ledger.read().expect("not poisoned");
     Ok(Json(json!(l.audit())))
+}
+
+/// Whether `org` may retrieve under `grant` now (live grant, live consent or break-glass):
+/// 200 with the grant, else 403 with the reason and the ledger height it was decided at.
+async fn may_retrieve(
+    State(s): State<ApiState>,
+    Path((grant, org)): Path<(String, String)>,
+) -> ApiResult {
+    let l = s.ledger.read().expect("not poisoned");
+    match l.may_retrieve(&grant, &org) {
+        Ok(g) => Ok(Json(json!({ "grant": g, "height": l.height() }))),
+        Err(e) => Err((
+            StatusCode::FORBIDDEN,
+            Json(json!({ "error": e.to_string(), "refusal": e, "height": l.height() })),
+        )),
+    }
+}
+
+/// What a patient sees: their studies (by pseudonym), consents, every grant on the studies
+/// and every retrieval or refused retrieval of them.
+async fn patient_view(State(s): State<ApiState>, Path(patient): Path<String>) -> ApiResult {
+    let l = s.ledger.read().expect("not poisoned");
+    let (grants, audit) = l.patient_view(&patient);
+    Ok(Json(json!({
+        "patient": patient,
+        "studies": l.studies_of_patient(&patient),
+        "consents": l.consents_of(&patient),
+        "grants": grants,
+        "audit": audit,
+    })))
 }
 
 async fn state_proof(State(s): State<ApiState>, Path(key): Path<String>) -> ApiResult {

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use medledger_crypto::{SigningKey, VerifyingKey};
-use medledger_ledger::{AuditEvent, LedgerError, Op, StateProof, Study, Tx};
+use medledger_ledger::{AuditEvent, Grant, LedgerError, Op, StateProof, Study, Tx};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
@@ -233,5 +233,36 @@ impl Client {
 
     pub fn audit(&self) -> Result<Vec<AuditEvent>, ClientError> {
         self.get("/api/audit")
+    }
+
+    /// Whether `org` may retrieve under `grant` now, by this node's finalised state: the
+    /// grant, or `Refused { status: 403, message }` saying why not.
+    pub fn may_retrieve(&self, grant: &str, org: &str) -> Result<Grant, ClientError> {
+        let v: Value = self.get(&format!("/api/may-retrieve/{grant}/{org}"))?;
+        serde_json::from_value(v["grant"].clone()).map_err(|e| ClientError::Format {
+            url: format!("{}/api/may-retrieve/{grant}/{org}", self.base),
+            message: e.to_string(),
+        })
+    }
+
+    /// The patient's view: studies, consents, grants and audit events of a pseudonym.
+    pub fn patient_view(&self, patient: &str) -> Result<Value, ClientError> {
+        self.get(&format!("/api/patients/{patient}"))
+    }
+
+    /// A state value by key, without its proof; `None` if absent.
+    pub fn value<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, ClientError> {
+        match self.get::<Value>(&format!("/api/state/{key}")) {
+            Ok(v) => {
+                let raw = v["proof"]["value"].clone();
+                let value = match raw {
+                    Value::String(s) => serde_json::from_str(&s).ok(),
+                    other => serde_json::from_value(other).ok(),
+                };
+                Ok(value)
+            }
+            Err(ClientError::Refused { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 }

@@ -41,6 +41,9 @@ pub struct PeerConfig {
     pub key: String,
     pub p2p: SocketAddr,
     pub api: SocketAddr,
+    /// Where the peer's node serves studies to other organisations' nodes (mutual TLS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share: Option<SocketAddr>,
 }
 
 /// A DICOM peer this node knows by AE title: where C-MOVE sends to it, and whether it sees
@@ -75,6 +78,26 @@ pub struct ImagingConfig {
     pub stable_ms: u64,
     #[serde(default)]
     pub dicom_peers: Vec<DicomPeer>,
+    /// Where this node serves studies to other organisations' nodes (mutual TLS with the
+    /// node certificate `node_cert`); none: it shares nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share: Option<SocketAddr>,
+    /// The node's certificate (PEM) from its organisation's CA, for mutual TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_cert: Option<PathBuf>,
+    /// The consortium's linkage key (a de-identification key shared by the hospitals): the
+    /// patient pseudonym on the ledger is made with it, so that one patient's studies at
+    /// different sites carry the same pseudonym. Without it, the site's key is used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub linkage_key: Option<PathBuf>,
+    /// Grant access automatically when the patient's consent (or a break-glass request)
+    /// allows it, and fetch automatically what other organisations grant this one.
+    #[serde(default = "default_true")]
+    pub auto_share: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_stable_ms() -> u64 {
@@ -199,6 +222,12 @@ pub fn init_network(
     let validity = (now - day, now + 3 * identity::YEAR_MS);
     let mut consensus = Vec::new();
     let mut genesis_orgs = Vec::new();
+    // One linkage key for the consortium: the same patient has the same pseudonym everywhere.
+    let linkage = {
+        let mut secret = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut secret);
+        medledger_deid::DeidKey::from_bytes(secret).to_text()
+    };
     let mut peers = Vec::new();
     for (i, (name, class)) in orgs.iter().enumerate() {
         let mut seed = [0u8; 32];
@@ -208,7 +237,7 @@ pub fn init_network(
         let admin = SigningKey::generate();
         let node = SigningKey::generate();
         let ca = OrgCa::new(name, SigningKey::generate(), ca_validity).map_err(invalid)?;
-        let g = ca
+        let mut g = ca
             .genesis_org(
                 *class,
                 &admin.verifying_key(),
@@ -225,10 +254,10 @@ pub fn init_network(
         write_public(&dir.join("admin.pem"), &g.admin)?;
         write_private(&dir.join("node.key"), &node.to_text())?;
         write_public(&dir.join("node.pem"), &g.node)?;
-        write_private(
-            &dir.join("store.key"),
-            &medledger_crypto::SecretKey::generate().to_text(),
-        )?;
+        let store_key = medledger_crypto::SecretKey::generate();
+        write_private(&dir.join("store.key"), &store_key.to_text())?;
+        g.store_key = Some(store_key.public().to_text());
+        write_private(&dir.join("linkage.key"), &linkage)?;
         let mut deid_secret = [0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut deid_secret);
         write_private(
@@ -241,6 +270,7 @@ pub fn init_network(
             key: hex::encode(key.public_key().encode()),
             p2p: SocketAddr::from(([127, 0, 0, 1], base_port + i as u16)),
             api: SocketAddr::from(([127, 0, 0, 1], base_port + 100 + i as u16)),
+            share: Some(SocketAddr::from(([127, 0, 0, 1], base_port + 300 + i as u16))),
         });
         consensus.push((name.clone(), dir, hex::encode(seed)));
     }
@@ -271,6 +301,10 @@ pub fn init_network(
             ],
             stable_ms: default_stable_ms(),
             dicom_peers: Vec::new(),
+            share: peer.share,
+            node_cert: Some(dir.join("node.pem")),
+            linkage_key: Some(dir.join("linkage.key")),
+            auto_share: true,
         };
         let cfg = NodeConfig {
             chain: chain.to_string(),

@@ -18,6 +18,8 @@ pub mod run;
 
 pub use app::{Application, Finalized, Mailbox};
 pub use block::Block;
-pub use client::{Client, ClientError};
-pub use config::{DicomPeer, ImagingConfig, NodeConfig, ae_title, init_network, parse_org};
+pub use client::{Client, ClientError, Finality, QueryEntry, QueryPage};
+pub use config::{
+    DicomPeer, ImagingConfig, NodeConfig, PeerConfig, ae_title, init_network, parse_org,
+};
 pub use run::{run_node, run_node_with};

@@ -998,6 +998,153 @@ impl Store {
         Ok(true)
     }
 
+    /// The study's manifest key wrapped for `recipient` (bound to the root), made by the
+    /// holder of an envelope; the store is not changed. What a grant on the ledger carries.
+    pub fn envelope_for(
+        &self,
+        root: &Digest,
+        holder: &SecretKey,
+        recipient: &PublicKey,
+    ) -> Result<WrappedKey, StoreError> {
+        let record = self.study_ref(root)?;
+        let envelope = record
+            .envelopes
+            .iter()
+            .find(|e| e.is_for(&holder.public()))
+            .ok_or(StoreError::NotRecipient(*root))?;
+        let key = medledger_crypto::unwrap(envelope, holder, root.as_bytes())
+            .map_err(|e| corrupt(format!("the envelope of study {root}"), e.to_string()))?;
+        Ok(medledger_crypto::wrap(&key, recipient, root.as_bytes()))
+    }
+
+    /// A sealed object's bytes as stored, not checked: what a serving node sends; the
+    /// receiver checks every byte against the manifest its ledger registered.
+    pub fn raw_object(&self, address: &Digest) -> Result<Bytes, StoreError> {
+        match self.backend.get(&object_key(address)) {
+            Ok(b) => Ok(b),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Whether the store holds an object (not read, not checked).
+    pub fn has_object(&self, address: &Digest) -> Result<bool, StoreError> {
+        Ok(self.backend.exists(&object_key(address))?)
+    }
+
+    /// Writes sealed objects received from another store, each checked against its address
+    /// first; durable on return.
+    pub fn put_sealed(&self, objects: Vec<(Digest, Bytes)>) -> Result<(), StoreError> {
+        let mut items = Vec::with_capacity(objects.len());
+        for (address, bytes) in objects {
+            let actual = Digest::of(&bytes);
+            if actual != address {
+                return Err(corrupt(
+                    object_key(&address),
+                    format!("its bytes digest to {actual}"),
+                ));
+            }
+            items.push((object_key(&address), bytes));
+        }
+        self.backend.put_batch(items)?;
+        Ok(())
+    }
+
+    /// Takes in a study received whole from another store: its sealed manifest and objects
+    /// are already written ([`Store::put_sealed`]); this writes the reference record with
+    /// `envelope` (the manifest key wrapped for this store's owner, as a grant carries it)
+    /// after checking that the envelope opens the manifest and the manifest has `root`.
+    pub fn adopt(
+        &self,
+        root: &Digest,
+        manifest_address: &Digest,
+        envelope: WrappedKey,
+        owner: &SecretKey,
+    ) -> Result<StudyManifest, StoreError> {
+        let key = medledger_crypto::unwrap(&envelope, owner, root.as_bytes())
+            .map_err(|e| corrupt(format!("the envelope of study {root}"), e.to_string()))?;
+        let sealed = self.get_object(manifest_address)?;
+        let plain = medledger_crypto::open(&key, &sealed)
+            .map_err(|e| corrupt(format!("manifest of study {root}"), e.to_string()))?;
+        let manifest = StudyManifest::decode(&plain).map_err(|source| StoreError::Decode {
+            what: format!("manifest of study {root}"),
+            source,
+        })?;
+        if &manifest.root() != root {
+            return Err(corrupt(
+                format!("manifest of study {root}"),
+                format!("its content has root {}", manifest.root()),
+            ));
+        }
+        let mut objects: Vec<Digest> = manifest
+            .instances()
+            .flat_map(|(_, i)| i.objects().map(|o| o.address))
+            .collect();
+        objects.sort();
+        objects.dedup();
+        for a in &objects {
+            if !self.has_object(a)? {
+                return Err(StoreError::Backend(BackendError::NotFound(object_key(a))));
+            }
+        }
+        self.write_ref(&StudyRef {
+            format: REF_FORMAT.to_string(),
+            root: *root,
+            manifest: *manifest_address,
+            objects,
+            own_bytes: 0,
+            envelopes: vec![envelope],
+        })?;
+        Ok(manifest)
+    }
+
+    /// Stores a manifest over objects already in this store (part of a study received from
+    /// another store), sealed for the owner; returns its root.
+    pub fn put_manifest(
+        &self,
+        manifest: &StudyManifest,
+        owner: &SecretKey,
+    ) -> Result<Digest, StoreError> {
+        for (_, i) in manifest.instances() {
+            for o in i.objects() {
+                if !self.has_object(&o.address)? {
+                    return Err(StoreError::Backend(BackendError::NotFound(object_key(
+                        &o.address,
+                    ))));
+                }
+            }
+        }
+        let ((key, sealed), record) = seal_manifest(manifest, owner, &[], 0);
+        self.backend.put(&key, sealed)?;
+        self.write_ref(&record)?;
+        Ok(record.root)
+    }
+
+    /// A small JSON record beside the studies (`notes/<name>.json`), durable on return.
+    pub fn put_note(&self, name: &str, value: &serde_json::Value) -> Result<(), StoreError> {
+        let json = serde_json::to_vec_pretty(value).expect("JSON serialises");
+        self.backend
+            .put(&format!("notes/{name}.json"), Bytes::from(json))?;
+        Ok(())
+    }
+
+    /// Every note under `prefix` (e.g. `received/`), by name.
+    pub fn notes(&self, prefix: &str) -> Result<Vec<(String, serde_json::Value)>, StoreError> {
+        let mut out = Vec::new();
+        for (k, _) in self.backend.list(&format!("notes/{prefix}"))? {
+            let Some(name) = k
+                .strip_prefix("notes/")
+                .and_then(|n| n.strip_suffix(".json"))
+            else {
+                continue;
+            };
+            let bytes = self.backend.get(&k)?;
+            let v = serde_json::from_slice(&bytes)
+                .map_err(|e| corrupt(k.clone(), e.to_string()))?;
+            out.push((name.to_string(), v));
+        }
+        Ok(out)
+    }
+
     /// Seals a study again under new keys, for the owner and exactly `recipients`, and deletes
     /// its old objects that no other study refers to. After this, keys handed out before open
     /// nothing that remains of the study (objects shared with another study, such as pixel

@@ -8,9 +8,11 @@ mod bench_store;
 mod cea;
 mod deid_cmd;
 mod demo;
+mod demo_local;
 mod files;
 mod import_cmd;
 mod network_cmd;
+mod share_cmd;
 mod store_cmd;
 
 use std::path::PathBuf;
@@ -55,6 +57,9 @@ enum Command {
     /// Member identities: X.509 certificates issued by an organisation's CA.
     #[command(subcommand)]
     Identity(network_cmd::IdentityCommand),
+    /// Share studies across organisations: consent, requests, grants, verified retrieval, the patient's view.
+    #[command(subcommand)]
+    Share(share_cmd::ShareCommand),
     /// The encrypted image store: put, get, verify, share studies.
     #[command(subcommand)]
     Store(store_cmd::StoreCommand),
@@ -92,6 +97,7 @@ fn main() -> ExitCode {
         }),
         Command::Ledger(cmd) => network_cmd::run_ledger(cmd).map(|()| ExitCode::SUCCESS),
         Command::Identity(cmd) => network_cmd::run_identity(cmd).map(|()| ExitCode::SUCCESS),
+        Command::Share(cmd) => share_cmd::run(cmd).map(|()| ExitCode::SUCCESS),
         Command::Bench(cmd) => bench::run(cmd).map(|()| ExitCode::SUCCESS),
     };
     match result {

@@ -183,8 +183,16 @@ pub fn run_node(args: NodeArgs) -> Result<()> {
         scp.local_addr(),
         imaging.store
     );
+    let mut routes = medledger_imaging::router(service.clone());
+    if imaging.node_cert.is_some() {
+        let sharing = medledger_imaging::Sharing::start(&service, &cfg)?;
+        if let Some(addr) = imaging.share {
+            eprintln!("sharing: https://{addr} (mutual TLS with organisation certificates)");
+        }
+        routes = routes.merge(sharing.router());
+    }
     shutdown_on_signal(service.clone(), scp);
-    medledger_node::run_node_with(cfg, Some(medledger_imaging::router(service)))?;
+    medledger_node::run_node_with(cfg, Some(routes))?;
     Ok(())
 }
 

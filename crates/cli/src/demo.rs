@@ -17,9 +17,7 @@ use clap::Args;
 use medledger_crypto::{Digest, SigningKey};
 use medledger_deid::DeidKey;
 use medledger_ledger::identity::OrgCa;
-use medledger_ledger::{
-    AuditEvent, Grant, Op, OrgClass, Purpose, Recipient, Role, Study, Target,
-};
+use medledger_ledger::{AuditEvent, Grant, Op, OrgClass, Purpose, Recipient, Role, Study, Target};
 use medledger_node::{Client, NodeConfig};
 use medledger_testkit::synth::{CtStudySpec, FakePatient, ct_study};
 use serde_json::Value;
@@ -104,7 +102,13 @@ impl Net {
 
     /// Issues a member of `org` with `roles` (and a patient's pseudonym) and registers it,
     /// signed by the organisation's admin.
-    fn member(&self, org: &str, name: &str, roles: &[Role], pseudonym: Option<&str>) -> Result<Member> {
+    fn member(
+        &self,
+        org: &str,
+        name: &str,
+        roles: &[Role],
+        pseudonym: Option<&str>,
+    ) -> Result<Member> {
         let d = self.org_dir(org);
         let ca = OrgCa::from_parts(
             SigningKey::from_text(&std::fs::read_to_string(d.join("ca.key"))?)?,
@@ -157,7 +161,9 @@ pub fn run(args: DemoArgs) -> Result<()> {
         started,
         at: started,
     };
-    println!("medledger demo: four organisations share a patient's CT studies on a permissioned ledger");
+    println!(
+        "medledger demo: four organisations share a patient's CT studies on a permissioned ledger"
+    );
     let work = &args.workdir;
     let netdir = work.join("network");
     if netdir.exists() {
@@ -241,7 +247,11 @@ pub fn run(args: DemoArgs) -> Result<()> {
         bytes += body.len() as u64;
         let r = crate::import_cmd::post_stow(&http, &url, &boundary, body)?;
         if !r.status().is_success() {
-            bail!("hospital A refused the studies: {} {}", r.status(), r.text().unwrap_or_default());
+            bail!(
+                "hospital A refused the studies: {} {}",
+                r.status(),
+                r.text().unwrap_or_default()
+            );
         }
     }
     println!(
@@ -250,7 +260,9 @@ pub fn run(args: DemoArgs) -> Result<()> {
         bytes as f64 / 1e6,
         t.elapsed().as_secs_f64()
     );
-    let linkage = DeidKey::from_text(&std::fs::read_to_string(net.org_dir(B).join("linkage.key"))?)?;
+    let linkage = DeidKey::from_text(&std::fs::read_to_string(
+        net.org_dir(B).join("linkage.key"),
+    )?)?;
     let pseudonyms: Vec<String> = people
         .iter()
         .map(|p| {
@@ -278,7 +290,11 @@ pub fn run(args: DemoArgs) -> Result<()> {
     for s in &studies {
         println!(
             "    registered {} {} {:>3} instances {:>6.1} MB patient {} {}",
-            if s.is_derivative() { "derivative" } else { "original  " },
+            if s.is_derivative() {
+                "derivative"
+            } else {
+                "original  "
+            },
             short(&s.root.to_hex()),
             s.instances,
             s.bytes as f64 / 1e6,
@@ -296,7 +312,12 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let p1 = &people[0];
     let ps1 = &pseudonyms[0];
     step.next("The patient consents: care by hospital B, research by the consortium");
-    let patient = net.member(AGENT, &format!("patient {ps1}"), &[Role::Patient], Some(ps1))?;
+    let patient = net.member(
+        AGENT,
+        &format!("patient {ps1}"),
+        &[Role::Patient],
+        Some(ps1),
+    )?;
     let agent = net.client(AGENT);
     let care_consent = agent
         .execute(
@@ -325,7 +346,9 @@ pub fn run(args: DemoArgs) -> Result<()> {
     println!(
         "    patient identity issued by the patients' agent's CA (X.509, role patient, pseudonym {ps1})"
     );
-    println!("    consent {care_consent}: care, hospital B, for a year; and research, any research organisation");
+    println!(
+        "    consent {care_consent}: care, hospital B, for a year; and research, any research organisation"
+    );
     step.done();
 
     // 4. Hospital B's clinician finds the priors and receives them.
@@ -371,7 +394,8 @@ pub fn run(args: DemoArgs) -> Result<()> {
     println!(
         "    request to viewable at B: {request_to_viewable:.2} s (A granted on consent, B's node fetched over mutual TLS)"
     );
-    let token = medledger_imaging::access::issue_token(&clinician.key, B, Duration::from_secs(3600));
+    let token =
+        medledger_imaging::access::issue_token(&clinician.key, B, Duration::from_secs(3600));
     let seen = qido_names(&http, net.api(B), Some(&token))?;
     let anon = qido_names(&http, net.api(B), None)?;
     println!(
@@ -430,7 +454,8 @@ pub fn run(args: DemoArgs) -> Result<()> {
             WAIT,
         );
         let req = refused?.receipt.created.unwrap_or_default();
-        let admin_a = SigningKey::from_text(&std::fs::read_to_string(net.org_dir(A).join("admin.key"))?)?;
+        let admin_a =
+            SigningKey::from_text(&std::fs::read_to_string(net.org_dir(A).join("admin.key"))?)?;
         let attempt = a.execute(
             &admin_a,
             Op::GrantAccess {
@@ -443,7 +468,9 @@ pub fn run(args: DemoArgs) -> Result<()> {
             WAIT,
         );
         match attempt {
-            Err(e) => println!("    even hospital A's admin cannot grant research access to the identified original: {e}"),
+            Err(e) => println!(
+                "    even hospital A's admin cannot grant research access to the identified original: {e}"
+            ),
             Ok(_) => bail!("the ledger granted research access to an identified original"),
         }
     }
@@ -505,11 +532,15 @@ pub fn run(args: DemoArgs) -> Result<()> {
     step.done();
 
     // 8. Tampering.
-    step.next("A bit flips in hospital A's store; the consortium's node catches it and refuses the data");
+    step.next(
+        "A bit flips in hospital A's store; the consortium's node catches it and refuses the data",
+    );
     let Some((p2, ps2)) = people.get(1).zip(pseudonyms.get(1)) else {
         bail!("the tampering step needs a second patient");
     };
-    let agent_admin = SigningKey::from_text(&std::fs::read_to_string(net.org_dir(AGENT).join("admin.key"))?)?;
+    let agent_admin = SigningKey::from_text(&std::fs::read_to_string(
+        net.org_dir(AGENT).join("admin.key"),
+    )?)?;
     agent.execute(
         &agent_admin,
         Op::GrantConsent {
@@ -529,7 +560,10 @@ pub fn run(args: DemoArgs) -> Result<()> {
         .find(|s| &s.patient == ps2 && s.is_derivative())
         .context("no derivative of the second patient")?;
     let flipped = flip_bit(&net, A, &target.root)?;
-    println!("    flipped one bit of object {} in A's store", short(&flipped));
+    println!(
+        "    flipped one bit of object {} in A's store",
+        short(&flipped)
+    );
     let request_t = r
         .execute(
             &researcher.key,
@@ -564,7 +598,11 @@ pub fn run(args: DemoArgs) -> Result<()> {
             g.grantee,
             g.purpose,
             if g.break_glass { ", BREAK-GLASS" } else { "" },
-            if g.revoked_at.is_some() { ", revoked" } else { "" }
+            if g.revoked_at.is_some() {
+                ", revoked"
+            } else {
+                ""
+            }
         );
     }
     for e in &audit {
@@ -593,7 +631,10 @@ pub fn run(args: DemoArgs) -> Result<()> {
     println!(
         "    a clinician's view at B needs a token: medledger identity token --key-file KEY --org {B}"
     );
-    println!("    the patient's view: {}/api/patients/{ps1}", net.api(AGENT));
+    println!(
+        "    the patient's view: {}/api/patients/{ps1}",
+        net.api(AGENT)
+    );
     if args.keep_running {
         println!(
             "\nThe network keeps running; stop it with: medledger network down {}",
@@ -885,7 +926,10 @@ fn flip_bit(net: &Net, org: &str, root: &Digest) -> Result<String> {
     let store = medledger_store::Store::open(&im.store)?;
     let owner = medledger_crypto::SecretKey::from_text(&std::fs::read_to_string(&im.store_key)?)?;
     let (_, manifest) = store.open_manifest(root, &owner)?;
-    let (_, first) = manifest.instances().next().context("the study has no instances")?;
+    let (_, first) = manifest
+        .instances()
+        .next()
+        .context("the study has no instances")?;
     let object = first.header.address.to_hex();
     let path = Path::new(&im.store)
         .join("objects")

@@ -311,9 +311,11 @@ fn care_sharing_with_consent_grant_audit_and_revocation() {
     let (_, audit) = net.ledger.patient_view(PATIENT);
     let refused: Vec<_> = audit.iter().filter(|a| a.refused.is_some()).collect();
     assert_eq!(refused.len(), 2);
-    assert!(refused.iter().all(|a| a.server_org == "hospital-a"
-        && a.receiver_org == "hospital-b"
-        && a.bytes == 0));
+    assert!(
+        refused.iter().all(|a| a.server_org == "hospital-a"
+            && a.receiver_org == "hospital-b"
+            && a.bytes == 0)
+    );
     assert_eq!(refused[1].recorded_by, "hospital-b");
     // A refusal without a grant (an unknown peer) is recorded too, against no study.
     net.ok(
@@ -679,7 +681,12 @@ fn an_admin_sets_the_store_key_grants_are_wrapped_for() {
         LedgerError::Unauthorized(_)
     ));
     assert!(matches!(
-        net.refused(2, Op::SetStoreKey { key: "medledger-x25519-v1:00".into() }),
+        net.refused(
+            2,
+            Op::SetStoreKey {
+                key: "medledger-x25519-v1:00".into()
+            }
+        ),
         LedgerError::Invalid(_)
     ));
     net.ok(2, Op::SetStoreKey { key: k.clone() });

@@ -270,7 +270,10 @@ pub fn init_network(
             key: hex::encode(key.public_key().encode()),
             p2p: SocketAddr::from(([127, 0, 0, 1], base_port + i as u16)),
             api: SocketAddr::from(([127, 0, 0, 1], base_port + 100 + i as u16)),
-            share: Some(SocketAddr::from(([127, 0, 0, 1], base_port + 300 + i as u16))),
+            share: Some(SocketAddr::from((
+                [127, 0, 0, 1],
+                base_port + 300 + i as u16,
+            ))),
         });
         consensus.push((name.clone(), dir, hex::encode(seed)));
     }

@@ -1138,8 +1138,8 @@ impl Store {
                 continue;
             };
             let bytes = self.backend.get(&k)?;
-            let v = serde_json::from_slice(&bytes)
-                .map_err(|e| corrupt(k.clone(), e.to_string()))?;
+            let v =
+                serde_json::from_slice(&bytes).map_err(|e| corrupt(k.clone(), e.to_string()))?;
             out.push((name.to_string(), v));
         }
         Ok(out)

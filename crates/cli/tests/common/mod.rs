@@ -156,13 +156,14 @@ pub fn run(c: &mut Command) -> Output {
     c.output().unwrap_or_else(|e| panic!("{c:?}: {e}"))
 }
 
-/// A base port for a four-node network whose p2p (`base+i`), HTTP (`base+100+i`) and DIMSE
-/// (`base+200+i`) ports are all free now, searched from `start` (tests run side by side).
+/// A base port for a four-node network whose p2p (`base+i`), HTTP (`base+100+i`), DIMSE
+/// (`base+200+i`) and sharing (`base+300+i`) ports are all free now, searched from `start`
+/// (tests run side by side).
 pub fn free_base(start: u16) -> u16 {
     let mut base = start;
     loop {
         let free = (0..4).all(|i| {
-            [0u16, 100, 200]
+            [0u16, 100, 200, 300]
                 .iter()
                 .all(|off| TcpListener::bind(("127.0.0.1", base + off + i)).is_ok())
         });

@@ -3,8 +3,8 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Json;
@@ -171,9 +171,13 @@ impl SharingInner {
         let http = match clients.get(owner) {
             Some(c) => c.clone(),
             None => {
-                let config =
-                    super::tls::client_config(&self.cert_pem, &self.svc.signer, self.orgs.clone(), owner)
-                        .map_err(FetchError::Local)?;
+                let config = super::tls::client_config(
+                    &self.cert_pem,
+                    &self.svc.signer,
+                    self.orgs.clone(),
+                    owner,
+                )
+                .map_err(FetchError::Local)?;
                 let c = reqwest::blocking::Client::builder()
                     .use_preconfigured_tls(config)
                     .tcp_nodelay(true)
@@ -213,6 +217,7 @@ pub(crate) fn fetch(
             RetrievalStatus {
                 grant: grant.to_string(),
                 state,
+                progress: None,
                 outcome,
                 error,
             },
@@ -270,7 +275,10 @@ fn fetch_inner(
         reason,
     };
     // Open a transfer.
-    let session = match remote.call(Some(Vec::new()), &format!("/share/v1/grants/{grant_id}/sessions")) {
+    let session = match remote.call(
+        Some(Vec::new()),
+        &format!("/share/v1/grants/{grant_id}/sessions"),
+    ) {
         Answer::Ok(b) => serde_json::from_slice::<Value>(&b)
             .ok()
             .and_then(|v| v["session"].as_str().map(str::to_string))
@@ -293,13 +301,18 @@ fn fetch_inner(
         .map_err(|e| FetchError::Invalid(format!("the grant's envelope: {e}")))?;
     let (manifest, sealed_manifest) = match series {
         None => {
-            let sealed = match remote.call(None, &format!("/share/v1/sessions/{session}/manifest")) {
+            let sealed = match remote.call(None, &format!("/share/v1/sessions/{session}/manifest"))
+            {
                 Answer::Ok(b) => b,
                 Answer::Refused(m) => return Err(refused(m)),
                 Answer::Failed(m) => return Err(interrupted(0, 0, m)),
             };
-            let key = medledger_crypto::unwrap(&envelope, &svc.owner, root.as_bytes())
-                .map_err(|e| FetchError::Invalid(format!("the grant's envelope does not open with this node's store key: {e}")))?;
+            let key =
+                medledger_crypto::unwrap(&envelope, &svc.owner, root.as_bytes()).map_err(|e| {
+                    FetchError::Invalid(format!(
+                        "the grant's envelope does not open with this node's store key: {e}"
+                    ))
+                })?;
             let plain = medledger_crypto::open(&key, &sealed)
                 .map_err(|e| tampered(format!("the manifest does not open: {e}")))?;
             let m = StudyManifest::decode(&plain)
@@ -364,6 +377,18 @@ fn fetch_inner(
     let stop = AtomicBool::new(false);
     let failure: Mutex<Option<FetchError>> = Mutex::new(None);
     let transferred = std::sync::atomic::AtomicU64::new(0);
+    let verified = AtomicUsize::new(resumed);
+    let progress = |n: usize| {
+        if let Some(st) = inner
+            .retrievals
+            .lock()
+            .expect("not poisoned")
+            .get_mut(grant_id)
+        {
+            st.progress = Some((n, total));
+        }
+    };
+    progress(resumed);
     let fail = |e: FetchError| {
         stop.store(true, Ordering::Relaxed);
         let mut f = failure.lock().expect("not poisoned");
@@ -407,6 +432,7 @@ fn fetch_inner(
                         break;
                     }
                     transferred.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    progress(verified.fetch_add(1, Ordering::Relaxed) + 1);
                     batch_bytes += bytes.len();
                     batch.push((o.address, bytes));
                     if batch.len() >= WRITE_BATCH || batch_bytes >= WRITE_BATCH_BYTES {
@@ -428,7 +454,13 @@ fn fetch_inner(
         }
     });
     if let Some(e) = failure.into_inner().expect("not poisoned") {
-        if let FetchError::Interrupted { owner, total, reason, .. } = e {
+        if let FetchError::Interrupted {
+            owner,
+            total,
+            reason,
+            ..
+        } = e
+        {
             return Err(FetchError::Interrupted {
                 owner,
                 done: done.load(Ordering::Relaxed),
@@ -452,7 +484,10 @@ fn fetch_inner(
                 .map_err(store_err)?;
             root
         }
-        None => svc.store.put_manifest(&manifest, &svc.owner).map_err(store_err)?,
+        None => svc
+            .store
+            .put_manifest(&manifest, &svc.owner)
+            .map_err(store_err)?,
     };
     let received = Received {
         grant: grant_id.to_string(),
@@ -471,8 +506,14 @@ fn fetch_inner(
         .map_err(store_err)?;
     {
         let mut index = svc.index.write().expect("not poisoned");
-        svc.index_received(&mut index, root, manifest.clone(), received.view(), grant_id)
-            .map_err(FetchError::Local)?;
+        svc.index_received(
+            &mut index,
+            root,
+            manifest.clone(),
+            received.view(),
+            grant_id,
+        )
+        .map_err(FetchError::Local)?;
     }
     let viewable_seconds = started.elapsed().as_secs_f64();
     // Sign for what was received; the owner's node records it on the ledger.
@@ -529,10 +570,7 @@ fn check_object(o: &ObjectRef, sealed: &[u8]) -> Result<(), String> {
     let plain = medledger_crypto::open(&o.key, sealed)
         .map_err(|e| format!("object {} does not open: {e}", o.address))?;
     if plain.len() as u64 != o.len || Digest::of(&plain) != o.digest {
-        return Err(format!(
-            "object {} does not match the manifest",
-            o.address
-        ));
+        return Err(format!("object {} does not match the manifest", o.address));
     }
     Ok(())
 }

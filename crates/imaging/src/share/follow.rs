@@ -167,14 +167,17 @@ fn consider_request(inner: &Arc<SharingInner>, id: &str) -> Result<(), String> {
     let recipient = PublicKey::from_text(key).map_err(|e| e.to_string())?;
     let mut ops = Vec::new();
     for s in mine {
+        // A grant made on consent lasts no longer than the consents that allow it.
+        let mut expires_ms = None;
         if !r.break_glass {
             let view = c.patient_view(&s.patient).map_err(e)?;
             let consents: Vec<Consent> =
                 serde_json::from_value(view["consents"].clone()).unwrap_or_default();
-            if !consents
+            let covering: Vec<&Consent> = consents
                 .iter()
-                .any(|k| k.covers(r.purpose, &org.id, org.class, now_ms()))
-            {
+                .filter(|k| k.covers(r.purpose, &org.id, org.class, now_ms()))
+                .collect();
+            if covering.is_empty() {
                 tracing::info!(
                     "request {id} from {} for study {}: no consent covers it; left to an authorised member",
                     r.org,
@@ -182,6 +185,11 @@ fn consider_request(inner: &Arc<SharingInner>, id: &str) -> Result<(), String> {
                 );
                 continue;
             }
+            expires_ms = if covering.iter().any(|k| k.expires_ms.is_none()) {
+                None
+            } else {
+                covering.iter().filter_map(|k| k.expires_ms).max()
+            };
         }
         if already_granted(inner, &s.root, id)? {
             continue;
@@ -194,7 +202,7 @@ fn consider_request(inner: &Arc<SharingInner>, id: &str) -> Result<(), String> {
             request: id.to_string(),
             study: s.root,
             envelope: serde_json::to_string(&envelope).expect("serialises"),
-            expires_ms: None,
+            expires_ms,
             delegable: false,
         });
     }

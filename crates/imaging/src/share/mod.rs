@@ -73,6 +73,9 @@ impl Received {
 pub struct RetrievalStatus {
     pub grant: String,
     pub state: &'static str,
+    /// While running: objects verified so far (including those already here) of all.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub progress: Option<(usize, usize)>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outcome: Option<FetchOutcome>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -172,11 +175,8 @@ impl Sharing {
         )
         .map_err(ShareStartError::Tls)?;
         if let Some(addr) = imaging.share {
-            let listener =
-                std::net::TcpListener::bind(addr).map_err(|source| ShareStartError::Listen {
-                    addr,
-                    source,
-                })?;
+            let listener = std::net::TcpListener::bind(addr)
+                .map_err(|source| ShareStartError::Listen { addr, source })?;
             serve::spawn(inner.clone(), listener);
         }
         let follower = inner.clone();

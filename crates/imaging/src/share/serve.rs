@@ -65,9 +65,21 @@ pub(crate) fn spawn(inner: Arc<SharingInner>, listener: std::net::TcpListener) {
                 .build()
                 .expect("share runtime");
             rt.block_on(async move {
-                listener.set_nonblocking(true).expect("non-blocking listener");
-                let listener =
-                    tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+                // Trust comes from the ledger: read the organisations before any handshake.
+                loop {
+                    let me = inner.clone();
+                    let ok = tokio::task::spawn_blocking(move || me.orgs.refresh(&me.svc.client))
+                        .await
+                        .is_ok_and(|r| r.is_ok());
+                    if ok {
+                        break;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+                listener
+                    .set_nonblocking(true)
+                    .expect("non-blocking listener");
+                let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
                 let config = super::tls::server_config(
                     &inner.cert_pem,
                     &inner.svc.signer,
@@ -99,7 +111,10 @@ fn router(inner: Arc<SharingInner>) -> axum::Router {
 async fn blocking(f: impl FnOnce() -> Result<Response, Refusal> + Send + 'static) -> Response {
     match tokio::task::spawn_blocking(f).await {
         Ok(r) => respond(r),
-        Err(_) => respond(Err(refuse(StatusCode::INTERNAL_SERVER_ERROR, "internal error"))),
+        Err(_) => respond(Err(refuse(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal error",
+        ))),
     }
 }
 
@@ -144,7 +159,12 @@ async fn series(
             .series
             .iter()
             .position(|se| se.series_uid == uid)
-            .ok_or_else(|| refuse(StatusCode::NOT_FOUND, format!("no series {uid} in the study")))?;
+            .ok_or_else(|| {
+                refuse(
+                    StatusCode::NOT_FOUND,
+                    format!("no series {uid} in the study"),
+                )
+            })?;
         let proof = m.series_proof(index);
         let part = medledger_store::StudyManifest {
             study_uid: m.study_uid.clone(),
@@ -167,8 +187,12 @@ async fn object(
 ) -> Response {
     blocking(move || {
         let session = s.session(&peer, &id)?;
-        let address = Digest::from_hex(&address)
-            .map_err(|_| refuse(StatusCode::BAD_REQUEST, "an object address is 64 hex digits"))?;
+        let address = Digest::from_hex(&address).map_err(|_| {
+            refuse(
+                StatusCode::BAD_REQUEST,
+                "an object address is 64 hex digits",
+            )
+        })?;
         if !session.objects.contains(&address) {
             return Err(refuse(
                 StatusCode::NOT_FOUND,
@@ -238,7 +262,10 @@ async fn receipt(
                 Err(refuse(StatusCode::CONFLICT, error.to_string()))
             }
             Some(Err(e)) => Err(refuse(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
-            None => Err(refuse(StatusCode::INTERNAL_SERVER_ERROR, "nothing submitted")),
+            None => Err(refuse(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "nothing submitted",
+            )),
         }
     })
     .await
@@ -306,7 +333,10 @@ impl SharingInner {
             .value::<Member>(&format!("member/{}", peer.cert.key))
             .map_err(|e| refuse(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
         if !member.is_some_and(|m| m.active && m.org == org && m.has(Role::Node)) {
-            let reason = format!("{}'s certificate is not an active node member of {org}", peer.cert.name);
+            let reason = format!(
+                "{}'s certificate is not an active node member of {org}",
+                peer.cert.name
+            );
             self.record_refusal(None, &org, true, reason.clone());
             return Err(refuse(StatusCode::FORBIDDEN, reason));
         }

@@ -24,6 +24,9 @@ pub enum BenchCommand {
     /// A node against Orthanc in the same run: C-STORE and STOW-RS ingest, QIDO-RS latency,
     /// WADO-RS retrieval (needs dcmtk and Orthanc: scripts/install-interop).
     Node(crate::bench_node::BenchNodeArgs),
+    /// Cross-site retrieval between two hospitals' nodes: request to viewable, and MB/s
+    /// beside a plain copy of the same bytes over loopback.
+    Share(crate::bench_share::BenchShareArgs),
 }
 
 #[derive(Args, Debug)]
@@ -66,6 +69,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Store(args) => crate::bench_store::run(args),
         BenchCommand::Ledger(args) => crate::bench_ledger::run(args),
         BenchCommand::Node(args) => crate::bench_node::run(args),
+        BenchCommand::Share(args) => crate::bench_share::run(args),
     }
 }
 

@@ -109,31 +109,44 @@ impl Net {
         roles: &[Role],
         pseudonym: Option<&str>,
     ) -> Result<Member> {
-        let d = self.org_dir(org);
-        let ca = OrgCa::from_parts(
-            SigningKey::from_text(&std::fs::read_to_string(d.join("ca.key"))?)?,
-            &std::fs::read_to_string(d.join("ca.pem"))?,
-        )?;
-        let key = SigningKey::generate();
-        let now = now_ms();
-        let cert = ca.issue(
-            &key.verifying_key(),
-            name,
-            roles,
-            pseudonym,
-            &[],
-            (now - 60_000, now + 365 * 86_400_000),
-        )?;
-        let admin = SigningKey::from_text(&std::fs::read_to_string(d.join("admin.key"))?)?;
-        self.client(org).execute(
-            &admin,
-            Op::AddMember {
-                certificate: cert.to_pem(),
-            },
-            WAIT,
-        )?;
+        let key = add_member(&self.org_dir(org), self.api(org), name, roles, pseudonym)?;
         Ok(Member { key })
     }
+}
+
+/// Issues a member with the CA in `org_dir` (as `network init` lays it out) and registers it
+/// through the node at `api`, signed by the organisation's admin; returns its key.
+pub(crate) fn add_member(
+    org_dir: &Path,
+    api: &str,
+    name: &str,
+    roles: &[Role],
+    pseudonym: Option<&str>,
+) -> Result<SigningKey> {
+    let read = |f: &str| {
+        std::fs::read_to_string(org_dir.join(f))
+            .with_context(|| format!("cannot read {}", org_dir.join(f).display()))
+    };
+    let ca = OrgCa::from_parts(SigningKey::from_text(&read("ca.key")?)?, &read("ca.pem")?)?;
+    let key = SigningKey::generate();
+    let now = now_ms();
+    let cert = ca.issue(
+        &key.verifying_key(),
+        name,
+        roles,
+        pseudonym,
+        &[],
+        (now - 60_000, now + 365 * 86_400_000),
+    )?;
+    let admin = SigningKey::from_text(&read("admin.key")?)?;
+    Client::new(api).execute(
+        &admin,
+        Op::AddMember {
+            certificate: cert.to_pem(),
+        },
+        WAIT,
+    )?;
+    Ok(key)
 }
 
 fn now_ms() -> u64 {
@@ -756,7 +769,7 @@ fn people_of(dir: &Path) -> Result<Vec<Person>> {
     Ok(people)
 }
 
-fn free_base(start: u16) -> Result<u16> {
+pub(crate) fn free_base(start: u16) -> Result<u16> {
     let mut base = start;
     for _ in 0..200 {
         let free = (0..4u16).all(|i| {
@@ -772,7 +785,7 @@ fn free_base(start: u16) -> Result<u16> {
     bail!("no free range of ports from {start}")
 }
 
-fn wait_until(what: &str, mut ready: impl FnMut() -> bool) -> Result<()> {
+pub(crate) fn wait_until(what: &str, mut ready: impl FnMut() -> bool) -> Result<()> {
     let deadline = Instant::now() + WAIT;
     while !ready() {
         if Instant::now() > deadline {
@@ -784,7 +797,7 @@ fn wait_until(what: &str, mut ready: impl FnMut() -> bool) -> Result<()> {
 }
 
 /// The newest version of each study: those no other version supersedes.
-fn current(studies: Vec<Study>) -> Vec<Study> {
+pub(crate) fn current(studies: Vec<Study>) -> Vec<Study> {
     let superseded: std::collections::HashSet<Digest> =
         studies.iter().filter_map(|s| s.supersedes).collect();
     studies
@@ -794,7 +807,7 @@ fn current(studies: Vec<Study>) -> Vec<Study> {
 }
 
 /// Grants made for `request`.
-fn grants_of(client: &Client, request: &str) -> Vec<Grant> {
+pub(crate) fn grants_of(client: &Client, request: &str) -> Vec<Grant> {
     let mut out = Vec::new();
     let mut after: Option<String> = None;
     while let Ok(page) = client.query("grant/", after.as_deref(), 1000) {
@@ -813,7 +826,11 @@ fn grants_of(client: &Client, request: &str) -> Vec<Grant> {
     out
 }
 
-fn retrieval_of(http: &reqwest::blocking::Client, api: &str, grant: &str) -> Option<Value> {
+pub(crate) fn retrieval_of(
+    http: &reqwest::blocking::Client,
+    api: &str,
+    grant: &str,
+) -> Option<Value> {
     let list: Value = http
         .get(format!("{api}/api/retrievals"))
         .send()

@@ -4,6 +4,7 @@
 mod bench;
 mod bench_ledger;
 mod bench_node;
+mod bench_share;
 mod bench_store;
 mod cea;
 mod deid_cmd;

@@ -259,12 +259,27 @@ pub fn run(args: BenchShareArgs) -> Result<()> {
             plain_copy_mb_per_s: sealed_bytes as f64 / 1e6 / plain,
         };
         if !args.json {
+            let phases: Vec<String> = outcome["phases"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|p| {
+                            format!(
+                                "{} {:.3}",
+                                p[0].as_str().unwrap_or(""),
+                                p[1].as_f64().unwrap_or(0.0)
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
             eprintln!(
-                "run {}: request to viewable {:.2} s (request final after {:.2} s, transfer {:.2} s), retrieval {:.0} MB/s, plain copy {:.0} MB/s",
+                "run {}: request to viewable {:.2} s (request final after {:.2} s, transfer {:.2} s: {}), retrieval {:.0} MB/s, plain copy {:.0} MB/s",
                 i + 1,
                 run.request_to_viewable_s,
                 run.request_final_s,
                 run.transfer_s,
+                phases.join(", "),
                 run.retrieval_mb_per_s,
                 run.plain_copy_mb_per_s
             );

@@ -11,7 +11,8 @@ use anyhow::{Context, Result, bail};
 use clap::{ArgGroup, Args, Subcommand};
 use medledger_crypto::{Digest, PublicKey, SecretKey, SigningKey};
 use medledger_ledger::{
-    AuditEvent, Consent, Grant, Op, Org, OrgClass, Purpose, Recipient, Request, Study, Target,
+    AuditEvent, Consent, Grant, Member, Op, Org, OrgClass, Purpose, Recipient, Request, Study,
+    Target,
 };
 use medledger_node::{Client, Finality, NodeConfig, QueryEntry};
 use serde_json::{Value, json};
@@ -116,6 +117,27 @@ pub enum ShareCommand {
         /// The grantee may delegate the grant to another organisation.
         #[arg(long)]
         delegable: bool,
+    },
+    /// Delegate a delegable grant to another organisation, as a member of the grantee.
+    ///
+    /// Run on the grantee node's machine by an admin, clinician or researcher of its
+    /// organisation, once that node has received the study (`share fetch`): the node's store
+    /// wraps the study's key for the other organisation. The new grant is for the same study
+    /// and purpose, ends when the delegated one ends, cannot be delegated further, and needs
+    /// the patient's consent for the other organisation.
+    Delegate {
+        /// The grantee node's configuration (from `network init`): its API, store and store key.
+        #[arg(long)]
+        config: PathBuf,
+        /// The delegating member's signing key file.
+        #[arg(long)]
+        key_file: PathBuf,
+        /// The delegable grant's id.
+        #[arg(long)]
+        grant: String,
+        /// The organisation to delegate to.
+        #[arg(long)]
+        to_org: String,
     },
     /// Revoke a grant (the study's owner, the grantee's admin or the patient).
     Revoke {
@@ -256,6 +278,12 @@ pub fn run(cmd: ShareCommand) -> Result<()> {
             expires_days,
             delegable,
         ),
+        ShareCommand::Delegate {
+            config,
+            key_file,
+            grant,
+            to_org,
+        } => delegate(&config, &key_file, &grant, &to_org),
         ShareCommand::Revoke {
             node,
             key_file,
@@ -647,6 +675,157 @@ fn grant(
     Ok(())
 }
 
+fn delegate(config: &Path, key_file: &Path, grant_id: &str, to_org: &str) -> Result<()> {
+    medledger_ledger::check_org_id(to_org)?;
+    let cfg = NodeConfig::load(config)
+        .with_context(|| format!("cannot load the node configuration {}", config.display()))?;
+    let imaging = cfg.imaging.as_ref().with_context(|| {
+        format!(
+            "{} has no imaging section: that node holds no received studies to delegate",
+            config.display()
+        )
+    })?;
+    let node = format!("http://{}", cfg.api);
+    let client = Client::new(&node);
+    let key = signing_key(key_file)?;
+    let member: Member = client
+        .value(&format!("member/{}", key.verifying_key()))
+        .with_context(|| format!("reading the delegating member from {node}"))?
+        .with_context(|| {
+            format!(
+                "the key in {} is not a member on the ledger of {node}",
+                key_file.display()
+            )
+        })?;
+    if member.org != cfg.org {
+        bail!(
+            "the key in {} is a member of {}, not of {}: a grant is delegated by a member of \
+             its grantee, through the grantee's node",
+            key_file.display(),
+            member.org,
+            cfg.org
+        );
+    }
+    let grant: Grant = client
+        .value(&format!("grant/{grant_id}"))
+        .with_context(|| format!("reading grant {grant_id} from {node}"))?
+        .with_context(|| format!("no grant {grant_id} on the ledger of {node}"))?;
+    if grant.grantee != cfg.org {
+        bail!(
+            "grant {grant_id} is for {}, not for {}: only its grantee delegates it",
+            grant.grantee,
+            cfg.org
+        );
+    }
+    if let Some(at) = grant.revoked_at {
+        bail!("grant {grant_id} was revoked {}", utc(at));
+    }
+    if let Some(e) = grant.expires_ms.filter(|e| *e <= now_ms()) {
+        bail!("grant {grant_id} expired {}", utc(e));
+    }
+    let study: Study = client
+        .value(&format!("study/{}", grant.study))
+        .with_context(|| format!("reading study {} from {node}", grant.study))?
+        .with_context(|| format!("no study {} on the ledger of {node}", grant.study))?;
+    if !grant.delegable {
+        bail!(
+            "grant {grant_id} does not allow delegation{}",
+            if grant.delegated_from.is_some() {
+                ": it was delegated itself, and a delegated grant is not delegated further"
+                    .to_string()
+            } else {
+                format!(
+                    ": the study's owner {} may grant a delegable one (`share grant --delegable`)",
+                    study.owner
+                )
+            }
+        );
+    }
+    if to_org == cfg.org {
+        bail!("{to_org} holds grant {grant_id} already");
+    }
+    if to_org == study.owner {
+        bail!(
+            "{to_org} owns study {}: an organisation needs no grant",
+            study.root
+        );
+    }
+    let target: Org = client
+        .value(&format!("org/{to_org}"))
+        .with_context(|| format!("reading organisation {to_org} from {node}"))?
+        .with_context(|| format!("no organisation {to_org} on the ledger of {node}"))?;
+    if !target.active {
+        bail!("organisation {to_org} is no longer an active member");
+    }
+    let store_key = target.store_key.as_deref().with_context(|| {
+        format!(
+            "organisation {to_org} has no store key on the ledger: no study key can be wrapped \
+             for it (its admin sets one with a set-store-key operation)"
+        )
+    })?;
+    let recipient = PublicKey::from_text(store_key).with_context(|| {
+        format!("the store key of organisation {to_org} on the ledger is not an X25519 public key")
+    })?;
+    let owner = SecretKey::from_text(&read(&imaging.store_key)?).with_context(|| {
+        format!(
+            "{} is not a store key (X25519 secret key)",
+            imaging.store_key.display()
+        )
+    })?;
+    let store = medledger_store::Store::open_existing(&imaging.store)
+        .with_context(|| format!("cannot open the store {}", imaging.store))?;
+    let wrapped = match store.envelope_for(&grant.study, &owner, &recipient) {
+        Ok(w) => w,
+        Err(medledger_store::StoreError::UnknownRoot(_)) => bail!(
+            "study {} of grant {grant_id} has not been received here yet (the store {} does not \
+             hold it whole): fetch it first with `medledger share fetch --node {node} --grant \
+             {grant_id}`",
+            grant.study,
+            imaging.store
+        ),
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!(
+                    "cannot wrap the key of study {} for {to_org} from the store {}",
+                    grant.study, imaging.store
+                )
+            });
+        }
+    };
+    let envelope = serde_json::to_string(&wrapped).context("serialising the envelope")?;
+    let f = submit(
+        &node,
+        &key,
+        Op::Delegate {
+            grant: grant_id.to_string(),
+            to_org: to_org.to_string(),
+            envelope,
+        },
+    )
+    .with_context(|| format!("delegating grant {grant_id} to {to_org}"))?;
+    let id = created(&f, "grant")?;
+    print(&json!({
+        "grant": id,
+        "delegated_from": grant_id,
+        "study": grant.study,
+        "grantee": to_org,
+        "purpose": grant.purpose,
+        "expires_ms": grant.expires_ms,
+        "height": f.height,
+    }));
+    eprintln!(
+        "grant {id}: study {} delegated from grant {grant_id} to {to_org} for {}, {}, height {}",
+        grant.study,
+        purpose_name(grant.purpose),
+        match grant.expires_ms {
+            Some(e) => format!("until {}", utc(e)),
+            None => "no expiry".to_string(),
+        },
+        f.height
+    );
+    Ok(())
+}
+
 /// The studies a manual grant covers: those named (each checked against the request), else
 /// the requested study, else every current study of the requested patient `org` owns (for
 /// research, de-identified derivatives only).
@@ -736,7 +915,8 @@ fn priors<'a>(studies: &'a [Study], patient: &str, exclude_org: Option<&str>) ->
         .collect()
 }
 
-/// Every grant made for request `id` (paging through `grant/`).
+/// Every grant the owner made for request `id` (paging through `grant/`); not the grants
+/// delegated from them, which carry the same request but are for another organisation.
 fn grants_of_request(client: &Client, id: &str) -> Result<Vec<Grant>> {
     let mut out = Vec::new();
     let mut after: Option<String> = None;
@@ -757,6 +937,7 @@ fn matching_grants(entries: &[QueryEntry], request: &str) -> Vec<Grant> {
         .iter()
         .filter(|e| e.value["request"] == request)
         .filter_map(|e| serde_json::from_value::<Grant>(e.value.clone()).ok())
+        .filter(|g| g.delegated_from.is_none())
         .collect()
 }
 
@@ -1260,6 +1441,32 @@ mod tests {
     }
 
     #[test]
+    fn delegate_names_the_grant_and_the_organisation() {
+        let args = [
+            "x",
+            "delegate",
+            "--config",
+            "b/node.json",
+            "--key-file",
+            "k",
+            "--grant",
+            "g1",
+            "--to-org",
+            "research",
+        ];
+        match Cli::try_parse_from(args).unwrap().cmd {
+            ShareCommand::Delegate { grant, to_org, .. } => {
+                assert_eq!((grant.as_str(), to_org.as_str()), ("g1", "research"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            Cli::try_parse_from(&args[..8]).is_err(),
+            "--to-org is required"
+        );
+    }
+
+    #[test]
     fn expiry_is_days_from_now() {
         assert_eq!(expiry(5, None).unwrap(), None);
         assert_eq!(expiry(5, Some(2)).unwrap(), Some(5 + 2 * 86_400_000));
@@ -1357,17 +1564,27 @@ mod tests {
             granted_at: 1,
             revoked_at: None,
         };
-        let entries: Vec<QueryEntry> = [grant("g1", "r1"), grant("g2", "r2"), grant("g3", "r1")]
-            .iter()
-            .map(|g| QueryEntry {
-                key: format!("grant/{}", g.id),
-                value: serde_json::to_value(g).unwrap(),
-            })
-            .chain([QueryEntry {
-                key: "grant/odd".into(),
-                value: json!({ "request": "r1" }),
-            }])
-            .collect();
+        let delegated = Grant {
+            grantee: "research".into(),
+            delegated_from: Some("g1".into()),
+            ..grant("g4", "r1")
+        };
+        let entries: Vec<QueryEntry> = [
+            grant("g1", "r1"),
+            grant("g2", "r2"),
+            grant("g3", "r1"),
+            delegated,
+        ]
+        .iter()
+        .map(|g| QueryEntry {
+            key: format!("grant/{}", g.id),
+            value: serde_json::to_value(g).unwrap(),
+        })
+        .chain([QueryEntry {
+            key: "grant/odd".into(),
+            value: json!({ "request": "r1" }),
+        }])
+        .collect();
         let ids: Vec<String> = matching_grants(&entries, "r1")
             .into_iter()
             .map(|g| g.id)

@@ -753,12 +753,22 @@ impl Inner {
         manifest: StudyManifest,
         view: View,
         grant: &str,
+        headers: Option<&HashMap<Digest, Vec<u8>>>,
     ) -> Result<(), String> {
         for (_, i) in manifest.instances() {
             if index.has_meta(view, &i.sop_instance_uid) {
                 continue;
             }
-            let file = self.store.fetch_instance(i).map_err(|e| e.to_string())?;
+            // The header attributes: from the header object just verified (pixel values left
+            // zero, they are not indexed), else read back from the store.
+            let file = match headers.and_then(|h| h.get(&i.header.address)) {
+                Some(header) => {
+                    let zeros: Vec<Vec<u8>> =
+                        i.pixels.iter().map(|p| vec![0u8; p.len as usize]).collect();
+                    medledger_store::split::rebuild(header, &zeros)?
+                }
+                None => self.store.fetch_instance(i).map_err(|e| e.to_string())?,
+            };
             let meta = InstanceMeta::read(&file)?;
             index.put_meta(view, &i.sop_instance_uid, Arc::new(meta));
         }
@@ -1138,7 +1148,7 @@ impl Inner {
         // Studies received from other organisations: shown as they were received, never
         // registered or de-identified again here.
         for (root, manifest, view, grant) in received {
-            self.index_received(&mut index, root, manifest, view, &grant)?;
+            self.index_received(&mut index, root, manifest, view, &grant, None)?;
         }
         let n = index.studies.len();
         *self.index.write().expect("not poisoned") = index;

@@ -196,6 +196,17 @@ pub(crate) fn may_retrieve(state: &State, now: u64, grant_id: &str, org_id: &str
     if g.expires_ms.is_some_and(|e| now >= e) {
         return Err(unauthorized(format!("grant {grant_id} has expired")));
     }
+    // A delegated grant lives only as long as the grant it was delegated from.
+    if let Some(parent) = &g.delegated_from {
+        let p: Grant = state
+            .get(&format!("grant/{parent}"))
+            .ok_or_else(|| LedgerError::NotFound(format!("no grant {parent}")))?;
+        if p.revoked_at.is_some() || p.expires_ms.is_some_and(|e| now >= e) {
+            return Err(unauthorized(format!(
+                "grant {grant_id} was delegated from grant {parent}, which is no longer live"
+            )));
+        }
+    }
     if !g.break_glass {
         let s = study(state, &g.study)?;
         let o = org(state, org_id)?;
@@ -571,10 +582,19 @@ pub(crate) fn execute(
             let owner_side =
                 s.owner == signer.org && (signer.has(Role::Admin) || signer.has(Role::Clinician));
             let grantee_side = g.grantee == signer.org && signer.has(Role::Admin);
+            // Whoever delegated a grant may take it back.
+            let delegator_side = g
+                .delegated_from
+                .as_ref()
+                .and_then(|p| state.get::<Grant>(&format!("grant/{p}")))
+                .is_some_and(|p| {
+                    p.grantee == signer.org
+                        && (signer.has(Role::Admin) || signer.has(Role::Clinician))
+                });
             let patient_side = speaks_for(signer, signer_org.class, &s.patient);
-            if !(owner_side || grantee_side || patient_side) {
+            if !(owner_side || grantee_side || delegator_side || patient_side) {
                 return Err(unauthorized(
-                    "a grant is revoked by the study's owner, the grantee's admin, or the patient",
+                    "a grant is revoked by the study's owner, the grantee's admin, whoever delegated it, or the patient",
                 ));
             }
             if g.revoked_at.is_some() {
@@ -604,6 +624,16 @@ pub(crate) fn execute(
             }
             let to = org(state, to_org)?;
             let s = study(state, &g.study)?;
+            if to_org == &signer.org || to_org == &s.owner {
+                return Err(invalid(format!(
+                    "{to_org} needs no delegation: it holds the grant or owns the study"
+                )));
+            }
+            if !s.is_derivative() && to.class != OrgClass::Hospital {
+                return Err(unauthorized(
+                    "an identified original is delegated to hospitals (for care) only",
+                ));
+            }
             if !consent_covers(state, &s.patient, g.purpose, &to, now) {
                 return Err(LedgerError::NoConsent(format!(
                     "the patient has not consented to {to_org} for {:?}",

@@ -71,10 +71,15 @@ struct Net {
 // 24 ethics board (research org), 25 patient (patients' agent), 26 agent staff.
 impl Net {
     fn new() -> Net {
+        Net::with_orgs(4)
+    }
+
+    /// The first `n` organisations of `ORGS` at genesis.
+    fn with_orgs(n: usize) -> Net {
         let g = Genesis {
             chain: CHAIN.into(),
             time_ms: 0,
-            orgs: (0..4).map(genesis_org).collect(),
+            orgs: (0..n).map(genesis_org).collect(),
         };
         let mut net = Net {
             ledger: Ledger::genesis(&g).unwrap(),
@@ -448,6 +453,83 @@ fn revocation_binds_from_its_block_and_expiry_from_its_time() {
         .to_string()
         .contains("revoked")
     );
+}
+
+#[test]
+fn delegation_goes_once_to_a_hospital_and_dies_with_its_parent() {
+    let mut net = Net::with_orgs(5);
+    let original = Digest::of(b"s");
+    register(&mut net, original, None);
+    consent(
+        &mut net,
+        Purpose::Care,
+        Recipient::Class(OrgClass::Hospital),
+    );
+    let request = net
+        .ok(
+            22,
+            Op::RequestAccess {
+                target: Target::Study(original),
+                purpose: Purpose::Care,
+                break_glass: false,
+            },
+        )
+        .unwrap();
+    let parent = net
+        .ok(
+            21,
+            Op::GrantAccess {
+                request,
+                study: original,
+                envelope: "k".into(),
+                expires_ms: None,
+                delegable: true,
+            },
+        )
+        .unwrap();
+    let delegate = |to: &str| Op::Delegate {
+        grant: parent.clone(),
+        to_org: to.into(),
+        envelope: "k".into(),
+    };
+    // Not to itself, not back to the owner, and an identified original not to research.
+    for (to, why) in [
+        ("hospital-b", "needs no delegation"),
+        ("hospital-a", "needs no delegation"),
+        ("research", "hospitals (for care) only"),
+    ] {
+        let e = net.refused(22, delegate(to)).to_string();
+        assert!(e.contains(why), "{to}: {e}");
+    }
+    let child = net.ok(22, delegate("hospital-c")).unwrap();
+    assert!(net.ledger.may_retrieve(&child, "hospital-c").is_ok());
+    // The delegated grant cannot be passed on again.
+    let e = net
+        .refused(
+            5,
+            Op::Delegate {
+                grant: child.clone(),
+                to_org: "hospital-b".into(),
+                envelope: "k".into(),
+            },
+        )
+        .to_string();
+    assert!(e.contains("does not allow delegation"), "{e}");
+    // Revoking the parent ends the child too.
+    net.ok(
+        21,
+        Op::RevokeAccess {
+            grant: parent.clone(),
+        },
+    );
+    let e = net
+        .ledger
+        .may_retrieve(&child, "hospital-c")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no longer live"), "{e}");
+    // Whoever delegated may revoke the delegation itself.
+    net.ok(22, Op::RevokeAccess { grant: child });
 }
 
 #[test]

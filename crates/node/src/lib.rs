@@ -22,4 +22,4 @@ pub use client::{Client, ClientError, Finality, QueryEntry, QueryPage};
 pub use config::{
     DicomPeer, ImagingConfig, NodeConfig, PeerConfig, ae_title, init_network, parse_org,
 };
-pub use run::{run_node, run_node_with};
+pub use run::{local_ledger, run_node, run_node_with};

@@ -26,6 +26,16 @@ pub fn run_node(cfg: NodeConfig) -> Result<(), ConfigError> {
     run_node_with(cfg, None)
 }
 
+static LOCAL_LEDGER: std::sync::OnceLock<std::sync::Arc<std::sync::RwLock<Ledger>>> =
+    std::sync::OnceLock::new();
+
+/// The finalised ledger state of the node running in this process, once it runs: what the
+/// imaging service reads where a round trip through the API would cost too much (the
+/// sharing side's check of every request). `None` in a process that runs no node.
+pub fn local_ledger() -> Option<std::sync::Arc<std::sync::RwLock<Ledger>>> {
+    LOCAL_LEDGER.get().cloned()
+}
+
 /// Runs the node, serving `extra` routes (the imaging service's DICOMweb) beside the API on
 /// the same HTTP port.
 pub fn run_node_with(cfg: NodeConfig, extra: Option<axum::Router>) -> Result<(), ConfigError> {
@@ -102,6 +112,7 @@ pub fn run_node_with(cfg: NodeConfig, extra: Option<axum::Router>) -> Result<(),
             }
         }
         let genesis = app.genesis();
+        let _ = LOCAL_LEDGER.set(app.ledger());
         if let Err(e) = crate::api::serve(
             cfg.api,
             cfg.org.clone(),

@@ -1049,6 +1049,18 @@ impl Store {
         Ok(())
     }
 
+    /// Like [`Store::put_sealed`] for objects the caller has just checked against their
+    /// addresses (a receiving node verifies each object before anything else): not hashed
+    /// again.
+    pub fn put_checked(&self, objects: Vec<(Digest, Bytes)>) -> Result<(), StoreError> {
+        let items = objects
+            .into_iter()
+            .map(|(a, b)| (object_key(&a), b))
+            .collect();
+        self.backend.put_batch(items)?;
+        Ok(())
+    }
+
     /// Takes in a study received whole from another store: its sealed manifest and objects
     /// are already written ([`Store::put_sealed`]); this writes the reference record with
     /// `envelope` (the manifest key wrapped for this store's owner, as a grant carries it)

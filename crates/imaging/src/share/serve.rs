@@ -103,6 +103,7 @@ fn router(inner: Arc<SharingInner>) -> axum::Router {
         .route("/share/v1/grants/{grant}/sessions", post(open_session))
         .route("/share/v1/sessions/{id}/manifest", get(manifest))
         .route("/share/v1/sessions/{id}/series/{uid}", get(series))
+        .route("/share/v1/sessions/{id}/objects", post(objects))
         .route("/share/v1/sessions/{id}/objects/{address}", get(object))
         .route("/share/v1/sessions/{id}/receipt", post(receipt))
         .with_state(inner)
@@ -205,6 +206,55 @@ async fn object(
     .await
 }
 
+/// Objects asked for at once, at most.
+const MAX_BATCH: usize = 64;
+
+/// Several objects in one answer (the grant checked once for all of them): per object its
+/// address (32 bytes), length (8 bytes, big endian) and sealed bytes, in the order asked.
+async fn objects(
+    State(s): State<Arc<SharingInner>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    blocking(move || {
+        let list: Vec<String> = serde_json::from_slice(&body).map_err(|e| {
+            refuse(
+                StatusCode::BAD_REQUEST,
+                format!("expected a JSON array of object addresses: {e}"),
+            )
+        })?;
+        if list.is_empty() || list.len() > MAX_BATCH {
+            return Err(refuse(
+                StatusCode::BAD_REQUEST,
+                format!("ask for 1 to {MAX_BATCH} objects at once"),
+            ));
+        }
+        let session = s.session(&peer, &id)?;
+        let mut out = Vec::new();
+        for a in &list {
+            let address = Digest::from_hex(a).map_err(|_| {
+                refuse(
+                    StatusCode::BAD_REQUEST,
+                    "an object address is 64 hex digits",
+                )
+            })?;
+            if !session.objects.contains(&address) {
+                return Err(refuse(
+                    StatusCode::NOT_FOUND,
+                    format!("object {address} is not part of the granted study"),
+                ));
+            }
+            let bytes = s.svc.store.raw_object(&address).map_err(store_refusal)?;
+            out.extend_from_slice(address.as_bytes());
+            out.extend_from_slice(&(bytes.len() as u64).to_be_bytes());
+            out.extend_from_slice(&bytes);
+        }
+        Ok(out.into_response())
+    })
+    .await
+}
+
 #[derive(Debug, serde::Deserialize)]
 struct ReceiptBody {
     objects: u32,
@@ -288,9 +338,43 @@ impl SharingInner {
     /// The ledger's answer to "may this peer retrieve under this grant now?".
     fn authorise(self: &Arc<Self>, peer: &Peer, grant: &str) -> Result<Grant, Refusal> {
         let org = peer.cert.org.clone();
-        let unavailable = |e: ClientError| refuse(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
-        match self.svc.client.may_retrieve(grant, &org) {
+        let (answer, known, ours) = match self.ledger_check(grant, &org) {
+            Ok(x) => x,
+            Err(e) => return Err(refuse(StatusCode::SERVICE_UNAVAILABLE, e)),
+        };
+        match answer {
             Ok(g) => Ok(g),
+            Err(message) => {
+                // Refusals of another owner's grant are that owner's to record.
+                if ours {
+                    self.record_refusal(known, &org, true, format!("retrieval refused: {message}"));
+                }
+                Err(refuse(StatusCode::FORBIDDEN, message))
+            }
+        }
+    }
+
+    /// `may_retrieve` in this node's finalised state: (the answer, the grant's id if it
+    /// exists, whether it is a grant on this organisation's study). In the node process the
+    /// ledger is read in memory; elsewhere through the API.
+    #[allow(clippy::type_complexity)]
+    fn ledger_check(
+        &self,
+        grant: &str,
+        org: &str,
+    ) -> Result<(Result<Grant, String>, Option<String>, bool), String> {
+        if let Some(ledger) = medledger_node::local_ledger() {
+            let l = ledger.read().expect("not poisoned");
+            let answer = l.may_retrieve(grant, org).map_err(|e| e.to_string());
+            let known = l.grant(grant);
+            let ours = known
+                .as_ref()
+                .is_none_or(|g| l.study(&g.study).is_some_and(|s| s.owner == self.org));
+            return Ok((answer, known.map(|g| g.id), ours));
+        }
+        let unavailable = |e: ClientError| e.to_string();
+        match self.svc.client.may_retrieve(grant, org) {
+            Ok(g) => Ok((Ok(g), None, true)),
             Err(ClientError::Refused {
                 status: 403,
                 message,
@@ -301,7 +385,6 @@ impl SharingInner {
                     .client
                     .value::<Grant>(&format!("grant/{grant}"))
                     .map_err(unavailable)?;
-                // Refusals of another owner's grant are that owner's to record.
                 let ours = match &known {
                     Some(g) => self
                         .svc
@@ -311,17 +394,9 @@ impl SharingInner {
                         .is_some_and(|st| st.owner == self.org),
                     None => true,
                 };
-                if ours {
-                    self.record_refusal(
-                        known.map(|g| g.id),
-                        &org,
-                        true,
-                        format!("retrieval refused: {message}"),
-                    );
-                }
-                Err(refuse(StatusCode::FORBIDDEN, message))
+                Ok((Err(message), known.map(|g| g.id), ours))
             }
-            Err(e) => Err(unavailable(e)),
+            Err(e) => Err(e.to_string()),
         }
     }
 

@@ -88,6 +88,11 @@ impl FsBackend {
 
     /// Writes a temporary file with `data` and flushes it; returns its path.
     fn write_tmp(&self, data: &[u8]) -> Result<PathBuf, BackendError> {
+        self.write_tmp_with(data, true)
+    }
+
+    /// Writes a temporary file, flushed to disk with `sync`, else left to a later `syncfs`.
+    fn write_tmp_with(&self, data: &[u8], sync: bool) -> Result<PathBuf, BackendError> {
         let mut name = [0u8; 16];
         rand::rngs::OsRng.fill_bytes(&mut name);
         let tmp = self
@@ -97,7 +102,7 @@ impl FsBackend {
         let mut f =
             File::create(&tmp).map_err(|e| BackendError::io(tmp.display().to_string(), e))?;
         f.write_all(data)
-            .and_then(|()| f.sync_data())
+            .and_then(|()| if sync { f.sync_data() } else { Ok(()) })
             .map_err(|e| BackendError::io(tmp.display().to_string(), e))?;
         Ok(tmp)
     }
@@ -193,6 +198,19 @@ fn create(root: &Path) -> Result<(), BackendError> {
     sync_dir(&parent)
 }
 
+/// Batches of at least this many objects are made durable with two `syncfs` calls (one
+/// after writing the temporary files, one after moving them into place) instead of one flush
+/// per file and per directory: the same guarantee (nothing is in place before its bytes are
+/// on disk; everything is on disk when the batch returns) for far fewer device flushes.
+const SYNCFS_BATCH: usize = 4;
+
+fn sync_fs(root: &Path) -> Result<(), BackendError> {
+    File::open(root)
+        .map_err(std::io::Error::from)
+        .and_then(|d| rustix::fs::syncfs(&d).map_err(std::io::Error::from))
+        .map_err(|e| BackendError::io(format!("flushing the file system of {}", root.display()), e))
+}
+
 fn sync_dir(dir: &Path) -> Result<(), BackendError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
@@ -222,6 +240,19 @@ impl Backend for FsBackend {
             .iter()
             .map(|(k, _)| self.path(k))
             .collect::<Result<_, _>>()?;
+        if items.len() >= SYNCFS_BATCH {
+            let tmps: Vec<PathBuf> = self.pool.install(|| {
+                items
+                    .par_iter()
+                    .map(|(_, data)| self.write_tmp_with(data, false))
+                    .collect::<Result<_, _>>()
+            })?;
+            sync_fs(&self.root)?;
+            for (tmp, dest) in tmps.iter().zip(&dests) {
+                self.install(tmp, dest)?;
+            }
+            return sync_fs(&self.root);
+        }
         // Write and flush every temporary file, then move each into place, then flush each
         // directory once: the batch is durable when this returns.
         let tmps: Vec<PathBuf> = self.pool.install(|| {

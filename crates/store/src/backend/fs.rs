@@ -206,7 +206,6 @@ const SYNCFS_BATCH: usize = 4;
 
 fn sync_fs(root: &Path) -> Result<(), BackendError> {
     File::open(root)
-        .map_err(std::io::Error::from)
         .and_then(|d| rustix::fs::syncfs(&d).map_err(std::io::Error::from))
         .map_err(|e| BackendError::io(format!("flushing the file system of {}", root.display()), e))
 }

@@ -171,11 +171,11 @@ fn bad_options_and_keys_are_explained() {
 }
 
 #[test]
-fn demo_runs_end_to_end() {
+fn offline_demo_runs_end_to_end() {
     let tmp = tempfile::tempdir().unwrap();
     let run = medledger(tmp.path())
         .current_dir(tmp.path())
-        .args(["demo", "--slices", "2"])
+        .args(["demo", "--offline", "--slices", "2"])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&run.stdout);

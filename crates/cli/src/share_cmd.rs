@@ -236,19 +236,15 @@ pub fn run(cmd: ShareCommand) -> Result<()> {
             node,
             key_file,
             consent,
-        } => {
-            let key = signing_key(&key_file)?;
-            let f = submit(
-                &node.node,
-                &key,
-                Op::RevokeConsent {
-                    consent: consent.clone(),
-                },
-            )?;
-            print(&json!({ "consent": consent, "revoked": true, "height": f.height }));
-            eprintln!("consent {consent} revoked at height {}", f.height);
-            Ok(())
-        }
+        } => revoke(
+            &node.node,
+            &key_file,
+            "consent",
+            &consent,
+            Op::RevokeConsent {
+                consent: consent.clone(),
+            },
+        ),
         ShareCommand::Request {
             node,
             key_file,
@@ -288,19 +284,15 @@ pub fn run(cmd: ShareCommand) -> Result<()> {
             node,
             key_file,
             grant,
-        } => {
-            let key = signing_key(&key_file)?;
-            let f = submit(
-                &node.node,
-                &key,
-                Op::RevokeAccess {
-                    grant: grant.clone(),
-                },
-            )?;
-            print(&json!({ "grant": grant, "revoked": true, "height": f.height }));
-            eprintln!("grant {grant} revoked at height {}", f.height);
-            Ok(())
-        }
+        } => revoke(
+            &node.node,
+            &key_file,
+            "grant",
+            &grant,
+            Op::RevokeAccess {
+                grant: grant.clone(),
+            },
+        ),
         ShareCommand::Fetch {
             node,
             grant,
@@ -1241,6 +1233,15 @@ fn submit(node: &str, key: &SigningKey, op: Op) -> Result<Finality> {
     Client::new(node)
         .execute(key, op, FINALITY)
         .with_context(|| format!("submitting to {node}"))
+}
+
+/// Submits a revocation (of a consent or a grant) and reports the height it is final at.
+fn revoke(node: &str, key_file: &Path, what: &str, id: &str, op: Op) -> Result<()> {
+    let key = signing_key(key_file)?;
+    let f = submit(node, &key, op)?;
+    print(&json!({ what: id, "revoked": true, "height": f.height }));
+    eprintln!("{what} {id} revoked at height {}", f.height);
+    Ok(())
 }
 
 fn signing_key(path: &Path) -> Result<SigningKey> {

@@ -1,11 +1,12 @@
 //! Sharing across organisations over real node processes: the demo's whole story, and each
 //! way a retrieval must fail (no consent, revoked, expired, wrong organisation, forged
 //! certificate, replay, tampered object, a node down mid-transfer), each with its refusal
-//! and its audit entry.
+//! and its audit entry; delegation once to a third organisation.
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::Output;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,7 +42,7 @@ struct World {
     original: Study,
     derivative: Study,
     patient: String,
-    _home: tempfile::TempDir,
+    home: tempfile::TempDir,
 }
 
 impl World {
@@ -68,6 +69,17 @@ impl World {
     fn key(&self, org: &str, name: &str) -> SigningKey {
         SigningKey::from_text(&std::fs::read_to_string(self.dir.join(org).join(name)).unwrap())
             .unwrap()
+    }
+
+    fn config(&self, org: &str) -> PathBuf {
+        self.dir.join(org).join("node.json")
+    }
+
+    /// A signing key as a file, for the binary's `--key-file`.
+    fn key_file(&self, name: &str, key: &SigningKey) -> PathBuf {
+        let path = self.home.path().join(name);
+        std::fs::write(&path, key.to_text()).unwrap();
+        path
     }
 
     /// A new member of `org`, registered by its admin.
@@ -116,13 +128,32 @@ impl World {
         found.unwrap()
     }
 
-    fn grants_of(&self, request: &str) -> Vec<Grant> {
+    fn grants(&self) -> Vec<Grant> {
         let page = self.client(A).query("grant/", None, 10_000).unwrap();
         page.entries
             .into_iter()
             .filter_map(|e| serde_json::from_value::<Grant>(e.value).ok())
+            .collect()
+    }
+
+    fn grants_of(&self, request: &str) -> Vec<Grant> {
+        self.grants()
+            .into_iter()
             .filter(|g| g.request == request)
             .collect()
+    }
+
+    /// Grant `id` as A's node reads it, once it is final there.
+    fn grant(&self, id: &str) -> Grant {
+        let mut g = None;
+        wait_for("the grant at A", FINAL, || {
+            g = self
+                .client(A)
+                .value::<Grant>(&format!("grant/{id}"))
+                .unwrap();
+            g.is_some()
+        });
+        g.unwrap()
     }
 
     fn wait_grant(&self, request: &str) -> Grant {
@@ -205,6 +236,58 @@ impl World {
         let pem = std::fs::read_to_string(self.dir.join(org).join("node.pem")).unwrap();
         self.tls_client(&pem, &self.key(org, "node.key"))
     }
+
+    fn wait_healthy(&self, org: &str) {
+        let api = self.api(org);
+        wait_for("the node to be ready", FINAL, || {
+            http()
+                .get(format!("{api}/health"))
+                .send()
+                .is_ok_and(|r| r.status().is_success())
+        });
+    }
+
+    /// Restarts `org`'s node with automatic sharing off: it grants and fetches nothing by
+    /// itself (and still serves what is granted).
+    fn restart_without_auto_share(&self, org: &str) {
+        let cfg_path = self.config(org);
+        let mut cfg: Value = serde_json::from_slice(&std::fs::read(&cfg_path).unwrap()).unwrap();
+        cfg["imaging"]["auto_share"] = false.into();
+        std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
+        let pid: i32 = std::fs::read_to_string(self.dir.join(org).join("node.pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let _ = std::process::Command::new("kill")
+            .arg(pid.to_string())
+            .status();
+        wait_for("the node to stop", FINAL, || {
+            !Path::new(&format!("/proc/{pid}")).exists()
+        });
+        let up = medledger(self.home.path())
+            .args(["network", "up"])
+            .arg(&self.dir)
+            .output()
+            .unwrap();
+        assert!(up.status.success(), "{}", text(&up));
+        self.wait_healthy(org);
+        wait_for("the sharing endpoint", FINAL, || {
+            std::net::TcpStream::connect(self.share_addr(org)).is_ok()
+        });
+    }
+
+    /// `medledger share delegate` run on `org`'s node configuration.
+    fn delegate(&self, org: &str, key_file: &Path, grant: &str, to_org: &str) -> Output {
+        medledger(self.home.path())
+            .args(["share", "delegate", "--config"])
+            .arg(self.config(org))
+            .arg("--key-file")
+            .arg(key_file)
+            .args(["--grant", grant, "--to-org", to_org])
+            .output()
+            .unwrap()
+    }
 }
 
 /// Starts the network (`auto_b`: whether hospital B's node grants and fetches by itself) and
@@ -214,30 +297,6 @@ fn world(port_start: u16, auto_b: bool) -> World {
     let dir = home.path().join("net");
     let base = common::free_base(port_start + (std::process::id() % 500) as u16 * 4);
     let (net, api_a) = common::network(home.path(), &dir, base, json!([]));
-    if !auto_b {
-        // Restart B without following the ledger.
-        let cfg_path = dir.join(B).join("node.json");
-        let mut cfg: Value = serde_json::from_slice(&std::fs::read(&cfg_path).unwrap()).unwrap();
-        cfg["imaging"]["auto_share"] = false.into();
-        std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
-        let pid: i32 = std::fs::read_to_string(dir.join(B).join("node.pid"))
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
-        let _ = std::process::Command::new("kill")
-            .arg(pid.to_string())
-            .status();
-        wait_for("B to stop", FINAL, || {
-            !Path::new(&format!("/proc/{pid}")).exists()
-        });
-        let up = medledger(home.path())
-            .args(["network", "up"])
-            .arg(&dir)
-            .output()
-            .unwrap();
-        assert!(up.status.success(), "{}", text(&up));
-    }
     let import = medledger(home.path())
         .arg("import")
         .args(common::chest_ct())
@@ -267,31 +326,22 @@ fn world(port_start: u16, auto_b: bool) -> World {
         .unwrap()
         .clone();
     let patient = original.patient.clone();
-    for org in [B, RESEARCH] {
-        let api = format!(
-            "http://127.0.0.1:{}",
-            base + 100
-                + [A, B, RESEARCH, AGENT]
-                    .iter()
-                    .position(|o| *o == org)
-                    .unwrap() as u16
-        );
-        wait_for("the node to be ready", FINAL, || {
-            http()
-                .get(format!("{api}/health"))
-                .send()
-                .is_ok_and(|r| r.status().is_success())
-        });
-    }
-    World {
+    let w = World {
         _net: net,
         dir,
         base,
         original,
         derivative,
         patient,
-        _home: home,
+        home,
+    };
+    for org in [B, RESEARCH] {
+        w.wait_healthy(org);
     }
+    if !auto_b {
+        w.restart_without_auto_share(B);
+    }
+    w
 }
 
 #[test]
@@ -782,4 +832,186 @@ fn demo_tells_the_whole_story() {
     }
     // The network is down afterwards.
     assert!(std::net::TcpStream::connect(("127.0.0.1", base + 100)).is_err());
+}
+
+/// The JSON a command printed on stdout.
+fn stdout_json(o: &Output) -> Value {
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(o)))
+}
+
+fn refused_with(o: &Output, needle: &str) {
+    assert!(!o.status.success(), "not refused: {}", text(o));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains(needle), "missing {needle:?}: {}", text(o));
+}
+
+#[test]
+fn a_delegable_grant_is_delegated_once_and_the_delegate_retrieves_it() {
+    let w = world(54_000, true);
+    let root = w.derivative.root;
+    let patient = w.member(AGENT, &[Role::Patient], Some(&w.patient));
+    let dr_b = w.member(B, &[Role::Clinician], None);
+    let researcher = w.member(RESEARCH, &[Role::Researcher], None);
+    let dr_b_file = w.key_file("dr-b.key", &dr_b);
+    let researcher_file = w.key_file("researcher.key", &researcher);
+
+    // Care by any member organisation: the consent also covers a delegation to research.
+    w.consent(&patient, Purpose::Care, Recipient::AnyMember, None);
+
+    // B's request is granted by A's node (not delegable) and fetched by B's node.
+    let req1 = w.request(B, &dr_b, Target::Study(root), Purpose::Care);
+    let g1 = w.wait_grant(&req1);
+    assert_eq!((g1.grantee.as_str(), g1.study), (B, root));
+    assert!(!g1.delegable, "an automatic grant is not delegable");
+    let r = w.retrieval(B, &g1.id);
+    assert_eq!(r["state"], "done", "{r}");
+    assert_eq!(r["outcome"]["root"], root.to_hex(), "{r}");
+
+    // It cannot be delegated: neither by the binary nor by the ledger.
+    let out = w.delegate(B, &dr_b_file, &g1.id, RESEARCH);
+    refused_with(&out, "does not allow delegation");
+    let e = w
+        .client(B)
+        .execute(
+            &dr_b,
+            Op::Delegate {
+                grant: g1.id.clone(),
+                to_org: RESEARCH.into(),
+                envelope: "{}".into(),
+            },
+            FINAL,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("does not allow delegation"), "{e}");
+    assert!(
+        w.grants().iter().all(|g| g.grantee != RESEARCH),
+        "a grant to research appeared"
+    );
+
+    // A grants by hand from now on (its node would otherwise grant B's next request first,
+    // not delegable): its admin grants a delegable one.
+    w.restart_without_auto_share(A);
+    let req2 = w.request(B, &dr_b, Target::Study(root), Purpose::Care);
+    wait_for("the request at A", FINAL, || {
+        w.client(A)
+            .value::<Value>(&format!("request/{req2}"))
+            .is_ok_and(|r| r.is_some())
+    });
+    let out = medledger(w.home.path())
+        .args(["share", "grant", "--config"])
+        .arg(w.config(A))
+        .arg("--key-file")
+        .arg(w.dir.join(A).join("admin.key"))
+        .args(["--request", &req2, "--delegable"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let granted = stdout_json(&out);
+    let g2_id = granted["granted"][0]["grant"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no grant in {granted}"))
+        .to_string();
+    let g2 = w.grant(&g2_id);
+    assert_eq!(
+        (g2.grantee.as_str(), g2.study, g2.delegable),
+        (B, root, true)
+    );
+    assert_eq!(w.grants_of(&req2).len(), 1, "one grant for the request");
+    let r = w.retrieval(B, &g2.id);
+    assert_eq!(r["state"], "done", "{r}");
+    assert_eq!(r["outcome"]["root"], root.to_hex(), "{r}");
+
+    // Clear refusals before anything is submitted.
+    refused_with(
+        &w.delegate(B, &dr_b_file, "0123456789abcdef0123456789abcdef", RESEARCH),
+        "no grant 0123456789abcdef0123456789abcdef",
+    );
+    refused_with(
+        &w.delegate(RESEARCH, &researcher_file, &g2.id, B),
+        &format!("grant {} is for {B}, not for {RESEARCH}", g2.id),
+    );
+    refused_with(
+        &w.delegate(RESEARCH, &dr_b_file, &g2.id, B),
+        &format!("is a member of {B}, not of {RESEARCH}"),
+    );
+    refused_with(
+        &w.delegate(B, &dr_b_file, &g2.id, "nowhere"),
+        "no organisation nowhere",
+    );
+    refused_with(
+        &w.delegate(B, &dr_b_file, &g2.id, A),
+        &format!("{A} owns study {root}"),
+    );
+
+    // B's clinician delegates it to research.
+    let out = w.delegate(B, &dr_b_file, &g2.id, RESEARCH);
+    assert!(out.status.success(), "{}", text(&out));
+    let printed = stdout_json(&out);
+    let g3_id = printed["grant"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no grant in {printed}"))
+        .to_string();
+    assert_ne!(g3_id, g2.id);
+    let g3 = w.grant(&g3_id);
+    assert_eq!(g3.grantee, RESEARCH);
+    assert_eq!(g3.study, root);
+    assert_eq!(g3.purpose, Purpose::Care);
+    assert_eq!(g3.request, req2);
+    assert_eq!(g3.delegated_from.as_deref(), Some(g2.id.as_str()));
+    assert_eq!(g3.expires_ms, g2.expires_ms);
+    assert!(!g3.delegable && !g3.break_glass && g3.revoked_at.is_none());
+    assert_ne!(g3.envelope, g2.envelope, "the key is wrapped for research");
+
+    // Research's node fetches the study from A under the delegated grant, verified.
+    let r = w.retrieval(RESEARCH, &g3.id);
+    assert_eq!(r["state"], "done", "{r}");
+    assert_eq!(r["outcome"]["root"], root.to_hex(), "{r}");
+    assert_eq!(r["outcome"]["owner"], A, "{r}");
+    assert_eq!(r["outcome"]["instances"], 64, "{r}");
+    let objects = r["outcome"]["objects"].as_u64().unwrap();
+    assert!(objects >= 64, "{r}");
+    let e = w.audit_entry("the delegate's retrieval", |e| {
+        e.grant == g3.id && e.refused.is_none()
+    });
+    assert_eq!(
+        (
+            e.server_org.as_str(),
+            e.receiver_org.as_str(),
+            e.recorded_by.as_str()
+        ),
+        (A, RESEARCH, A)
+    );
+    assert_eq!((e.study, u64::from(e.objects)), (root, objects));
+    assert!(!e.break_glass);
+
+    // The delegated grant goes no further.
+    let out = w.delegate(RESEARCH, &researcher_file, &g3.id, B);
+    refused_with(&out, "does not allow delegation");
+    let e = w
+        .client(RESEARCH)
+        .execute(
+            &researcher,
+            Op::Delegate {
+                grant: g3.id.clone(),
+                to_org: B.into(),
+                envelope: "{}".into(),
+            },
+            FINAL,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("does not allow delegation"), "{e}");
+    let to_research_or_from_g3: Vec<Grant> = w
+        .grants()
+        .into_iter()
+        .filter(|g| g.grantee == RESEARCH || g.delegated_from.as_deref() == Some(g3.id.as_str()))
+        .collect();
+    assert_eq!(
+        to_research_or_from_g3
+            .iter()
+            .map(|g| g.id.as_str())
+            .collect::<Vec<_>>(),
+        vec![g3.id.as_str()]
+    );
 }

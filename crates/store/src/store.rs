@@ -325,6 +325,24 @@ fn ref_key(root: &Digest) -> String {
     format!("refs/{}.json", root.to_hex())
 }
 
+/// The manifest key of a study, opened with the holder's envelope and wrapped for
+/// `recipient`, bound to the root.
+fn rewrap(
+    record: &StudyRef,
+    holder: &SecretKey,
+    recipient: &PublicKey,
+) -> Result<WrappedKey, StoreError> {
+    let root = record.root;
+    let envelope = record
+        .envelopes
+        .iter()
+        .find(|e| e.is_for(&holder.public()))
+        .ok_or(StoreError::NotRecipient(root))?;
+    let key = medledger_crypto::unwrap(envelope, holder, root.as_bytes())
+        .map_err(|e| corrupt(format!("the envelope of study {root}"), e.to_string()))?;
+    Ok(medledger_crypto::wrap(&key, recipient, root.as_bytes()))
+}
+
 /// Seals a manifest and makes the study's reference record (envelopes for the owner and
 /// `recipients`): (the manifest object to write, the record to write after it).
 fn seal_manifest(
@@ -984,16 +1002,8 @@ impl Store {
         if record.envelopes.iter().any(|e| e.is_for(recipient)) {
             return Ok(false);
         }
-        let envelope = record
-            .envelopes
-            .iter()
-            .find(|e| e.is_for(&holder.public()))
-            .ok_or(StoreError::NotRecipient(*root))?;
-        let key = medledger_crypto::unwrap(envelope, holder, root.as_bytes())
-            .map_err(|e| corrupt(format!("the envelope of study {root}"), e.to_string()))?;
-        record
-            .envelopes
-            .push(medledger_crypto::wrap(&key, recipient, root.as_bytes()));
+        let envelope = rewrap(&record, holder, recipient)?;
+        record.envelopes.push(envelope);
         self.write_ref(&record)?;
         Ok(true)
     }
@@ -1006,15 +1016,7 @@ impl Store {
         holder: &SecretKey,
         recipient: &PublicKey,
     ) -> Result<WrappedKey, StoreError> {
-        let record = self.study_ref(root)?;
-        let envelope = record
-            .envelopes
-            .iter()
-            .find(|e| e.is_for(&holder.public()))
-            .ok_or(StoreError::NotRecipient(*root))?;
-        let key = medledger_crypto::unwrap(envelope, holder, root.as_bytes())
-            .map_err(|e| corrupt(format!("the envelope of study {root}"), e.to_string()))?;
-        Ok(medledger_crypto::wrap(&key, recipient, root.as_bytes()))
+        rewrap(&self.study_ref(root)?, holder, recipient)
     }
 
     /// A sealed object's bytes as stored, not checked: what a serving node sends; the

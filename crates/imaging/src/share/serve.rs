@@ -188,19 +188,7 @@ async fn object(
 ) -> Response {
     blocking(move || {
         let session = s.session(&peer, &id)?;
-        let address = Digest::from_hex(&address).map_err(|_| {
-            refuse(
-                StatusCode::BAD_REQUEST,
-                "an object address is 64 hex digits",
-            )
-        })?;
-        if !session.objects.contains(&address) {
-            return Err(refuse(
-                StatusCode::NOT_FOUND,
-                format!("object {address} is not part of the granted study"),
-            ));
-        }
-        let bytes = s.svc.store.raw_object(&address).map_err(store_refusal)?;
+        let (_, bytes) = s.sealed(&session, &address)?;
         Ok(bytes.into_response())
     })
     .await
@@ -233,19 +221,7 @@ async fn objects(
         let session = s.session(&peer, &id)?;
         let mut out = Vec::new();
         for a in &list {
-            let address = Digest::from_hex(a).map_err(|_| {
-                refuse(
-                    StatusCode::BAD_REQUEST,
-                    "an object address is 64 hex digits",
-                )
-            })?;
-            if !session.objects.contains(&address) {
-                return Err(refuse(
-                    StatusCode::NOT_FOUND,
-                    format!("object {address} is not part of the granted study"),
-                ));
-            }
-            let bytes = s.svc.store.raw_object(&address).map_err(store_refusal)?;
+            let (address, bytes) = s.sealed(&session, a)?;
             out.extend_from_slice(address.as_bytes());
             out.extend_from_slice(&(bytes.len() as u64).to_be_bytes());
             out.extend_from_slice(&bytes);
@@ -449,6 +425,24 @@ impl SharingInner {
             "objects": record.objects.len(),
         }))
         .into_response())
+    }
+
+    /// A sealed object of the session's study, as stored.
+    fn sealed(&self, session: &Session, address: &str) -> Result<(Digest, bytes::Bytes), Refusal> {
+        let address = Digest::from_hex(address).map_err(|_| {
+            refuse(
+                StatusCode::BAD_REQUEST,
+                "an object address is 64 hex digits",
+            )
+        })?;
+        if !session.objects.contains(&address) {
+            return Err(refuse(
+                StatusCode::NOT_FOUND,
+                format!("object {address} is not part of the granted study"),
+            ));
+        }
+        let bytes = self.svc.store.raw_object(&address).map_err(store_refusal)?;
+        Ok((address, bytes))
     }
 
     /// A session of this peer, its grant checked against the ledger again.

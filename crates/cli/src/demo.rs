@@ -255,24 +255,34 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let t = Instant::now();
     let url = format!("{}/dicom-web/studies", net.api(A));
     let mut bytes = 0u64;
+    let (mut stored, mut refused) = (0usize, 0usize);
     for chunk in files.chunks(32) {
         let (boundary, body) = crate::import_cmd::stow_body(chunk)?;
         bytes += body.len() as u64;
         let r = crate::import_cmd::post_stow(&http, &url, &boundary, body)?;
-        if !r.status().is_success() {
-            bail!(
-                "hospital A refused the studies: {} {}",
-                r.status(),
-                r.text().unwrap_or_default()
-            );
+        let status = r.status();
+        // 200: all stored; 202: some refused; 409: none stored. The answer says which.
+        let answer: Value = r.json().unwrap_or(Value::Null);
+        let count = |tag: &str| answer[tag]["Value"].as_array().map_or(0, Vec::len);
+        if !(status.is_success() || status.as_u16() == 409) || answer.is_null() {
+            bail!("hospital A refused the studies: {status} {answer}");
         }
+        stored += count("00081199");
+        refused += count("00081198");
     }
     println!(
-        "    {} instances, {:.1} MB stored at hospital A in {:.2} s (acknowledged once durable: originals and de-identified derivatives)",
-        files.len(),
+        "    {stored} instances, {:.1} MB stored at hospital A in {:.2} s (acknowledged once durable: originals and de-identified derivatives){}",
         bytes as f64 / 1e6,
-        t.elapsed().as_secs_f64()
+        t.elapsed().as_secs_f64(),
+        if refused > 0 {
+            format!("; {refused} refused (not readable DICOM: `medledger import` lists why)")
+        } else {
+            String::new()
+        }
     );
+    if stored == 0 {
+        bail!("hospital A stored nothing of {}", input.display());
+    }
     let linkage = DeidKey::from_text(&std::fs::read_to_string(
         net.org_dir(B).join("linkage.key"),
     )?)?;
@@ -291,14 +301,12 @@ pub fn run(args: DemoArgs) -> Result<()> {
             .into_iter()
             .filter(|s| s.owner == A)
             .collect();
-        let count = |derivative: bool| -> usize {
-            studies
-                .iter()
-                .filter(|s| s.is_derivative() == derivative)
-                .map(|s| s.instances as usize)
-                .sum()
-        };
-        count(false) >= files.len() && count(true) >= files.len()
+        let originals: usize = studies
+            .iter()
+            .filter(|s| !s.is_derivative())
+            .map(|s| s.instances as usize)
+            .sum();
+        originals >= stored && pending_registrations(&http, net.api(A)) == Some(0)
     })?;
     for s in &studies {
         println!(
@@ -794,6 +802,14 @@ pub(crate) fn wait_until(what: &str, mut ready: impl FnMut() -> bool) -> Result<
         std::thread::sleep(Duration::from_millis(50));
     }
     Ok(())
+}
+
+/// Studies a node holds that the ledger has not registered yet (its `/metrics`).
+fn pending_registrations(http: &reqwest::blocking::Client, api: &str) -> Option<u64> {
+    let text = http.get(format!("{api}/metrics")).send().ok()?.text().ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("medledger_studies_pending_registration "))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// The newest version of each study: those no other version supersedes.

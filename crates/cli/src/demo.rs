@@ -306,7 +306,9 @@ pub fn run(args: DemoArgs) -> Result<()> {
             .filter(|s| !s.is_derivative())
             .map(|s| s.instances as usize)
             .sum();
-        originals >= stored && pending_registrations(&http, net.api(A)) == Some(0)
+        // Instances sent twice (the same SOP Instance UID) are kept once, so the count can
+        // be below what was stored; nothing pending means everything is registered.
+        originals > 0 && pending_registrations(&http, net.api(A)) == Some(0)
     })?;
     for s in &studies {
         println!(
@@ -376,8 +378,16 @@ pub fn run(args: DemoArgs) -> Result<()> {
     step.next("Hospital B's clinician finds the patient's priors at hospital A and receives them");
     let clinician = net.member(B, "Dr B (radiologist)", &[Role::Clinician], None)?;
     println!(
-        "    the clinician knows the patient ({}, born {}); the consortium's linkage key gives the pseudonym {ps1}",
-        p1.name, p1.birth_date
+        "    the clinician knows the patient ({}); the consortium's linkage key gives the pseudonym {ps1}",
+        [
+            p1.name.clone(),
+            format!("ID {}", p1.id),
+            format!("born {}", p1.birth_date)
+        ]
+        .into_iter()
+        .filter(|s| !s.is_empty() && !s.ends_with(' '))
+        .collect::<Vec<_>>()
+        .join(", ")
     );
     let b = net.client(B);
     let priors: Vec<Study> = current(b.studies()?)
@@ -774,6 +784,9 @@ fn people_of(dir: &Path) -> Result<Vec<Person>> {
             dir.display()
         );
     }
+    // The story is about priors: the patient with the most studies first, named ones before
+    // those whose headers were emptied.
+    people.sort_by_key(|p| (std::cmp::Reverse(p.studies), p.name.is_empty()));
     Ok(people)
 }
 
@@ -806,7 +819,12 @@ pub(crate) fn wait_until(what: &str, mut ready: impl FnMut() -> bool) -> Result<
 
 /// Studies a node holds that the ledger has not registered yet (its `/metrics`).
 fn pending_registrations(http: &reqwest::blocking::Client, api: &str) -> Option<u64> {
-    let text = http.get(format!("{api}/metrics")).send().ok()?.text().ok()?;
+    let text = http
+        .get(format!("{api}/metrics"))
+        .send()
+        .ok()?
+        .text()
+        .ok()?;
     text.lines()
         .find_map(|l| l.strip_prefix("medledger_studies_pending_registration "))
         .and_then(|v| v.trim().parse().ok())

@@ -479,40 +479,83 @@ async fn retrieve(
                 l.entry.sop_instance_uid, l.meta.transfer_syntax
             ));
         }
-        // Instances are read, decrypted and verified in parallel, answered in order.
-        use rayon::prelude::*;
-        let read: Vec<Result<(String, Vec<u8>), Response>> = found
-            .par_iter()
-            .map(|l| {
-                s.read_instance(&l.entry)
-                    .map(|file| {
-                        (
-                            format!("application/dicom; transfer-syntax={}", l.meta.transfer_syntax),
-                            file,
-                        )
-                    })
-                    .map_err(|e| {
-                        tracing::error!(
-                            "instance {} failed verification: {e}",
-                            l.entry.sop_instance_uid
-                        );
-                        problem(
-                            StatusCode::INTERNAL_SERVER_ERROR,
-                            format!(
-                                "instance {} failed verification in the store; it is not served",
-                                l.entry.sop_instance_uid
-                            ),
-                        )
-                    })
-            })
-            .collect();
-        let parts = match read.into_iter().collect::<Result<Vec<_>, _>>() {
-            Ok(p) => p,
-            Err(r) => return r,
-        };
-        multipart("application/dicom", parts)
+        stream_instances(s, found)
     })
     .await
+}
+
+/// Instances read, decrypted and verified in parallel a few at a time, sent in order as
+/// they are ready (so a large study is neither held whole in memory nor waited for whole).
+/// The first group is read before answering, so a damaged store gives a 500 rather than a
+/// cut-off body; a later failure ends the body early (and is logged).
+fn stream_instances(s: Service, found: Vec<Located>) -> Response {
+    use rayon::prelude::*;
+    const GROUP: usize = 8;
+    let b = boundary();
+    let read_group = move |s: &Service, group: &[Located], b: &str| -> Result<Vec<Bytes>, String> {
+        group
+            .par_iter()
+            .map(|l| {
+                let file = s.read_instance(&l.entry).map_err(|e| {
+                    tracing::error!(
+                        "instance {} failed verification: {e}",
+                        l.entry.sop_instance_uid
+                    );
+                    format!(
+                        "instance {} failed verification in the store; it is not served",
+                        l.entry.sop_instance_uid
+                    )
+                })?;
+                let mut part = Vec::with_capacity(file.len() + 160);
+                part.extend_from_slice(
+                    format!(
+                        "--{b}\r\nContent-Type: application/dicom; transfer-syntax={}\r\n\r\n",
+                        l.meta.transfer_syntax
+                    )
+                    .as_bytes(),
+                );
+                part.extend_from_slice(&file);
+                part.extend_from_slice(b"\r\n");
+                Ok(Bytes::from(part))
+            })
+            .collect()
+    };
+    let first = match read_group(&s, &found[..found.len().min(GROUP)], &b) {
+        Ok(parts) => parts,
+        Err(msg) => return problem(StatusCode::INTERNAL_SERVER_ERROR, msg),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(2 * GROUP);
+    let content_type = format!("multipart/related; type=\"application/dicom\"; boundary={b}");
+    std::thread::spawn(move || {
+        for part in first {
+            if tx.blocking_send(Ok(part)).is_err() {
+                return;
+            }
+        }
+        for group in found.chunks(GROUP).skip(1) {
+            match read_group(&s, group, &b) {
+                Ok(parts) => {
+                    for part in parts {
+                        if tx.blocking_send(Ok(part)).is_err() {
+                            return;
+                        }
+                    }
+                }
+                Err(msg) => {
+                    let _ = tx.blocking_send(Err(std::io::Error::other(msg)));
+                    return;
+                }
+            }
+        }
+        let _ = tx.blocking_send(Ok(Bytes::from(format!("--{b}--\r\n"))));
+    });
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, content_type)
+        .body(Body::from_stream(stream))
+        .expect("a valid response")
 }
 
 /// The study, series and instance UIDs a WADO-RS path names (series and instance optional).

@@ -484,12 +484,19 @@ fn dicomweb_client_pynetdicom_and_orthanc_work_with_a_node() {
     );
     let orth = format!("http://127.0.0.1:{orthanc_http}");
     let orthanc_log = || std::fs::read_to_string(odir.join("orthanc.log")).unwrap_or_default();
-    wait_for("Orthanc", Duration::from_secs(30), || {
-        http()
-            .get(format!("{orth}/system"))
-            .send()
-            .is_ok_and(|r| r.status().is_success())
-    });
+    let up = Instant::now();
+    while !http()
+        .get(format!("{orth}/system"))
+        .send()
+        .is_ok_and(|r| r.status().is_success())
+    {
+        assert!(
+            up.elapsed() < Duration::from_secs(90),
+            "Orthanc did not answer on {orth} in 90 s; its log:\n{}",
+            orthanc_log()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
     let (_, plugins) = get_json(&format!("{orth}/plugins"));
     assert!(
         plugins.as_array().unwrap().contains(&json!("dicom-web")),

@@ -237,6 +237,36 @@ impl World {
         self.tls_client(&pem, &self.key(org, "node.key"))
     }
 
+    /// SIGKILLs process `pid` once `org`'s retrieval of `grant` has verified 8 objects.
+    fn kill_mid_transfer(&self, org: &str, grant: &str, pid: i32) {
+        for _ in 0..20_000 {
+            let (_, list) = get_json(&format!("{}/api/retrievals", self.api(org)));
+            let r = list.as_array().and_then(|a| {
+                a.iter()
+                    .find(|r| r["grant"] == grant && r["state"] == "running")
+                    .cloned()
+            });
+            if r.and_then(|r| r["progress"][0].as_u64())
+                .is_some_and(|n| n >= 8)
+            {
+                let _ = std::process::Command::new("kill")
+                    .args(["-9", &pid.to_string()])
+                    .status();
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        panic!("the transfer was not caught in progress");
+    }
+
+    fn pid(&self, org: &str) -> i32 {
+        std::fs::read_to_string(self.dir.join(org).join("node.pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
     fn wait_healthy(&self, org: &str) {
         let api = self.api(org);
         wait_for("the node to be ready", FINAL, || {
@@ -250,15 +280,16 @@ impl World {
     /// Restarts `org`'s node with automatic sharing off: it grants and fetches nothing by
     /// itself (and still serves what is granted).
     fn restart_without_auto_share(&self, org: &str) {
+        self.restart_with(org, |c| c["imaging"]["auto_share"] = false.into());
+    }
+
+    /// Restarts `org`'s node after `change` to its configuration.
+    fn restart_with(&self, org: &str, change: impl Fn(&mut Value)) {
         let cfg_path = self.config(org);
         let mut cfg: Value = serde_json::from_slice(&std::fs::read(&cfg_path).unwrap()).unwrap();
-        cfg["imaging"]["auto_share"] = false.into();
+        change(&mut cfg);
         std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
-        let pid: i32 = std::fs::read_to_string(self.dir.join(org).join("node.pid"))
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
+        let pid = self.pid(org);
         let _ = std::process::Command::new("kill")
             .arg(pid.to_string())
             .status();
@@ -275,6 +306,11 @@ impl World {
         wait_for("the sharing endpoint", FINAL, || {
             std::net::TcpStream::connect(self.share_addr(org)).is_ok()
         });
+    }
+
+    /// Slows hospital A's serving to 15 MB/s, so that a transfer can be cut in the middle.
+    fn slow_owner(&self) {
+        self.restart_with(A, |c| c["imaging"]["share_limit_mb_s"] = 15.into());
     }
 
     /// `medledger share delegate` run on `org`'s node configuration.
@@ -672,6 +708,7 @@ fn every_refusal_is_explained_and_audited() {
 #[test]
 fn a_node_down_mid_transfer_resumes_and_one_series_is_proven_alone() {
     let w = world(48_000, false);
+    w.slow_owner();
     let patient = w.member(AGENT, &[Role::Patient], Some(&w.patient));
     let dr_b = w.member(B, &[Role::Clinician], None);
     w.consent(&patient, Purpose::Care, Recipient::Org(B.into()), None);
@@ -710,36 +747,13 @@ fn a_node_down_mid_transfer_resumes_and_one_series_is_proven_alone() {
                 std::fs::remove_file(Path::new(&b_store).join("objects").join(&h[..2]).join(&h));
         }
     }
-    let pid_a: i32 = std::fs::read_to_string(w.dir.join(A).join("node.pid"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let pid_a = w.pid(A);
     let api_b = w.api(B);
     let g = grant.id.clone();
     let running = std::thread::spawn(move || {
         post_json(&format!("{api_b}/api/retrievals"), &json!({ "grant": g }))
     });
-    let mut killed = false;
-    for _ in 0..20_000 {
-        let (_, list) = get_json(&format!("{}/api/retrievals", w.api(B)));
-        let r = list.as_array().and_then(|a| {
-            a.iter()
-                .find(|r| r["grant"] == grant.id && r["state"] == "running")
-                .cloned()
-        });
-        if let Some(done) = r.and_then(|r| r["progress"][0].as_u64()) {
-            if done >= 8 {
-                let _ = std::process::Command::new("kill")
-                    .args(["-9", &pid_a.to_string()])
-                    .status();
-                killed = true;
-                break;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    assert!(killed, "the transfer was not caught in progress");
+    w.kill_mid_transfer(B, &grant.id, pid_a);
     let (code, failed) = running.join().unwrap();
     assert_eq!(code, 503, "{failed}");
     let msg = failed["error"].as_str().unwrap();
@@ -801,6 +815,47 @@ fn a_node_down_mid_transfer_resumes_and_one_series_is_proven_alone() {
         .unwrap();
     assert!(r.status().is_success(), "{}", r.status());
     assert!(r.bytes().unwrap().len() > 33_000_000);
+}
+
+#[test]
+fn an_interrupted_retrieval_resumes_by_itself_when_the_owner_is_back() {
+    let w = world(56_000, true);
+    w.slow_owner();
+    let patient = w.member(AGENT, &[Role::Patient], Some(&w.patient));
+    let dr_b = w.member(B, &[Role::Clinician], None);
+    w.consent(&patient, Purpose::Care, Recipient::Org(B.into()), None);
+    let pid_a = w.pid(A);
+    let req = w.request(B, &dr_b, Target::Study(w.original.root), Purpose::Care);
+    let grant = w.wait_grant(&req);
+    w.kill_mid_transfer(B, &grant.id, pid_a);
+    // B's node marks it interrupted and tries again on its own, backing off.
+    let mut status = Value::Null;
+    let since = std::time::Instant::now();
+    while status["state"] != "interrupted" {
+        assert!(since.elapsed() < FINAL, "not interrupted: {status}");
+        std::thread::sleep(Duration::from_millis(50));
+        let (_, list) = get_json(&format!("{}/api/retrievals", w.api(B)));
+        status = list
+            .as_array()
+            .and_then(|a| a.iter().find(|r| r["grant"] == grant.id).cloned())
+            .unwrap_or(Value::Null);
+    }
+    assert!(status["attempts"].as_u64().unwrap() >= 1, "{status}");
+    assert!(status["next_attempt_ms"].as_u64().is_some(), "{status}");
+    let up = medledger(w.home.path())
+        .args(["network", "up"])
+        .arg(&w.dir)
+        .output()
+        .unwrap();
+    assert!(up.status.success(), "{}", text(&up));
+    let done = w.retrieval(B, &grant.id);
+    assert_eq!(done["state"], "done", "{done}");
+    let n = |k: &str| done["outcome"][k].as_u64().unwrap();
+    assert!(n("resumed_objects") >= 8, "{done}");
+    assert_eq!(n("resumed_objects") + n("fetched_objects"), 128, "{done}");
+    w.audit_entry("the resumed retrieval's audit event", |e| {
+        e.grant == grant.id && e.refused.is_none() && e.objects == 128
+    });
 }
 
 #[test]

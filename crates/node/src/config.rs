@@ -94,6 +94,10 @@ pub struct ImagingConfig {
     /// allows it, and fetch automatically what other organisations grant this one.
     #[serde(default = "default_true")]
     pub auto_share: bool,
+    /// At most this many MB/s served to other organisations' nodes, all transfers together
+    /// (a site's link to the others is shared with everything else it does); none: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share_limit_mb_s: Option<f64>,
 }
 
 fn default_true() -> bool {
@@ -308,6 +312,7 @@ pub fn init_network(
             node_cert: Some(dir.join("node.pem")),
             linkage_key: Some(dir.join("linkage.key")),
             auto_share: true,
+            share_limit_mb_s: None,
         };
         let cfg = NodeConfig {
             chain: chain.to_string(),

@@ -27,6 +27,8 @@ const CHUNK: usize = 4;
 const WRITE_BATCH: usize = 32;
 const WRITE_BATCH_BYTES: usize = 16 << 20;
 const ATTEMPTS: u32 = 3;
+/// Attempts of an interrupted retrieval before it is given up (2 s, 4 s ... 60 s apart).
+const RETRIES: u32 = 10;
 
 /// What one retrieval did.
 #[derive(Debug, Clone, Serialize)]
@@ -216,7 +218,18 @@ pub(crate) fn fetch(
             )));
         }
     }
-    let status = |state: &'static str, outcome: Option<FetchOutcome>, error: Option<String>| {
+    let attempts = inner
+        .retrievals
+        .lock()
+        .expect("not poisoned")
+        .get(grant)
+        .filter(|r| r.state == "interrupted" || r.state == "running")
+        .map_or(0, |r| r.attempts);
+    let status = |state: &'static str,
+                  outcome: Option<FetchOutcome>,
+                  error: Option<String>,
+                  attempts: u32,
+                  next_attempt_ms: Option<u64>| {
         inner.retrievals.lock().expect("not poisoned").insert(
             grant.to_string(),
             RetrievalStatus {
@@ -225,14 +238,29 @@ pub(crate) fn fetch(
                 progress: None,
                 outcome,
                 error,
+                attempts,
+                next_attempt_ms,
+                series: series.map(str::to_string),
             },
         );
     };
-    status("running", None, None);
+    status("running", None, None, attempts, None);
     let r = fetch_inner(inner, grant, series);
     match &r {
-        Ok(o) => status("done", Some(o.clone()), None),
-        Err(e) => status("failed", None, Some(e.to_string())),
+        Ok(o) => status("done", Some(o.clone()), None, 0, None),
+        // A transfer cut off (the owner's node down, the network) is tried again later,
+        // from what was already verified, while attempts remain.
+        Err(e @ FetchError::Interrupted { .. }) if inner.auto && attempts + 1 < RETRIES => {
+            let wait = (2_000u64 << attempts).min(60_000);
+            status(
+                "interrupted",
+                None,
+                Some(e.to_string()),
+                attempts + 1,
+                Some(now_ms() + wait),
+            );
+        }
+        Err(e) => status("failed", None, Some(e.to_string()), attempts, None),
     }
     inner.running.lock().expect("not poisoned").remove(grant);
     r

@@ -58,6 +58,7 @@ pub(crate) fn run(inner: Arc<SharingInner>, auto: bool) {
         if !auto {
             continue;
         }
+        retry_interrupted(&inner);
         let before = (requests_after.clone(), grants_after.clone());
         match next_ids(&inner, "request-seq/", &requests_after) {
             Ok((ids, last)) => {
@@ -233,6 +234,31 @@ fn already_granted(inner: &SharingInner, root: &Digest, request: &str) -> Result
         }
     }
     Ok(false)
+}
+
+/// Starts again the interrupted retrievals whose time has come.
+fn retry_interrupted(inner: &Arc<SharingInner>) {
+    let due: Vec<(String, Option<String>)> = inner
+        .retrievals
+        .lock()
+        .expect("not poisoned")
+        .values()
+        .filter(|r| r.state == "interrupted" && r.next_attempt_ms.is_some_and(|t| t <= now_ms()))
+        .map(|r| (r.grant.clone(), r.series.clone()))
+        .collect();
+    for (grant, series) in due {
+        let me = inner.clone();
+        std::thread::spawn(
+            move || match super::fetch::fetch(&me, &grant, series.as_deref()) {
+                Ok(o) => tracing::info!(
+                    "retrieval of grant {grant} resumed and done: {} of {} objects were already here",
+                    o.resumed_objects,
+                    o.objects
+                ),
+                Err(e) => tracing::warn!("retrying grant {grant}: {e}"),
+            },
+        );
+    }
 }
 
 /// Fetches a grant made to this organisation, unless it was received already.

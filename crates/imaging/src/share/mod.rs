@@ -80,6 +80,19 @@ pub struct RetrievalStatus {
     pub outcome: Option<FetchOutcome>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Interrupted transfers are tried again by the follower (with automatic sharing on):
+    /// how many attempts failed so far, and when the next one starts (ms since 1970).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub attempts: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_attempt_ms: Option<u64>,
+    /// Series of a partial retrieval (kept for the next attempt).
+    #[serde(skip)]
+    pub series: Option<String>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// Sharing for one node: the serving side, the fetching side and the follower.
@@ -111,6 +124,11 @@ pub(crate) struct SharingInner {
     /// Grants being fetched now (one retrieval per grant at a time).
     pub(crate) running: Mutex<HashSet<String>>,
     pub(crate) clients: Mutex<HashMap<String, reqwest::blocking::Client>>,
+    /// Whether the follower grants, fetches and retries by itself.
+    pub(crate) auto: bool,
+    /// Serving rate limit (bytes/s) and when the link is next free.
+    limit: Option<f64>,
+    link_free_at: Mutex<Instant>,
 }
 
 /// Why sharing could not start.
@@ -165,6 +183,12 @@ impl Sharing {
             retrievals: Mutex::new(BTreeMap::new()),
             running: Mutex::new(HashSet::new()),
             clients: Mutex::new(HashMap::new()),
+            auto: imaging.auto_share,
+            limit: imaging
+                .share_limit_mb_s
+                .filter(|r| *r > 0.0)
+                .map(|r| r * 1e6),
+            link_free_at: Mutex::new(Instant::now()),
         });
         // Validate the TLS identity now, so a bad certificate stops the node at start.
         tls::server_config(
@@ -226,6 +250,23 @@ impl Sharing {
 }
 
 impl SharingInner {
+    /// Waits, under the serving rate limit, until `bytes` may be sent (blocking).
+    pub(crate) fn pace(&self, bytes: usize) {
+        let Some(rate) = self.limit else {
+            return;
+        };
+        let start = {
+            let mut free = self.link_free_at.lock().expect("not poisoned");
+            let start = (*free).max(Instant::now());
+            *free = start + Duration::from_secs_f64(bytes as f64 / rate);
+            start
+        };
+        let now = Instant::now();
+        if start > now {
+            std::thread::sleep(start - now);
+        }
+    }
+
     /// Records a refusal on the ledger (at most once a minute per grant, peer and reason),
     /// from a thread of its own: the answer to the peer does not wait for it.
     pub(crate) fn record_refusal(

@@ -189,6 +189,7 @@ async fn object(
     blocking(move || {
         let session = s.session(&peer, &id)?;
         let (_, bytes) = s.sealed(&session, &address)?;
+        s.pace(bytes.len());
         Ok(bytes.into_response())
     })
     .await
@@ -226,6 +227,7 @@ async fn objects(
             out.extend_from_slice(&(bytes.len() as u64).to_be_bytes());
             out.extend_from_slice(&bytes);
         }
+        s.pace(out.len());
         Ok(out.into_response())
     })
     .await

@@ -543,6 +543,27 @@ fn request(
     }
 }
 
+/// A node's configuration (with an imaging section), its API URL and client, and the
+/// member's signing key.
+fn node_of(
+    config: &Path,
+    key_file: &Path,
+    lacking: &str,
+) -> Result<(NodeConfig, String, Client, SigningKey)> {
+    let cfg = NodeConfig::load(config)
+        .with_context(|| format!("cannot load the node configuration {}", config.display()))?;
+    if cfg.imaging.is_none() {
+        bail!(
+            "{} has no imaging section: that node holds {lacking}",
+            config.display()
+        );
+    }
+    let node = format!("http://{}", cfg.api);
+    let client = Client::new(&node);
+    let key = signing_key(key_file)?;
+    Ok((cfg, node, client, key))
+}
+
 fn grant(
     config: &Path,
     key_file: &Path,
@@ -551,17 +572,8 @@ fn grant(
     expires_days: Option<u64>,
     delegable: bool,
 ) -> Result<()> {
-    let cfg = NodeConfig::load(config)
-        .with_context(|| format!("cannot load the node configuration {}", config.display()))?;
-    let imaging = cfg.imaging.as_ref().with_context(|| {
-        format!(
-            "{} has no imaging section: that node holds no studies to grant",
-            config.display()
-        )
-    })?;
-    let node = format!("http://{}", cfg.api);
-    let client = Client::new(&node);
-    let key = signing_key(key_file)?;
+    let (cfg, node, client, key) = node_of(config, key_file, "no studies to grant")?;
+    let imaging = cfg.imaging.as_ref().expect("checked by node_of");
     let expires_ms = expiry(now_ms(), expires_days)?;
     let request: Request = client
         .value(&format!("request/{request_id}"))
@@ -669,17 +681,8 @@ fn grant(
 
 fn delegate(config: &Path, key_file: &Path, grant_id: &str, to_org: &str) -> Result<()> {
     medledger_ledger::check_org_id(to_org)?;
-    let cfg = NodeConfig::load(config)
-        .with_context(|| format!("cannot load the node configuration {}", config.display()))?;
-    let imaging = cfg.imaging.as_ref().with_context(|| {
-        format!(
-            "{} has no imaging section: that node holds no received studies to delegate",
-            config.display()
-        )
-    })?;
-    let node = format!("http://{}", cfg.api);
-    let client = Client::new(&node);
-    let key = signing_key(key_file)?;
+    let (cfg, node, client, key) = node_of(config, key_file, "no received studies to delegate")?;
+    let imaging = cfg.imaging.as_ref().expect("checked by node_of");
     let member: Member = client
         .value(&format!("member/{}", key.verifying_key()))
         .with_context(|| format!("reading the delegating member from {node}"))?

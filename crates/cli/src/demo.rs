@@ -396,19 +396,13 @@ pub fn run(args: DemoArgs) -> Result<()> {
         .collect();
     println!("    priors on the ledger: {} at {A}", priors.len());
     let t_request = Instant::now();
-    let request = b
-        .execute(
-            &clinician.key,
-            Op::RequestAccess {
-                target: Target::Patient(ps1.clone()),
-                purpose: Purpose::Care,
-                break_glass: false,
-            },
-            WAIT,
-        )?
-        .receipt
-        .created
-        .unwrap_or_default();
+    let request = ask_access(
+        &b,
+        &clinician.key,
+        Target::Patient(ps1.clone()),
+        Purpose::Care,
+        false,
+    )?;
     let outcomes = wait_received(&net, B, &request, priors.len(), &http)?;
     let request_to_viewable = t_request.elapsed().as_secs_f64();
     for o in &outcomes {
@@ -445,19 +439,13 @@ pub fn run(args: DemoArgs) -> Result<()> {
         .iter()
         .filter(|s| &s.patient == ps1 && s.is_derivative())
         .count();
-    let request_r = r
-        .execute(
-            &researcher.key,
-            Op::RequestAccess {
-                target: Target::Patient(ps1.clone()),
-                purpose: Purpose::Research,
-                break_glass: false,
-            },
-            WAIT,
-        )?
-        .receipt
-        .created
-        .unwrap_or_default();
+    let request_r = ask_access(
+        &r,
+        &researcher.key,
+        Target::Patient(ps1.clone()),
+        Purpose::Research,
+        false,
+    )?;
     let outcomes_r = wait_received(&net, RESEARCH, &request_r, derivatives, &http)?;
     println!(
         "    {} derivative stud(ies) received and verified, {:.1} MB",
@@ -475,16 +463,13 @@ pub fn run(args: DemoArgs) -> Result<()> {
     );
     let original = priors.first().map(|s| s.root);
     if let Some(root) = original {
-        let refused = r.execute(
+        let req = ask_access(
+            &r,
             &researcher.key,
-            Op::RequestAccess {
-                target: Target::Study(root),
-                purpose: Purpose::Research,
-                break_glass: false,
-            },
-            WAIT,
-        );
-        let req = refused?.receipt.created.unwrap_or_default();
+            Target::Study(root),
+            Purpose::Research,
+            false,
+        )?;
         let admin_a =
             SigningKey::from_text(&std::fs::read_to_string(net.org_dir(A).join("admin.key"))?)?;
         let attempt = a.execute(
@@ -540,19 +525,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     // 7. Break-glass.
     step.next("An emergency at hospital B: break-glass access without consent, flagged in the audit trail");
     let root = original.context("no original study")?;
-    let request_bg = b
-        .execute(
-            &clinician.key,
-            Op::RequestAccess {
-                target: Target::Study(root),
-                purpose: Purpose::Care,
-                break_glass: true,
-            },
-            WAIT,
-        )?
-        .receipt
-        .created
-        .unwrap_or_default();
+    let request_bg = ask_access(&b, &clinician.key, Target::Study(root), Purpose::Care, true)?;
     let bg = wait_received(&net, B, &request_bg, 1, &http)?;
     for o in &bg {
         println!(
@@ -595,19 +568,13 @@ pub fn run(args: DemoArgs) -> Result<()> {
         "    flipped one bit of object {} in A's store",
         short(&flipped)
     );
-    let request_t = r
-        .execute(
-            &researcher.key,
-            Op::RequestAccess {
-                target: Target::Study(target.root),
-                purpose: Purpose::Research,
-                break_glass: false,
-            },
-            WAIT,
-        )?
-        .receipt
-        .created
-        .unwrap_or_default();
+    let request_t = ask_access(
+        &r,
+        &researcher.key,
+        Target::Study(target.root),
+        Purpose::Research,
+        false,
+    )?;
     let error = wait_failed(&net, RESEARCH, &request_t, &http)?;
     println!("    the consortium's node: {error}");
     step.done();
@@ -838,6 +805,29 @@ pub(crate) fn current(studies: Vec<Study>) -> Vec<Study> {
         .into_iter()
         .filter(|s| !superseded.contains(&s.root))
         .collect()
+}
+
+/// Submits an access request as `member`; returns its id once final.
+fn ask_access(
+    client: &Client,
+    member: &SigningKey,
+    target: Target,
+    purpose: Purpose,
+    break_glass: bool,
+) -> Result<String> {
+    Ok(client
+        .execute(
+            member,
+            Op::RequestAccess {
+                target,
+                purpose,
+                break_glass,
+            },
+            WAIT,
+        )?
+        .receipt
+        .created
+        .unwrap_or_default())
 }
 
 /// Grants made for `request`.

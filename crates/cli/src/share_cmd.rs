@@ -1079,12 +1079,7 @@ fn view_summary(view: &Value, now: u64) -> Vec<String> {
         audit.len()
     )];
     for c in &consents {
-        let state = match (c.revoked_at, c.expires_ms) {
-            (Some(r), _) => format!("revoked {}", utc(r)),
-            (None, Some(e)) if e <= now => format!("expired {}", utc(e)),
-            (None, Some(e)) => format!("in force until {}", utc(e)),
-            (None, None) => "in force".to_string(),
-        };
+        let state = lifetime(c.revoked_at, c.expires_ms, now, "in force");
         out.push(format!(
             "consent {}: {} for {}, given {}, {state}",
             c.id,
@@ -1094,12 +1089,7 @@ fn view_summary(view: &Value, now: u64) -> Vec<String> {
         ));
     }
     for g in &grants {
-        let state = match (g.revoked_at, g.expires_ms) {
-            (Some(r), _) => format!("revoked {}", utc(r)),
-            (None, Some(e)) if e <= now => format!("expired {}", utc(e)),
-            (None, Some(e)) => format!("active until {}", utc(e)),
-            (None, None) => "active".to_string(),
-        };
+        let state = lifetime(g.revoked_at, g.expires_ms, now, "active");
         out.push(format!(
             "grant {}: study {} to {} for {}, granted {}, {state}{}{}",
             g.id,
@@ -1245,6 +1235,16 @@ fn revoke(node: &str, key_file: &Path, what: &str, id: &str, op: Op) -> Result<(
     print(&json!({ what: id, "revoked": true, "height": f.height }));
     eprintln!("{what} {id} revoked at height {}", f.height);
     Ok(())
+}
+
+/// Where a consent or grant stands: revoked, expired, or `live` (until its expiry).
+fn lifetime(revoked_at: Option<u64>, expires_ms: Option<u64>, now: u64, live: &str) -> String {
+    match (revoked_at, expires_ms) {
+        (Some(r), _) => format!("revoked {}", utc(r)),
+        (None, Some(e)) if e <= now => format!("expired {}", utc(e)),
+        (None, Some(e)) => format!("{live} until {}", utc(e)),
+        (None, None) => live.to_string(),
+    }
 }
 
 fn signing_key(path: &Path) -> Result<SigningKey> {

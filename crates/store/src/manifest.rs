@@ -143,6 +143,18 @@ impl StudyManifest {
             .flat_map(|s| s.instances.iter().map(move |i| (s, i)))
     }
 
+    /// The addresses of every object the study needs, sorted, each once (pixel objects may be
+    /// shared between instances).
+    pub fn object_addresses(&self) -> Vec<Digest> {
+        let mut out: Vec<Digest> = self
+            .instances()
+            .flat_map(|(_, i)| i.objects().map(|o| o.address))
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
     /// Plaintext bytes of all the study's objects.
     pub fn plain_len(&self) -> u64 {
         self.instances().map(|(_, i)| i.plain_len()).sum()

@@ -365,12 +365,7 @@ fn seal_manifest(
             envelopes.push(medledger_crypto::wrap(&manifest_key, r, root.as_bytes()));
         }
     }
-    let mut objects: Vec<Digest> = manifest
-        .instances()
-        .flat_map(|(_, i)| i.objects().map(|o| o.address))
-        .collect();
-    objects.sort();
-    objects.dedup();
+    let objects = manifest.object_addresses();
     let record = StudyRef {
         format: REF_FORMAT.to_string(),
         root,
@@ -909,9 +904,22 @@ impl Store {
             .iter()
             .find(|e| e.is_for(&me))
             .ok_or(StoreError::NotRecipient(*root))?;
+        let manifest = self.open_sealed_manifest(root, &record.manifest, envelope, secret)?;
+        Ok((record, manifest))
+    }
+
+    /// Opens the sealed manifest at `address` with the key `envelope` wraps for `secret`,
+    /// and checks that its content has `root`.
+    fn open_sealed_manifest(
+        &self,
+        root: &Digest,
+        address: &Digest,
+        envelope: &WrappedKey,
+        secret: &SecretKey,
+    ) -> Result<StudyManifest, StoreError> {
         let key = medledger_crypto::unwrap(envelope, secret, root.as_bytes())
             .map_err(|e| corrupt(format!("the envelope of study {root}"), e.to_string()))?;
-        let sealed = self.get_object(&record.manifest)?;
+        let sealed = self.get_object(address)?;
         let plain = medledger_crypto::open(&key, &sealed)
             .map_err(|e| corrupt(format!("manifest of study {root}"), e.to_string()))?;
         let manifest = StudyManifest::decode(&plain).map_err(|source| StoreError::Decode {
@@ -925,7 +933,7 @@ impl Store {
                 format!("its content has root {actual}"),
             ));
         }
-        Ok((record, manifest))
+        Ok(manifest)
     }
 
     /// Fetches a sealed object and checks it against its address.
@@ -1074,32 +1082,9 @@ impl Store {
         envelope: WrappedKey,
         owner: &SecretKey,
     ) -> Result<StudyManifest, StoreError> {
-        let key = medledger_crypto::unwrap(&envelope, owner, root.as_bytes())
-            .map_err(|e| corrupt(format!("the envelope of study {root}"), e.to_string()))?;
-        let sealed = self.get_object(manifest_address)?;
-        let plain = medledger_crypto::open(&key, &sealed)
-            .map_err(|e| corrupt(format!("manifest of study {root}"), e.to_string()))?;
-        let manifest = StudyManifest::decode(&plain).map_err(|source| StoreError::Decode {
-            what: format!("manifest of study {root}"),
-            source,
-        })?;
-        if &manifest.root() != root {
-            return Err(corrupt(
-                format!("manifest of study {root}"),
-                format!("its content has root {}", manifest.root()),
-            ));
-        }
-        let mut objects: Vec<Digest> = manifest
-            .instances()
-            .flat_map(|(_, i)| i.objects().map(|o| o.address))
-            .collect();
-        objects.sort();
-        objects.dedup();
-        for a in &objects {
-            if !self.has_object(a)? {
-                return Err(StoreError::Backend(BackendError::NotFound(object_key(a))));
-            }
-        }
+        let manifest = self.open_sealed_manifest(root, manifest_address, &envelope, owner)?;
+        let objects = manifest.object_addresses();
+        self.require_objects(&objects)?;
         self.write_ref(&StudyRef {
             format: REF_FORMAT.to_string(),
             root: *root,
@@ -1111,6 +1096,16 @@ impl Store {
         Ok(manifest)
     }
 
+    /// Fails with the first of `objects` this store does not hold.
+    fn require_objects(&self, objects: &[Digest]) -> Result<(), StoreError> {
+        for a in objects {
+            if !self.has_object(a)? {
+                return Err(StoreError::Backend(BackendError::NotFound(object_key(a))));
+            }
+        }
+        Ok(())
+    }
+
     /// Stores a manifest over objects already in this store (part of a study received from
     /// another store), sealed for the owner; returns its root.
     pub fn put_manifest(
@@ -1118,15 +1113,7 @@ impl Store {
         manifest: &StudyManifest,
         owner: &SecretKey,
     ) -> Result<Digest, StoreError> {
-        for (_, i) in manifest.instances() {
-            for o in i.objects() {
-                if !self.has_object(&o.address)? {
-                    return Err(StoreError::Backend(BackendError::NotFound(object_key(
-                        &o.address,
-                    ))));
-                }
-            }
-        }
+        self.require_objects(&manifest.object_addresses())?;
         let ((key, sealed), record) = seal_manifest(manifest, owner, &[], 0);
         self.backend.put(&key, sealed)?;
         self.write_ref(&record)?;

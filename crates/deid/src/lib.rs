@@ -32,7 +32,6 @@ use dicom_object::meta::FileMetaTableBuilder;
 use dicom_object::{FileDicomObject, InMemDicomObject, OpenFileOptions};
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 
 pub use engine::{ActionCounts, DUMMY_TEXT, normalize_un};
 pub use key::{DeidKey, KeyFormatError, patient_identity};
@@ -134,10 +133,12 @@ pub struct DeidProvenance {
     pub options: Vec<DeidOption>,
     pub table_edition: String,
     pub key_id: String,
-    /// SHA-256 of the input bytes.
-    pub source_sha256: String,
-    /// SHA-256 of the output bytes.
-    pub output_sha256: String,
+    /// BLAKE3 (256-bit, hex) of the input bytes: the digest the store uses everywhere, and
+    /// `b3sum` checks it. Not SHA-256, which would cost more than the rest of the work on an
+    /// image (both digests cover every byte of the pixel data).
+    pub source_blake3: String,
+    /// BLAKE3 of the output bytes.
+    pub output_blake3: String,
     pub sop_class_uid: String,
     pub study_instance_uid: String,
     pub series_instance_uid: String,
@@ -180,18 +181,41 @@ impl Deidentifier {
 
     /// De-identifies one Part 10 file (or a bare data set without file meta, whose encoding
     /// is then detected).
+    ///
+    /// When Pixel Data is the data set's last element, only the header is parsed and the
+    /// Pixel Data element is carried into the output verbatim: the bulk of an image is never
+    /// decoded, copied into a value or re-encoded. Only an instance whose pixels are to be
+    /// cleaned is read whole.
     pub fn deidentify(&self, input: &[u8]) -> Result<Deidentified, DeidError> {
-        let (ts_uid, mut obj) = read_instance(input)?;
-        normalize_un(&mut obj);
-        self.deidentify_object(input, &ts_uid, obj)
+        if let Some((ts_uid, obj, pixels)) = read_header(input) {
+            let needs_pixels = self.config.options.contains(DeidOption::CleanPixelData)
+                && self.config.pixel_rules.find(&obj).is_some();
+            if !needs_pixels {
+                return self.deidentify_object(input, &ts_uid, obj, Some(pixels));
+            }
+        }
+        self.deidentify_read_whole(input)
     }
 
+    /// [`Deidentifier::deidentify`] without the header-only reading: the whole data set,
+    /// Pixel Data included, is parsed and encoded again. For tests that hold the two ways to
+    /// the same output.
+    #[doc(hidden)]
+    pub fn deidentify_read_whole(&self, input: &[u8]) -> Result<Deidentified, DeidError> {
+        let (ts_uid, obj) = read_instance(input)?;
+        self.deidentify_object(input, &ts_uid, obj, None)
+    }
+
+    /// `pixels`: where, in `input`, the Pixel Data element left out of `obj` lies; it is
+    /// appended to the output as it is.
     fn deidentify_object(
         &self,
         input: &[u8],
         ts_uid: &str,
         mut obj: InMemDicomObject,
+        pixels: Option<std::ops::Range<usize>>,
     ) -> Result<Deidentified, DeidError> {
+        normalize_un(&mut obj);
         let cfg = &self.config;
         let text = |obj: &InMemDicomObject, tag: Tag| -> String {
             obj.get(tag)
@@ -259,7 +283,7 @@ impl Deidentifier {
             None
         };
         let mut pixel_cleaning = None;
-        let has_pixels = obj.get(tags::PIXEL_DATA).is_some();
+        let has_pixels = pixels.is_some() || obj.get(tags::PIXEL_DATA).is_some();
         if cfg.options.contains(DeidOption::CleanPixelData) && has_pixels {
             if let Some(rule) = cfg.pixel_rules.find(&obj).cloned() {
                 match pixel::mask_regions(&mut obj, ts_uid, &rule.regions) {
@@ -352,6 +376,9 @@ impl Deidentifier {
         let mut bytes = Vec::with_capacity(input.len() + 1024);
         file.write_all(&mut bytes)
             .map_err(|e| DeidError::Encode(e.to_string()))?;
+        if let Some(range) = pixels {
+            bytes.extend_from_slice(&input[range]);
+        }
 
         let provenance = DeidProvenance {
             tool: TOOL.to_string(),
@@ -359,8 +386,8 @@ impl Deidentifier {
             options: cfg.options.iter().collect(),
             table_edition: cfg.table.edition().to_string(),
             key_id: cfg.key.id().to_string(),
-            source_sha256: hex::encode(Sha256::digest(input)),
-            output_sha256: hex::encode(Sha256::digest(&bytes)),
+            source_blake3: blake3::hash(input).to_hex().to_string(),
+            output_blake3: blake3::hash(&bytes).to_hex().to_string(),
             sop_class_uid,
             study_instance_uid: study,
             series_instance_uid: series,
@@ -493,6 +520,49 @@ pub fn read_instance(input: &[u8]) -> Result<(String, InMemDicomObject), DeidErr
             _ => Err(DeidError::Parse(describe_read_error(&e))),
         },
     }
+}
+
+/// Where the Pixel Data element of a Part 10 file starts, when the file can be de-identified
+/// from its header alone (see [`Deidentifier::deidentify`]).
+#[doc(hidden)]
+pub fn header_only_split(input: &[u8]) -> Option<usize> {
+    read_header(input).map(|(_, _, pixels)| pixels.start)
+}
+
+/// The header of a Part 10 file whose last element is Pixel Data: the data set without it,
+/// and where the Pixel Data element lies in `input`. `None` when the file is not laid out so
+/// (or is deflated, or its header does not parse): read it whole with [`read_instance`],
+/// which also gives the errors.
+fn read_header(input: &[u8]) -> Option<(String, InMemDicomObject, std::ops::Range<usize>)> {
+    let at = if input.len() >= 132 && &input[128..132] == b"DICM" {
+        128
+    } else if input.len() >= 4 && &input[..4] == b"DICM" {
+        0
+    } else {
+        return None;
+    };
+    let (end, ts) = scan_meta_group(&input[at + 4..])?;
+    let ts = ts?;
+    let ts = ts.trim_end_matches(['\0', ' ']);
+    let (explicit, big_endian) = match ts {
+        "1.2.840.10008.1.2" => (false, false),
+        "1.2.840.10008.1.2.2" => (true, true),
+        "1.2.840.10008.1.2.1.99" | "1.2.840.10008.1.2.8.1" => return None,
+        _ => (true, false),
+    };
+    TransferSyntaxRegistry.get(ts)?;
+    let data_start = at + 4 + end;
+    let pixel_at =
+        data_start + prescan::top_level_pixel_data(&input[data_start..], explicit, big_endian)?;
+    prescan_dataset(&input[data_start..pixel_at], ts, false).ok()?;
+    let file = OpenFileOptions::new()
+        .read_preamble(dicom_object::file::ReadPreamble::Never)
+        .from_reader(Cursor::new(&input[at..pixel_at]))
+        .ok()?;
+    if file.meta().transfer_syntax().trim_end_matches(['\0', ' ']) != ts {
+        return None;
+    }
+    Some((ts.to_string(), file.into_inner(), pixel_at..input.len()))
 }
 
 /// Walks the file meta group (always Explicit VR Little Endian) after the `DICM` marker.

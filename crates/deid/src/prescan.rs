@@ -79,15 +79,16 @@ pub fn check_lengths(
             (8, u32_at(pos + 4))
         } else if explicit {
             let vr = [data[pos + 4], data[pos + 5]];
-            if !(vr[0].is_ascii_uppercase() && vr[1].is_ascii_uppercase()) {
-                if strict {
-                    return Err(format!(
-                        "no value representation where one was expected at byte {pos}: not explicit VR"
-                    ));
-                }
-                return Ok(()); // lost: leave the verdict to the parser
+            let known = dicom_core::VR::from_binary(vr).is_some();
+            if !known && strict {
+                return Err(format!(
+                    "no value representation where one was expected at byte {pos}: not explicit VR"
+                ));
             }
-            if long_length_vr(vr) {
+            // The parser reads an unknown VR as UN, with a 4-byte length: so does this walk,
+            // or a file that is really implicit VR would have the parser allocate whatever
+            // four value bytes say, gigabytes, before it fails.
+            if !known || long_length_vr(vr) {
                 if pos + 12 > data.len() {
                     break;
                 }
@@ -132,6 +133,98 @@ pub fn check_lengths(
     Ok(())
 }
 
+/// Where the top-level Pixel Data (7FE0,0010) element starts, when it is the data set's last
+/// element and its value ends exactly at the end of `data`: then everything before it is the
+/// header, and the element's bytes can be carried over verbatim. `None` whenever the walk is
+/// unsure (nested lengths that do not add up, trailing elements or padding, an encapsulated
+/// value whose fragments do not close at the end, pixel data read as UN): the caller then
+/// parses the whole data set.
+pub fn top_level_pixel_data(data: &[u8], explicit: bool, big_endian: bool) -> Option<usize> {
+    let u16_at = |p: usize| {
+        let b = [data[p], data[p + 1]];
+        if big_endian {
+            u16::from_be_bytes(b)
+        } else {
+            u16::from_le_bytes(b)
+        }
+    };
+    let u32_at = |p: usize| {
+        let b = [data[p], data[p + 1], data[p + 2], data[p + 3]];
+        if big_endian {
+            u32::from_be_bytes(b)
+        } else {
+            u32::from_le_bytes(b)
+        }
+    };
+    let mut pos = 0usize;
+    // Open undefined-length sequences and items.
+    let mut depth = 0usize;
+    while pos + 8 <= data.len() {
+        let start = pos;
+        let (group, element) = (u16_at(pos), u16_at(pos + 2));
+        if group == 0xFFFE {
+            let length = u32_at(pos + 4);
+            pos += 8;
+            match element {
+                0xE000 if depth > 0 => {
+                    if length == UNDEFINED {
+                        depth += 1;
+                    } else {
+                        pos = pos.checked_add(length as usize)?;
+                    }
+                }
+                0xE00D | 0xE0DD if depth > 0 => depth -= 1,
+                _ => return None,
+            }
+            continue;
+        }
+        let (header, length, vr) = if explicit {
+            let vr = [data[pos + 4], data[pos + 5]];
+            if !(vr[0].is_ascii_uppercase() && vr[1].is_ascii_uppercase()) {
+                return None;
+            }
+            if long_length_vr(vr) {
+                if pos + 12 > data.len() {
+                    return None;
+                }
+                (12, u32_at(pos + 8), Some(vr))
+            } else {
+                (8, u32::from(u16_at(pos + 6)), Some(vr))
+            }
+        } else {
+            (8, u32_at(pos + 4), None)
+        };
+        pos += header;
+        if depth == 0 && (group, element) == (0x7FE0, 0x0010) {
+            if matches!(vr, Some(v) if &v != b"OB" && &v != b"OW") {
+                return None;
+            }
+            if length != UNDEFINED {
+                return (pos.checked_add(length as usize)? == data.len()).then_some(start);
+            }
+            // Encapsulated (explicit VR only): defined-length fragments, then the sequence
+            // delimiter, then the end of the data set.
+            vr?;
+            while pos + 8 <= data.len() {
+                let (g, e, l) = (u16_at(pos), u16_at(pos + 2), u32_at(pos + 4));
+                pos += 8;
+                match (g, e) {
+                    (0xFFFE, 0xE000) if l != UNDEFINED => pos = pos.checked_add(l as usize)?,
+                    (0xFFFE, 0xE0DD) => return (pos == data.len()).then_some(start),
+                    _ => return None,
+                }
+            }
+            return None;
+        }
+        if length == UNDEFINED {
+            depth += 1;
+        } else {
+            pos = pos.checked_add(length as usize)?;
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -153,13 +246,95 @@ mod tests {
         // Implicit: (0008,0018) with length 1,000,000.
         let implicit = [0x08, 0x00, 0x18, 0x00, 0x40, 0x42, 0x0F, 0x00, b'1', b'2'];
         assert!(check_lengths(&implicit, false, false, false).is_err());
-        // Lost sync (no VR letters) is not a verdict.
-        assert!(check_lengths(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], true, false, false).is_ok());
-        // ... unless the encoding is a guess.
+        // An unknown VR is read as UN, with a 4-byte length: an implicit VR data set under an
+        // explicit transfer syntax fails here, before the parser allocates what it declares.
+        let mislabelled = [
+            0x08, 0x00, 0x08, 0x00, 0x12, 0x00, 0x00, 0x00, b'D', b'E', b'R', b'I',
+        ];
+        let err = check_lengths(&mislabelled, true, false, false).unwrap_err();
+        assert!(err.contains("(0008,0008)"), "{err}");
+        assert!(check_lengths(&[1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 0], true, false, false).is_ok());
+        // Where the encoding is a guess, no VR means it is not explicit VR.
         assert!(check_lengths(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], true, false, true).is_err());
         // Undefined length on a non-sequence in a guessed implicit data set.
         let odd = [0x01, 0x00, 0x01, 0x00, 0xFF, 0xFF, 0xFF, 0xFF];
         assert!(check_lengths(&odd, false, false, true).is_err());
         assert!(check_lengths(&odd, false, false, false).is_ok());
+    }
+
+    fn explicit(tag: (u16, u16), vr: &[u8; 2], value: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&tag.0.to_le_bytes());
+        out.extend_from_slice(&tag.1.to_le_bytes());
+        out.extend_from_slice(vr);
+        if long_length_vr(*vr) {
+            out.extend_from_slice(&[0, 0]);
+            out.extend_from_slice(&(value.len() as u32).to_le_bytes());
+        } else {
+            out.extend_from_slice(&(value.len() as u16).to_le_bytes());
+        }
+        out.extend_from_slice(value);
+        out
+    }
+
+    fn item_header(element: u16, length: u32) -> Vec<u8> {
+        let mut out = vec![0xFE, 0xFF];
+        out.extend_from_slice(&element.to_le_bytes());
+        out.extend_from_slice(&length.to_le_bytes());
+        out
+    }
+
+    #[test]
+    fn finds_the_last_top_level_pixel_data_only() {
+        let name = explicit((0x0010, 0x0010), b"PN", b"DOE^J ");
+        let pixels = explicit((0x7FE0, 0x0010), b"OW", &[1, 2, 3, 4]);
+        let plain = [name.clone(), pixels.clone()].concat();
+        assert_eq!(top_level_pixel_data(&plain, true, false), Some(name.len()));
+
+        // Something after it (trailing padding): not the last element, read everything.
+        let padded = [plain.clone(), explicit((0xFFFC, 0xFFFC), b"OB", &[0, 0])].concat();
+        assert_eq!(top_level_pixel_data(&padded, true, false), None);
+        // Truncated: the value does not end at the end.
+        assert_eq!(
+            top_level_pixel_data(&plain[..plain.len() - 1], true, false),
+            None
+        );
+
+        // An icon's Pixel Data nested in an undefined-length sequence is not the one.
+        let mut icon = explicit((0x0088, 0x0200), b"SQ", &[]);
+        icon.truncate(icon.len() - 4);
+        icon.extend_from_slice(&UNDEFINED.to_le_bytes());
+        icon.extend(item_header(0xE000, UNDEFINED));
+        icon.extend(explicit((0x7FE0, 0x0010), b"OB", &[9, 9]));
+        icon.extend(item_header(0xE00D, 0));
+        icon.extend(item_header(0xE0DD, 0));
+        let nested = [name.clone(), icon.clone(), pixels.clone()].concat();
+        assert_eq!(
+            top_level_pixel_data(&nested, true, false),
+            Some(name.len() + icon.len())
+        );
+        let only_icon = [name.clone(), icon].concat();
+        assert_eq!(top_level_pixel_data(&only_icon, true, false), None);
+
+        // Encapsulated: offset table, one fragment, delimiter, end.
+        let mut encapsulated = explicit((0x7FE0, 0x0010), b"OB", &[]);
+        encapsulated.truncate(encapsulated.len() - 4);
+        encapsulated.extend_from_slice(&UNDEFINED.to_le_bytes());
+        encapsulated.extend(item_header(0xE000, 0));
+        encapsulated.extend(item_header(0xE000, 4));
+        encapsulated.extend_from_slice(&[0xFF, 0xD8, 0xFF, 0xD9]);
+        let open = [name.clone(), encapsulated.clone()].concat();
+        assert_eq!(
+            top_level_pixel_data(&open, true, false),
+            None,
+            "no delimiter"
+        );
+        encapsulated.extend(item_header(0xE0DD, 0));
+        let closed = [name.clone(), encapsulated].concat();
+        assert_eq!(top_level_pixel_data(&closed, true, false), Some(name.len()));
+
+        // Pixel Data read as UN is left to the full parser.
+        let un = [name.clone(), explicit((0x7FE0, 0x0010), b"UN", &[1, 2])].concat();
+        assert_eq!(top_level_pixel_data(&un, true, false), None);
     }
 }

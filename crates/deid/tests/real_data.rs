@@ -378,3 +378,83 @@ fn the_chest_series_keeps_one_pseudonym_and_consistent_references() {
     assert_eq!(dates.len(), 1);
     assert!(originals.is_disjoint(&dates), "dates were not shifted");
 }
+
+/// An instance whose Pixel Data is its last element is de-identified from its header alone,
+/// the element carried over verbatim. For every file of the data set that way must give what
+/// parsing and encoding the whole data set gives: the same bytes (or, where the encoder writes
+/// the same values differently, the same data set with the input's pixel bytes) and the same
+/// provenance, or the same kind of refusal.
+#[test]
+fn header_only_reading_gives_what_reading_everything_gives() {
+    #[derive(PartialEq)]
+    enum Verdict {
+        Identical,
+        Equivalent,
+        SameRefusal,
+    }
+    let deid = deidentifier(&[]);
+    let cases = cases();
+    let verdicts: Vec<Result<Verdict, String>> = cases
+        .par_iter()
+        .map(|case| {
+            let path = case.entry.path.display();
+            match (
+                deid.deidentify(&case.bytes),
+                deid.deidentify_read_whole(&case.bytes),
+            ) {
+                (Ok(a), Ok(b)) => {
+                    if a.provenance.source_blake3 != b.provenance.source_blake3
+                        || a.provenance.sop_instance_uid != b.provenance.sop_instance_uid
+                        || a.provenance.actions != b.provenance.actions
+                    {
+                        return Err(format!("{path}: provenance differs"));
+                    }
+                    if a.bytes == b.bytes {
+                        return Ok(Verdict::Identical);
+                    }
+                    let (oa, ob) = (
+                        medledger_deid::open_output(&a.bytes).unwrap(),
+                        medledger_deid::open_output(&b.bytes).unwrap(),
+                    );
+                    let (mut ta, mut tb) = (Vec::new(), Vec::new());
+                    all_text(&oa, &mut ta);
+                    all_text(&ob, &mut tb);
+                    let (_, input) = read_instance(&case.bytes).unwrap();
+                    if ta != tb {
+                        Err(format!("{path}: data sets differ"))
+                    } else if pixel_bytes(&oa) != pixel_bytes(&input) {
+                        Err(format!("{path}: pixel data differs from the input's"))
+                    } else {
+                        Ok(Verdict::Equivalent)
+                    }
+                }
+                (Err(a), Err(b)) if std::mem::discriminant(&a) == std::mem::discriminant(&b) => {
+                    Ok(Verdict::SameRefusal)
+                }
+                (a, b) => Err(format!(
+                    "{path}: header-only gives {:?}, whole gives {:?}",
+                    a.map(|_| "ok").map_err(|e| e.to_string()),
+                    b.map(|_| "ok").map_err(|e| e.to_string())
+                )),
+            }
+        })
+        .collect();
+    let failures: Vec<&String> = verdicts.iter().filter_map(|v| v.as_ref().err()).collect();
+    assert!(failures.is_empty(), "{failures:#?}");
+    let identical = verdicts
+        .iter()
+        .filter(|v| v.as_ref().is_ok_and(|v| *v == Verdict::Identical))
+        .count();
+    assert!(identical > 250, "only {identical} identical outputs");
+    // The header-only reading is the one most files take, the chest CT series included.
+    let split = cases
+        .iter()
+        .filter(|c| medledger_deid::header_only_split(&c.bytes).is_some())
+        .count();
+    assert!(split > 300, "only {split} files read header-only");
+    for f in std::fs::read_dir(medledger_testkit::chest_ct_series_dir()).unwrap() {
+        let bytes = std::fs::read(f.unwrap().path()).unwrap();
+        let at = medledger_deid::header_only_split(&bytes).expect("chest CT read header-only");
+        assert_eq!(&bytes[at..at + 4], &[0xE0, 0x7F, 0x10, 0x00]);
+    }
+}

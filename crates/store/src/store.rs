@@ -314,8 +314,18 @@ impl PutOutcome {
 const BATCH_BYTES: u64 = 8 << 20;
 const BATCH_OBJECTS: usize = 64;
 
-/// Studies put at once by [`Store::put_studies`].
-pub const CONCURRENT_STUDIES: usize = 4;
+/// [`Store::put_studies`] writes studies in groups of up to this many bytes of files (or
+/// [`GROUP_STUDIES`] studies), each group's manifests and records in shared batches.
+pub const GROUP_BYTES: u64 = 256 << 20;
+pub const GROUP_STUDIES: usize = 512;
+
+/// What writing one study's objects did.
+#[derive(Debug, Default, Clone, Copy)]
+struct WriteCounts {
+    written: u64,
+    bytes: u64,
+    reused: u64,
+}
 
 fn object_key(address: &Digest) -> String {
     format!("objects/{}", address.to_hex())
@@ -482,68 +492,132 @@ impl Store {
         opts: &PutOptions<'_>,
         progress: &(dyn Fn(u64) + Sync),
     ) -> Result<PutOutcome, StoreError> {
-        let root = plan.root;
-        if self.backend.exists(&ref_key(&root))? {
-            let (_, manifest) = self.open_manifest(&root, owner)?;
-            progress(plan.file_bytes());
-            return Ok(PutOutcome {
-                root,
-                manifest,
-                already_present: true,
-                objects_written: 0,
-                bytes_written: 0,
-                objects_reused: 0,
-            });
-        }
-        let mut manifest = plan.skeleton;
-        manifest.derived_from = opts.derived_from;
-        let slots: Vec<&mut InstanceEntry> = manifest
-            .series
-            .iter_mut()
-            .flat_map(|s| s.instances.iter_mut())
-            .collect();
-        let work: Vec<(&Scanned, &mut InstanceEntry)> = plan.instances.iter().zip(slots).collect();
-        let (written, written_bytes, reused) = self.write_instances(work, opts, progress)?;
-
-        // Manifest, then the reference record: the study exists once the record is durable.
-        debug_assert_eq!(manifest.root(), root);
-        let record = self.commit(&manifest, owner, opts.recipients, written_bytes)?;
-        let own_bytes = record.own_bytes;
-        Ok(PutOutcome {
-            root,
-            manifest,
-            already_present: false,
-            objects_written: written + 1,
-            bytes_written: own_bytes,
-            objects_reused: reused,
-        })
+        self.put_group(std::slice::from_ref(&plan), owner, opts, progress)
+            .map(|mut outcomes| outcomes.pop().expect("one outcome per study"))
     }
 
-    /// Seals the objects of `work`'s instances into their manifest slots and writes them in
-    /// pipelined batches (sealing the next batch on the CPU pool while the previous one is
-    /// written and flushed): (objects written, their sealed bytes, objects reused).
-    fn write_instances(
+    /// Puts several studies as one group: every object of every study in shared batches,
+    /// then every manifest in one durable batch, then every reference record in one. A
+    /// group of small studies thus costs a few rounds of flushes in all instead of a few
+    /// per study. Studies already in the store are opened, not written.
+    fn put_group(
         &self,
-        work: Vec<(&Scanned, &mut InstanceEntry)>,
+        plans: &[StudyPlan],
+        owner: &SecretKey,
         opts: &PutOptions<'_>,
         progress: &(dyn Fn(u64) + Sync),
-    ) -> Result<(u64, u64, u64), StoreError> {
-        let written = AtomicU64::new(0);
-        let written_bytes = AtomicU64::new(0);
-        let reused = AtomicU64::new(0);
+    ) -> Result<Vec<PutOutcome>, StoreError> {
+        let mut present: HashMap<usize, StudyManifest> = HashMap::new();
+        for (i, plan) in plans.iter().enumerate() {
+            if self.backend.exists(&ref_key(&plan.root))? {
+                let (_, manifest) = self.open_manifest(&plan.root, owner)?;
+                progress(plan.file_bytes());
+                present.insert(i, manifest);
+            }
+        }
+        let mut manifests: Vec<Option<StudyManifest>> = plans
+            .iter()
+            .enumerate()
+            .map(|(i, plan)| {
+                (!present.contains_key(&i)).then(|| {
+                    let mut m = plan.skeleton.clone();
+                    m.derived_from = opts.derived_from;
+                    m
+                })
+            })
+            .collect();
+        let work: Vec<(usize, &Scanned, &mut InstanceEntry)> = manifests
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, m)| m.as_mut().map(|m| (i, m)))
+            .flat_map(|(i, manifest)| {
+                let slots = manifest
+                    .series
+                    .iter_mut()
+                    .flat_map(|s| s.instances.iter_mut());
+                plans[i]
+                    .instances
+                    .iter()
+                    .zip(slots)
+                    .map(move |(s, e)| (i, s, e))
+            })
+            .collect();
+        let counts = self.write_instances(work, plans.len(), opts, progress)?;
+
+        // Manifests, then the reference records: a study exists once its record is durable.
+        let mut manifest_writes = Vec::new();
+        let mut records = Vec::new();
+        for (i, manifest) in manifests.iter().enumerate() {
+            if let Some(manifest) = manifest {
+                debug_assert_eq!(manifest.root(), plans[i].root);
+                let (object, record) =
+                    seal_manifest(manifest, owner, opts.recipients, counts[i].bytes);
+                manifest_writes.push(object);
+                records.push(record);
+            }
+        }
+        if !manifest_writes.is_empty() {
+            self.backend.put_batch(manifest_writes)?;
+            self.backend.put_batch(
+                records
+                    .iter()
+                    .map(|r| {
+                        let json =
+                            serde_json::to_vec_pretty(r).expect("a study reference serialises");
+                        (ref_key(&r.root), Bytes::from(json))
+                    })
+                    .collect(),
+            )?;
+        }
+        let mut records = records.into_iter();
+        Ok(manifests
+            .into_iter()
+            .enumerate()
+            .map(|(i, manifest)| match manifest {
+                None => PutOutcome {
+                    root: plans[i].root,
+                    manifest: present.remove(&i).expect("present studies were opened"),
+                    already_present: true,
+                    objects_written: 0,
+                    bytes_written: 0,
+                    objects_reused: 0,
+                },
+                Some(manifest) => {
+                    let record = records.next().expect("one record per written study");
+                    PutOutcome {
+                        root: plans[i].root,
+                        manifest,
+                        already_present: false,
+                        objects_written: counts[i].written + 1,
+                        bytes_written: record.own_bytes,
+                        objects_reused: counts[i].reused,
+                    }
+                }
+            })
+            .collect())
+    }
+
+    /// Seals the objects of `work`'s instances (each tagged with its study's index, of
+    /// `studies`) into their manifest slots and writes them in pipelined batches (sealing the
+    /// next batch on the CPU pool while the previous one is written and flushed). Returns,
+    /// per study, the objects sealed and written, their sealed bytes, and the objects reused.
+    fn write_instances(
+        &self,
+        work: Vec<(usize, &Scanned, &mut InstanceEntry)>,
+        studies: usize,
+        opts: &PutOptions<'_>,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<Vec<WriteCounts>, StoreError> {
+        let counters: Vec<[AtomicU64; 3]> = (0..studies).map(|_| Default::default()).collect();
         let write_error: Mutex<Option<StoreError>> = Mutex::new(None);
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<(String, Bytes)>>(1);
         std::thread::scope(|s| -> Result<(), StoreError> {
             let writer = s.spawn(|| {
                 for batch in rx {
-                    let n = batch.len() as u64;
-                    let bytes: u64 = batch.iter().map(|(_, b)| b.len() as u64).sum();
                     if let Err(e) = self.backend.put_batch(batch) {
                         *write_error.lock().expect("not poisoned") = Some(e.into());
                         return;
                     }
-                    written.fetch_add(n, Ordering::Relaxed);
-                    written_bytes.fetch_add(bytes, Ordering::Relaxed);
                 }
             });
             let mut pending = work;
@@ -552,15 +626,21 @@ impl Store {
                 let mut bytes = 0;
                 let mut objects = 0;
                 while take < pending.len() && bytes < BATCH_BYTES && objects < BATCH_OBJECTS {
-                    bytes += pending[take].0.file_len;
-                    objects += 1 + pending[take].0.pixels.len();
+                    bytes += pending[take].1.file_len;
+                    objects += 1 + pending[take].1.pixels.len();
                     take += 1;
                 }
                 let rest = pending.split_off(take);
                 let sealed: Vec<Vec<(String, Bytes)>> = pending
                     .into_par_iter()
-                    .map(|(scanned, slot)| {
-                        let out = seal_instance(scanned, slot, opts.reuse, &reused)?;
+                    .map(|(study, scanned, slot)| {
+                        let [written, sealed_bytes, reused] = &counters[study];
+                        let out = seal_instance(scanned, slot, opts.reuse, reused)?;
+                        written.fetch_add(out.len() as u64, Ordering::Relaxed);
+                        sealed_bytes.fetch_add(
+                            out.iter().map(|(_, b)| b.len() as u64).sum(),
+                            Ordering::Relaxed,
+                        );
                         progress(scanned.file_len);
                         Ok(out)
                     })
@@ -581,11 +661,14 @@ impl Store {
         if let Some(e) = write_error.into_inner().expect("not poisoned") {
             return Err(e);
         }
-        Ok((
-            written.into_inner(),
-            written_bytes.into_inner(),
-            reused.into_inner(),
-        ))
+        Ok(counters
+            .into_iter()
+            .map(|[written, bytes, reused]| WriteCounts {
+                written: written.into_inner(),
+                bytes: bytes.into_inner(),
+                reused: reused.into_inner(),
+            })
+            .collect())
     }
 
     /// Makes a new version of a study: the instances of `previous` (referenced, not written
@@ -792,8 +875,12 @@ impl Store {
         }
     }
 
-    /// Puts several studies, up to [`CONCURRENT_STUDIES`] at once so that the flushes of small
-    /// studies overlap; `done` is called as each one is durable (in completion order).
+    /// Puts several studies in groups (see [`GROUP_BYTES`]): a group's objects, manifests
+    /// and reference records are each written in shared durable batches, so many small
+    /// studies cost a few rounds of flushes per group rather than per study. `done` is called
+    /// for each study once it is durable. A group that fails is put again study by study, so
+    /// that each study gets its own outcome (objects already written are content-addressed
+    /// and written again harmlessly).
     pub fn put_studies(
         &self,
         plans: Vec<StudyPlan>,
@@ -802,30 +889,42 @@ impl Store {
         progress: &(dyn Fn(u64) + Sync),
         done: &(dyn Fn(&str, &Result<PutOutcome, StoreError>) + Sync),
     ) -> Vec<Result<PutOutcome, StoreError>> {
-        let n = plans.len();
-        let queue = Mutex::new(plans.into_iter().enumerate());
-        let results: Mutex<Vec<Option<Result<PutOutcome, StoreError>>>> =
-            Mutex::new((0..n).map(|_| None).collect());
-        std::thread::scope(|s| {
-            for _ in 0..CONCURRENT_STUDIES.min(n) {
-                s.spawn(|| {
-                    loop {
-                        let next = queue.lock().expect("not poisoned").next();
-                        let Some((i, plan)) = next else { break };
-                        let uid = plan.study_uid.clone();
-                        let r = self.put_study(plan, owner, opts, progress);
-                        done(&uid, &r);
-                        results.lock().expect("not poisoned")[i] = Some(r);
-                    }
-                });
+        let mut results = Vec::with_capacity(plans.len());
+        let mut rest = plans.as_slice();
+        while !rest.is_empty() {
+            let mut take = 0;
+            let mut bytes = 0;
+            while take < rest.len() && take < GROUP_STUDIES && (take == 0 || bytes < GROUP_BYTES) {
+                bytes += rest[take].file_bytes();
+                take += 1;
             }
-        });
+            let (group, next) = rest.split_at(take);
+            rest = next;
+            match self.put_group(group, owner, opts, progress) {
+                Ok(outcomes) => {
+                    for (plan, outcome) in group.iter().zip(outcomes) {
+                        let r = Ok(outcome);
+                        done(&plan.study_uid, &r);
+                        results.push(r);
+                    }
+                }
+                Err(_) if group.len() > 1 => {
+                    for plan in group {
+                        let r = self
+                            .put_group(std::slice::from_ref(plan), owner, opts, progress)
+                            .map(|mut o| o.pop().expect("one outcome per study"));
+                        done(&plan.study_uid, &r);
+                        results.push(r);
+                    }
+                }
+                Err(e) => {
+                    let r = Err(e);
+                    done(&group[0].study_uid, &r);
+                    results.push(r);
+                }
+            }
+        }
         results
-            .into_inner()
-            .expect("not poisoned")
-            .into_iter()
-            .map(|r| r.expect("every study was put"))
-            .collect()
     }
 
     /// Seals and writes a manifest, then the study's reference record with envelopes for the

@@ -544,3 +544,103 @@ fn deid_one(f: &PathBuf) -> Vec<u8> {
     ));
     deid.deidentify(&std::fs::read(f).unwrap()).unwrap().bytes
 }
+
+/// The filesystem backend, refusing to write one key: a disk error on one study's record.
+#[derive(Debug)]
+struct RefusingOne {
+    inner: FsBackend,
+    refused: String,
+}
+
+impl medledger_store::backend::Backend for RefusingOne {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn put(&self, key: &str, data: Bytes) -> Result<(), medledger_store::backend::BackendError> {
+        self.put_batch(vec![(key.to_string(), data)])
+    }
+    fn put_batch(
+        &self,
+        items: Vec<(String, Bytes)>,
+    ) -> Result<(), medledger_store::backend::BackendError> {
+        if items.iter().any(|(k, _)| *k == self.refused) {
+            return Err(medledger_store::backend::BackendError::io(
+                self.refused.clone(),
+                std::io::Error::other("no space left on device (injected)"),
+            ));
+        }
+        self.inner.put_batch(items)
+    }
+    fn get(&self, key: &str) -> Result<Bytes, medledger_store::backend::BackendError> {
+        self.inner.get(key)
+    }
+    fn list(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<(String, u64)>, medledger_store::backend::BackendError> {
+        self.inner.list(prefix)
+    }
+    fn delete(&self, key: &str) -> Result<(), medledger_store::backend::BackendError> {
+        self.inner.delete(key)
+    }
+}
+
+/// Many studies are put in groups that share their flushes; each study still gets its own
+/// outcome: one whose record cannot be written fails alone, every other one is durable and
+/// reads back, and a second put finds them all present.
+#[test]
+fn studies_put_together_each_get_their_own_outcome() {
+    let files = files_under(&test_data_dir());
+    let owner = SecretKey::generate();
+    let plans = plans_for(&files);
+    assert!(plans.len() > 50, "{} studies", plans.len());
+    let victim = plans[plans.len() / 2].root;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::new(Box::new(RefusingOne {
+        inner: FsBackend::open(dir.path().join("store")).unwrap(),
+        refused: format!("refs/{}.json", victim.to_hex()),
+    }));
+    let announced = Mutex::new(Vec::new());
+    let results = store.put_studies(
+        plans_for(&files),
+        &owner,
+        &PutOptions::default(),
+        &|_| {},
+        &|uid, r| announced.lock().unwrap().push((uid.to_string(), r.is_ok())),
+    );
+    assert_eq!(results.len(), plans.len());
+    assert_eq!(announced.lock().unwrap().len(), plans.len());
+    for (plan, result) in plans.iter().zip(&results) {
+        match result {
+            Ok(out) => {
+                assert_ne!(plan.root, victim);
+                assert_eq!(out.root, plan.root);
+                assert!(!out.already_present);
+                assert_eq!(
+                    get_all(&store, &out.root, &owner).unwrap().len(),
+                    plan.instances().len()
+                );
+            }
+            Err(e) => {
+                assert_eq!(plan.root, victim, "{e}");
+                assert!(e.to_string().contains("no space left"), "{e}");
+                assert!(matches!(
+                    store.study_ref(&victim),
+                    Err(StoreError::UnknownRoot(_))
+                ));
+            }
+        }
+    }
+    assert_eq!(results.iter().filter(|r| r.is_err()).count(), 1);
+    assert_clean(&store, &owner, false);
+
+    // Again, into the same store: everything written is found, nothing is written twice.
+    let store = Store::new(Box::new(FsBackend::open(dir.path().join("store")).unwrap()));
+    let again = store.put_studies(plans, &owner, &PutOptions::default(), &|_| {}, &|_, _| {});
+    let present = again
+        .iter()
+        .filter(|r| r.as_ref().is_ok_and(|o| o.already_present))
+        .count();
+    assert_eq!(present, again.len() - 1);
+    assert!(again.iter().all(|r| r.is_ok()));
+}

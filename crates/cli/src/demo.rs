@@ -627,6 +627,16 @@ pub fn run(args: DemoArgs) -> Result<()> {
         println!("    {org:<11} {api}/dicom-web  (QIDO/WADO)   {api}/api/status   {api}/api/audit");
     }
     println!(
+        "    over HTTPS (trust {}): {}",
+        netdir.join("https-ca.pem").display(),
+        net.configs
+            .values()
+            .filter_map(|c| c.https.as_ref())
+            .map(|h| format!("https://{}/dicom-web", h.listen))
+            .collect::<Vec<_>>()
+            .join("  ")
+    );
+    println!(
         "    a clinician's view at B needs a token: medledger identity token --key-file KEY --org {B}"
     );
     println!(
@@ -761,7 +771,7 @@ pub(crate) fn free_base(start: u16) -> Result<u16> {
     let mut base = start;
     for _ in 0..200 {
         let free = (0..4u16).all(|i| {
-            [0u16, 100, 200, 300]
+            [0u16, 100, 200, 300, 400]
                 .iter()
                 .all(|off| std::net::TcpListener::bind(("127.0.0.1", base + off + i)).is_ok())
         });

@@ -183,6 +183,14 @@ pub fn run_node(args: NodeArgs) -> Result<()> {
         scp.local_addr(),
         imaging.store
     );
+    if let Some(h) = &cfg.https {
+        eprintln!(
+            "HTTPS: https://{}/dicom-web and https://{}/api (certificate {})",
+            h.listen,
+            h.listen,
+            h.cert.display()
+        );
+    }
     let mut routes = medledger_imaging::router(service.clone());
     if imaging.node_cert.is_some() {
         let sharing = medledger_imaging::Sharing::start(&service, &cfg)?;

@@ -77,6 +77,64 @@ fn four_processes_agree_survive_a_kill_and_catch_up() {
         .map(|i| format!("http://127.0.0.1:{}", base + 100 + i))
         .collect();
 
+    // The API over HTTPS, with the network's P-256 authority (which browsers accept), as an
+    // ordinary client (curl) sees it: trusted with the network's CA, refused without.
+    let https = format!("https://localhost:{}", base + 400);
+    let curl = |args: &[&str]| {
+        Command::new("curl")
+            .args(["-sS", "--max-time", "20"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let ca = dir.join("https-ca.pem");
+    let ca = ca.to_str().unwrap();
+    let mut answered = None;
+    let started = Instant::now();
+    while answered.is_none() && started.elapsed() < Duration::from_secs(60) {
+        let o = curl(&["--fail", "--cacert", ca, &format!("{https}/api/status")]);
+        if o.status.success() {
+            answered = Some(o);
+        } else {
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+    let o = answered.expect("the API answers over HTTPS");
+    let st: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(st["org"], "hospital-a", "{st}");
+    // DICOMweb too: no study yet, so 204 No Content, as QIDO-RS answers an empty search.
+    let o = curl(&[
+        "--fail",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "--cacert",
+        ca,
+        &format!("{https}/dicom-web/studies"),
+    ]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "204", "{}", text(&o));
+    // Without the network's CA the certificate is not trusted (curl exit 60).
+    let o = curl(&[&format!("{https}/api/status")]);
+    assert_eq!(o.status.code(), Some(60), "{}", text(&o));
+    // Plain HTTP to the HTTPS port gets no HTTP answer.
+    let o = curl(&[
+        "--fail",
+        &format!("http://127.0.0.1:{}/api/status", base + 400),
+    ]);
+    assert!(!o.status.success(), "{}", text(&o));
+    let o = Command::new("openssl")
+        .args(["x509", "-noout", "-text", "-in"])
+        .arg(dir.join("hospital-a").join("https.pem"))
+        .output()
+        .unwrap();
+    let cert = String::from_utf8_lossy(&o.stdout);
+    assert!(cert.contains("prime256v1"), "{cert}");
+    assert!(
+        cert.contains("DNS:localhost") && cert.contains("IP Address:127.0.0.1"),
+        "{cert}"
+    );
+
     // A member certificate issued by the organisation's CA, then registered by its admin.
     let issue = |org: &str, member: u8| {
         let out = home.join(format!("{org}-member-{member}"));

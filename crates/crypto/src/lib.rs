@@ -7,6 +7,7 @@
 
 mod aead;
 mod digest;
+pub mod https;
 pub mod merkle;
 pub mod pki;
 mod sign;

@@ -31,9 +31,12 @@ fn error(code: StatusCode, msg: impl Into<String>) -> (StatusCode, Json<Value>) 
     (code, Json(json!({ "error": msg.into() })))
 }
 
-/// Serves the API on `addr` from a thread of its own until the process ends.
+/// Serves the API on `addr` (and over HTTPS on `https`'s address) from a thread of its own
+/// until the process ends.
+#[allow(clippy::too_many_arguments)]
 pub fn serve(
     addr: SocketAddr,
+    https: Option<(SocketAddr, rustls::ServerConfig)>,
     org: String,
     participants: Vec<String>,
     ledger: Arc<RwLock<Ledger>>,
@@ -43,6 +46,15 @@ pub fn serve(
 ) -> std::io::Result<()> {
     let listener = std::net::TcpListener::bind(addr)?;
     listener.set_nonblocking(true)?;
+    let https = match https {
+        Some((at, tls)) => {
+            let l = std::net::TcpListener::bind(at)
+                .map_err(|e| std::io::Error::new(e.kind(), format!("HTTPS on {at}: {e}")))?;
+            l.set_nonblocking(true)?;
+            Some((l, tls))
+        }
+        None => None,
+    };
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
@@ -77,6 +89,17 @@ pub fn serve(
                     Some(extra) => app.merge(extra),
                     None => app,
                 };
+                if let Some((l, tls)) = https {
+                    let l = tokio::net::TcpListener::from_std(l).expect("listener");
+                    let tls = crate::tls::TlsListener::start(l, tls, |_, addr| Some(addr))
+                        .expect("HTTPS listener");
+                    let app = app.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = axum::serve(tls, app).await {
+                            tracing::error!("HTTPS server stopped: {e}");
+                        }
+                    });
+                }
                 let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
                 if let Err(e) = axum::serve(listener, app).await {
                     tracing::error!("API server stopped: {e}");

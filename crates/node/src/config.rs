@@ -123,6 +123,20 @@ pub struct NodeConfig {
     /// The imaging service; a node without it runs the ledger only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub imaging: Option<ImagingConfig>,
+    /// HTTPS for the API (ledger API and DICOMweb) on an address of its own: what browsers
+    /// and clients on other machines use. `api` stays plain HTTP, for this machine's tools.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub https: Option<HttpsConfig>,
+}
+
+/// Where and with which certificate the API is served over HTTPS.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HttpsConfig {
+    pub listen: SocketAddr,
+    /// PEM certificate chain, the server's certificate first.
+    pub cert: PathBuf,
+    /// PEM private key of that certificate (PKCS#8, SEC1 or PKCS#1).
+    pub key: PathBuf,
 }
 
 impl NodeConfig {
@@ -196,7 +210,8 @@ pub struct InitOutcome {
 /// addresses of every peer), its admin's and its node's ledger signing keys, its store and
 /// de-identification keys; and the genesis.
 /// Ports: p2p `base_port + i`, API (HTTP: ledger API and DICOMweb) `base_port + 100 + i`,
-/// DIMSE `base_port + 200 + i`.
+/// DIMSE `base_port + 200 + i`, sharing between nodes `base_port + 300 + i`, and the API over
+/// HTTPS `base_port + 400 + i` (certificates from the network's `https-ca.pem`).
 pub fn init_network(
     out: &Path,
     chain: &str,
@@ -232,6 +247,11 @@ pub fn init_network(
         rand::rngs::OsRng.fill_bytes(&mut secret);
         medledger_deid::DeidKey::from_bytes(secret).to_text()
     };
+    // One HTTPS authority for the network's API endpoints (P-256: browsers take it), whose
+    // certificate users add to their trust store; its key is not kept.
+    let https_ca =
+        medledger_crypto::https::HttpsAuthority::new(chain, validity).map_err(https_error)?;
+    write_public(&out.join("https-ca.pem"), https_ca.cert_pem())?;
     let mut peers = Vec::new();
     for (i, (name, class)) in orgs.iter().enumerate() {
         let mut seed = [0u8; 32];
@@ -258,6 +278,15 @@ pub fn init_network(
         write_public(&dir.join("admin.pem"), &g.admin)?;
         write_private(&dir.join("node.key"), &node.to_text())?;
         write_public(&dir.join("node.pem"), &g.node)?;
+        let https = https_ca
+            .issue(
+                &format!("{name} node"),
+                &["localhost".to_string(), "127.0.0.1".to_string()],
+                validity,
+            )
+            .map_err(https_error)?;
+        write_public(&dir.join("https.pem"), &https.cert_pem)?;
+        write_private(&dir.join("https.key"), &https.key_pem)?;
         let store_key = medledger_crypto::SecretKey::generate();
         write_private(&dir.join("store.key"), &store_key.to_text())?;
         g.store_key = Some(store_key.public().to_text());
@@ -324,6 +353,11 @@ pub fn init_network(
             peers: peers.clone(),
             genesis: genesis.clone(),
             imaging: Some(imaging),
+            https: Some(HttpsConfig {
+                listen: SocketAddr::from(([127, 0, 0, 1], base_port + 400 + i as u16)),
+                cert: dir.join("https.pem"),
+                key: dir.join("https.key"),
+            }),
         };
         let path = dir.join("node.json");
         write_private(
@@ -342,6 +376,10 @@ pub fn ae_title(org: &str) -> String {
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
         .take(16)
         .collect()
+}
+
+fn https_error(e: medledger_crypto::CryptoError) -> ConfigError {
+    ConfigError::Invalid(format!("cannot make the HTTPS certificates: {e}"))
 }
 
 fn invalid(e: medledger_ledger::LedgerError) -> ConfigError {

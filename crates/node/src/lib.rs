@@ -15,11 +15,13 @@ pub mod client;
 pub mod config;
 pub mod engine;
 pub mod run;
+pub mod tls;
 
 pub use app::{Application, Finalized, Mailbox};
 pub use block::Block;
 pub use client::{Client, ClientError, Finality, QueryEntry, QueryPage};
 pub use config::{
-    DicomPeer, ImagingConfig, NodeConfig, PeerConfig, ae_title, init_network, parse_org,
+    DicomPeer, HttpsConfig, ImagingConfig, NodeConfig, PeerConfig, ae_title, init_network,
+    parse_org,
 };
 pub use run::{local_ledger, run_node, run_node_with};

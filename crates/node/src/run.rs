@@ -113,8 +113,19 @@ pub fn run_node_with(cfg: NodeConfig, extra: Option<axum::Router>) -> Result<(),
         }
         let genesis = app.genesis();
         let _ = LOCAL_LEDGER.set(app.ledger());
+        let https = match &cfg.https {
+            None => None,
+            Some(h) => match crate::tls::https_server_config(&h.cert, &h.key) {
+                Ok(tls) => Some((h.listen, tls)),
+                Err(e) => {
+                    eprintln!("{e}");
+                    std::process::exit(1);
+                }
+            },
+        };
         if let Err(e) = crate::api::serve(
             cfg.api,
+            https,
             cfg.org.clone(),
             participant_orgs,
             app.ledger(),

@@ -23,7 +23,7 @@ use medledger_store::StoreError;
 use serde_json::json;
 
 use super::SharingInner;
-use super::tls::{Peer, TlsListener};
+use super::tls::Peer;
 
 /// Sessions idle longer than this are forgotten.
 const SESSION_IDLE: Duration = Duration::from_secs(3600);
@@ -87,7 +87,7 @@ pub(crate) fn spawn(inner: Arc<SharingInner>, listener: std::net::TcpListener) {
                     inner.handshake_refusals.clone(),
                 )
                 .expect("checked at start");
-                let tls = TlsListener::start(listener, config).expect("TLS listener");
+                let tls = super::tls::listen(listener, config).expect("TLS listener");
                 let app = router(inner);
                 axum::serve(tls, app.into_make_service_with_connect_info::<Peer>())
                     .await

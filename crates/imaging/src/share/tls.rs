@@ -20,8 +20,6 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, Serve
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
-use tokio_rustls::server::TlsStream;
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -287,92 +285,20 @@ pub struct Peer {
     pub cert: Arc<Certificate>,
 }
 
-/// A listener for axum that hands over connections once their TLS handshake (with client
-/// certificate) succeeded; handshakes run concurrently, so a slow client holds up no other.
-#[derive(Debug)]
-pub struct TlsListener {
-    rx: tokio::sync::mpsc::Receiver<(TlsStream<tokio::net::TcpStream>, Peer)>,
-    local: SocketAddr,
-}
+/// The share port's listener: connections whose mutual TLS handshake succeeded, with the
+/// node certificate the peer proved.
+pub type TlsListener = medledger_node::tls::TlsListener<Peer>;
 
-impl TlsListener {
-    /// Starts accepting on `listener` (call inside a tokio runtime).
-    pub fn start(listener: TcpListener, config: rustls::ServerConfig) -> std::io::Result<Self> {
-        let local = listener.local_addr()?;
-        let acceptor = TlsAcceptor::from(Arc::new(config));
-        let (tx, rx) = tokio::sync::mpsc::channel(64);
-        tokio::spawn(async move {
-            loop {
-                let (tcp, addr) = match listener.accept().await {
-                    Ok(x) => x,
-                    Err(e) => {
-                        tracing::warn!("share listener: {e}");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = tcp.set_nodelay(true);
-                let acceptor = acceptor.clone();
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    let handshake = tokio::time::timeout(
-                        std::time::Duration::from_secs(10),
-                        acceptor.accept(tcp),
-                    )
-                    .await;
-                    let stream = match handshake {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
-                            tracing::info!("share: TLS handshake from {addr} refused: {e}");
-                            return;
-                        }
-                        Err(_) => return,
-                    };
-                    let Some(der) = stream
-                        .get_ref()
-                        .1
-                        .peer_certificates()
-                        .and_then(|c| c.first())
-                    else {
-                        return;
-                    };
-                    let Ok(cert) = Certificate::from_der(der.as_ref()) else {
-                        return;
-                    };
-                    let _ = tx
-                        .send((
-                            stream,
-                            Peer {
-                                addr,
-                                cert: Arc::new(cert),
-                            },
-                        ))
-                        .await;
-                });
-            }
-        });
-        Ok(TlsListener { rx, local })
-    }
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<tokio::net::TcpStream>;
-    type Addr = Peer;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.rx.recv().await {
-            Some(x) => x,
-            // The accept loop never ends while the listener lives.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Err(std::io::Error::other(format!(
-            "a TLS listener on {} has no peer",
-            self.local
-        )))
-    }
+/// Starts the share port's listener on `listener` (inside a tokio runtime).
+pub fn listen(listener: TcpListener, config: rustls::ServerConfig) -> std::io::Result<TlsListener> {
+    TlsListener::start(listener, config, |stream, addr| {
+        let der = stream.get_ref().1.peer_certificates()?.first()?;
+        let cert = Certificate::from_der(der.as_ref()).ok()?;
+        Some(Peer {
+            addr,
+            cert: Arc::new(cert),
+        })
+    })
 }
 
 impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>> for Peer {

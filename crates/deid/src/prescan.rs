@@ -43,71 +43,136 @@ fn is_sequence(group: u16, element: u16) -> bool {
     )
 }
 
+/// One element header as the parser reads it.
+struct Header {
+    group: u16,
+    element: u16,
+    /// The VR bytes (explicit VR, not items or delimiters) and whether the VR is one the
+    /// parser knows; it reads an unknown one as UN, with a 4-byte length.
+    vr: Option<([u8; 2], bool)>,
+    /// Bytes of the header itself.
+    len: usize,
+    length: u32,
+}
+
+/// Reads element headers of a data set in one encoding.
+struct Headers<'a> {
+    data: &'a [u8],
+    explicit: bool,
+    big_endian: bool,
+}
+
+impl Headers<'_> {
+    fn u16_at(&self, p: usize) -> u16 {
+        let b = [self.data[p], self.data[p + 1]];
+        if self.big_endian {
+            u16::from_be_bytes(b)
+        } else {
+            u16::from_le_bytes(b)
+        }
+    }
+
+    fn u32_at(&self, p: usize) -> u32 {
+        let b = [
+            self.data[p],
+            self.data[p + 1],
+            self.data[p + 2],
+            self.data[p + 3],
+        ];
+        if self.big_endian {
+            u32::from_be_bytes(b)
+        } else {
+            u32::from_le_bytes(b)
+        }
+    }
+
+    /// The header at `pos`, or `None` when the data ends inside it.
+    fn at(&self, pos: usize) -> Option<Header> {
+        if pos + 8 > self.data.len() {
+            return None;
+        }
+        let (group, element) = (self.u16_at(pos), self.u16_at(pos + 2));
+        // Items and delimiters: tag and a 4-byte length, no VR, in every syntax.
+        if group == 0xFFFE || !self.explicit {
+            return Some(Header {
+                group,
+                element,
+                vr: None,
+                len: 8,
+                length: self.u32_at(pos + 4),
+            });
+        }
+        let vr = [self.data[pos + 4], self.data[pos + 5]];
+        let known = dicom_core::VR::from_binary(vr).is_some();
+        let (len, length) = if !known || long_length_vr(vr) {
+            if pos + 12 > self.data.len() {
+                return None;
+            }
+            (12, self.u32_at(pos + 8))
+        } else {
+            (8, u32::from(self.u16_at(pos + 6)))
+        };
+        Some(Header {
+            group,
+            element,
+            vr: Some((vr, known)),
+            len,
+            length,
+        })
+    }
+}
+
 /// Checks the headers of a data set encoded with `explicit` VR and `big_endian` byte order.
 /// Returns a message naming the first element whose length runs past the end.
 ///
 /// `strict` is for data sets read without a usable file meta group, where the encoding is a
 /// guess: there a walk that loses its way, or an undefined length on an element that is not
 /// a sequence, means the guess is wrong, and the reader would misread it expensively.
+///
+/// An unknown VR is read as the parser reads it (UN, 4-byte length), or a file that is really
+/// implicit VR would have the parser allocate whatever four value bytes say, gigabytes,
+/// before it fails.
 pub fn check_lengths(
     data: &[u8],
     explicit: bool,
     big_endian: bool,
     strict: bool,
 ) -> Result<(), String> {
-    let u16_at = |p: usize| {
-        let b = [data[p], data[p + 1]];
-        if big_endian {
-            u16::from_be_bytes(b)
-        } else {
-            u16::from_le_bytes(b)
-        }
-    };
-    let u32_at = |p: usize| {
-        let b = [data[p], data[p + 1], data[p + 2], data[p + 3]];
-        if big_endian {
-            u32::from_be_bytes(b)
-        } else {
-            u32::from_le_bytes(b)
-        }
+    let headers = Headers {
+        data,
+        explicit,
+        big_endian,
     };
     let mut pos = 0usize;
-    while pos + 8 <= data.len() {
-        let (group, element) = (u16_at(pos), u16_at(pos + 2));
-        let (header, length) = if group == 0xFFFE {
-            // Items and delimiters: tag and a 4-byte length, no VR, in every syntax.
-            (8, u32_at(pos + 4))
-        } else if explicit {
-            let vr = [data[pos + 4], data[pos + 5]];
-            let known = dicom_core::VR::from_binary(vr).is_some();
-            if !known && strict {
+    loop {
+        let not_explicit = || {
+            format!("no value representation where one was expected at byte {pos}: not explicit VR")
+        };
+        let Some(h) = headers.at(pos) else {
+            // Ends inside a header: if it is an unknown VR's long one, that says enough.
+            let vr = data.get(pos + 4..pos + 6).filter(|_| pos + 8 <= data.len());
+            if strict
+                && explicit
+                && vr.is_some_and(|v| dicom_core::VR::from_binary([v[0], v[1]]).is_none())
+            {
+                return Err(not_explicit());
+            }
+            break;
+        };
+        let (group, element, length) = (h.group, h.element, h.length);
+        match h.vr {
+            Some((_, false)) if strict => return Err(not_explicit()),
+            // An undefined-length UN holds an implicit VR sequence (CP-246). The DICOM
+            // reader used here takes the first item tag for a length and allocates gigabytes
+            // before failing: refuse it now, clearly.
+            Some((vr, _)) if &vr == b"UN" && length == UNDEFINED => {
                 return Err(format!(
-                    "no value representation where one was expected at byte {pos}: not explicit VR"
+                    "element ({group:04X},{element:04X}) is an undefined-length UN sequence (CP-246), which this reader cannot decode; re-encode the file with its sequences given their VR (e.g. dcmconv +ti)"
                 ));
             }
-            // The parser reads an unknown VR as UN, with a 4-byte length: so does this walk,
-            // or a file that is really implicit VR would have the parser allocate whatever
-            // four value bytes say, gigabytes, before it fails.
-            if !known || long_length_vr(vr) {
-                if pos + 12 > data.len() {
-                    break;
-                }
-                if &vr == b"UN" && u32_at(pos + 8) == UNDEFINED {
-                    // An undefined-length UN holds an implicit VR sequence (CP-246). The
-                    // DICOM reader used here takes the first item tag for a length and
-                    // allocates gigabytes before failing: refuse it now, clearly.
-                    return Err(format!(
-                        "element ({group:04X},{element:04X}) is an undefined-length UN sequence (CP-246), which this reader cannot decode; re-encode the file with its sequences given their VR (e.g. dcmconv +ti)"
-                    ));
-                }
-                (12, u32_at(pos + 8))
-            } else {
-                (8, u32::from(u16_at(pos + 6)))
-            }
-        } else {
-            (8, u32_at(pos + 4))
-        };
-        pos += header;
+            _ => {}
+        }
+        pos += h.len;
         if length == UNDEFINED
             && strict
             && !explicit
@@ -140,37 +205,24 @@ pub fn check_lengths(
 /// value whose fragments do not close at the end, pixel data read as UN): the caller then
 /// parses the whole data set.
 pub fn top_level_pixel_data(data: &[u8], explicit: bool, big_endian: bool) -> Option<usize> {
-    let u16_at = |p: usize| {
-        let b = [data[p], data[p + 1]];
-        if big_endian {
-            u16::from_be_bytes(b)
-        } else {
-            u16::from_le_bytes(b)
-        }
-    };
-    let u32_at = |p: usize| {
-        let b = [data[p], data[p + 1], data[p + 2], data[p + 3]];
-        if big_endian {
-            u32::from_be_bytes(b)
-        } else {
-            u32::from_le_bytes(b)
-        }
+    let headers = Headers {
+        data,
+        explicit,
+        big_endian,
     };
     let mut pos = 0usize;
     // Open undefined-length sequences and items.
     let mut depth = 0usize;
-    while pos + 8 <= data.len() {
+    while let Some(h) = headers.at(pos) {
         let start = pos;
-        let (group, element) = (u16_at(pos), u16_at(pos + 2));
-        if group == 0xFFFE {
-            let length = u32_at(pos + 4);
-            pos += 8;
-            match element {
+        pos += h.len;
+        if h.group == 0xFFFE {
+            match h.element {
                 0xE000 if depth > 0 => {
-                    if length == UNDEFINED {
+                    if h.length == UNDEFINED {
                         depth += 1;
                     } else {
-                        pos = pos.checked_add(length as usize)?;
+                        pos = pos.checked_add(h.length as usize)?;
                     }
                 }
                 0xE00D | 0xE0DD if depth > 0 => depth -= 1,
@@ -178,48 +230,32 @@ pub fn top_level_pixel_data(data: &[u8], explicit: bool, big_endian: bool) -> Op
             }
             continue;
         }
-        let (header, length, vr) = if explicit {
-            let vr = [data[pos + 4], data[pos + 5]];
-            if !(vr[0].is_ascii_uppercase() && vr[1].is_ascii_uppercase()) {
+        if depth == 0 && (h.group, h.element) == (0x7FE0, 0x0010) {
+            if matches!(h.vr, Some((v, _)) if &v != b"OB" && &v != b"OW") {
                 return None;
             }
-            if long_length_vr(vr) {
-                if pos + 12 > data.len() {
-                    return None;
-                }
-                (12, u32_at(pos + 8), Some(vr))
-            } else {
-                (8, u32::from(u16_at(pos + 6)), Some(vr))
-            }
-        } else {
-            (8, u32_at(pos + 4), None)
-        };
-        pos += header;
-        if depth == 0 && (group, element) == (0x7FE0, 0x0010) {
-            if matches!(vr, Some(v) if &v != b"OB" && &v != b"OW") {
-                return None;
-            }
-            if length != UNDEFINED {
-                return (pos.checked_add(length as usize)? == data.len()).then_some(start);
+            if h.length != UNDEFINED {
+                return (pos.checked_add(h.length as usize)? == data.len()).then_some(start);
             }
             // Encapsulated (explicit VR only): defined-length fragments, then the sequence
             // delimiter, then the end of the data set.
-            vr?;
-            while pos + 8 <= data.len() {
-                let (g, e, l) = (u16_at(pos), u16_at(pos + 2), u32_at(pos + 4));
+            h.vr?;
+            while let Some(f) = headers.at(pos) {
                 pos += 8;
-                match (g, e) {
-                    (0xFFFE, 0xE000) if l != UNDEFINED => pos = pos.checked_add(l as usize)?,
+                match (f.group, f.element) {
+                    (0xFFFE, 0xE000) if f.length != UNDEFINED => {
+                        pos = pos.checked_add(f.length as usize)?;
+                    }
                     (0xFFFE, 0xE0DD) => return (pos == data.len()).then_some(start),
                     _ => return None,
                 }
             }
             return None;
         }
-        if length == UNDEFINED {
+        if h.length == UNDEFINED {
             depth += 1;
         } else {
-            pos = pos.checked_add(length as usize)?;
+            pos = pos.checked_add(h.length as usize)?;
         }
     }
     None

@@ -8,12 +8,17 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
+use medledger_econ::raster::Rasteriser;
 use medledger_econ::{AnalysisOptions, Model, engine, psa, report};
+use rayon::prelude::*;
+
+/// PNG plots are rendered at twice the SVG size, sharp on high-density screens.
+const PNG_SCALE: f32 = 2.0;
 
 #[derive(clap::Subcommand, Debug)]
 pub enum CeaCommand {
     /// Run the base case, incremental analysis, sensitivity analyses and PSA
-    /// of a model file and write the report (HTML, JSON, CSV, SVG).
+    /// of a model file and write the report (HTML, JSON, CSV, SVG and PNG plots).
     Run {
         /// Model file (TOML; see docs/cea-model-format.md).
         model: PathBuf,
@@ -104,11 +109,12 @@ pub fn run(cmd: CeaCommand) -> Result<()> {
             bar.finish_and_clear();
             analysis.measurements = applied;
             let files = report::write_report(&m, &analysis, &out)?;
+            let pngs = write_pngs(&files.plots)?;
             print_summary(&m, &analysis);
             println!("report: {}", files.html.display());
             println!(
                 "{} files written to {}",
-                files.files.len(),
+                files.files.len() + pngs.len(),
                 files.dir.display()
             );
             Ok(())
@@ -176,6 +182,33 @@ pub fn run(cmd: CeaCommand) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Writes a PNG beside each SVG plot, rasterised from the SVG file itself.
+fn write_pngs(plots: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    if plots.is_empty() {
+        return Ok(Vec::new());
+    }
+    let raster = Rasteriser::with_system_fonts();
+    if raster.font_family().is_none() {
+        eprintln!(
+            "warning: no font found on this system, so the PNG plots have no text (the SVG plots and the report are complete); install a font package such as fonts-dejavu-core"
+        );
+    }
+    plots
+        .par_iter()
+        .map(|svg_path| {
+            let svg = std::fs::read_to_string(svg_path)
+                .with_context(|| format!("reading {}", svg_path.display()))?;
+            let png = raster
+                .png(&svg, PNG_SCALE)
+                .with_context(|| svg_path.display().to_string())?;
+            let png_path = svg_path.with_extension("png");
+            std::fs::write(&png_path, png)
+                .with_context(|| format!("writing {}", png_path.display()))?;
+            Ok(png_path)
+        })
+        .collect()
 }
 
 fn load(path: &Path) -> Result<Model> {

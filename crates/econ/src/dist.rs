@@ -214,21 +214,54 @@ impl Dist {
         }
     }
 
+    /// Draws one value; `base` is returned for a fixed parameter. For many
+    /// draws, [`Dist::prepare`] once and sample the [`Sampler`].
+    pub fn sample<R: Rng + ?Sized>(&self, base: f64, rng: &mut R) -> f64 {
+        self.prepare().sample(base, rng)
+    }
+
+    /// The distribution with the constants of its sampler worked out once.
+    pub fn prepare(&self) -> Sampler {
+        match *self {
+            Dist::Fixed => Sampler::Fixed,
+            Dist::Normal { mean, sd } => Sampler::Normal { mean, sd },
+            Dist::LogNormal { meanlog, sdlog } => Sampler::LogNormal { meanlog, sdlog },
+            Dist::Beta { alpha, beta } => Sampler::Beta(Gamma::new(alpha), Gamma::new(beta)),
+            Dist::Gamma { shape, scale } => Sampler::Gamma(Gamma::new(shape), scale),
+            Dist::Uniform { min, max } => Sampler::Uniform { min, max },
+            Dist::Triangular { min, mode, max } => Sampler::Triangular { min, mode, max },
+        }
+    }
+}
+
+/// A [`Dist`] ready for repeated sampling.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Sampler {
+    Fixed,
+    Normal { mean: f64, sd: f64 },
+    LogNormal { meanlog: f64, sdlog: f64 },
+    Beta(Gamma, Gamma),
+    Gamma(Gamma, f64),
+    Uniform { min: f64, max: f64 },
+    Triangular { min: f64, mode: f64, max: f64 },
+}
+
+impl Sampler {
     /// Draws one value; `base` is returned for a fixed parameter.
     #[inline]
     pub fn sample<R: Rng + ?Sized>(&self, base: f64, rng: &mut R) -> f64 {
         match *self {
-            Dist::Fixed => base,
-            Dist::Normal { mean, sd } => mean + sd * std_normal(rng),
-            Dist::LogNormal { meanlog, sdlog } => (meanlog + sdlog * std_normal(rng)).exp(),
-            Dist::Beta { alpha, beta } => {
-                let x = gamma(alpha, rng);
-                let y = gamma(beta, rng);
+            Sampler::Fixed => base,
+            Sampler::Normal { mean, sd } => mean + sd * std_normal(rng),
+            Sampler::LogNormal { meanlog, sdlog } => (meanlog + sdlog * std_normal(rng)).exp(),
+            Sampler::Beta(a, b) => {
+                let x = a.sample(rng);
+                let y = b.sample(rng);
                 x / (x + y)
             }
-            Dist::Gamma { shape, scale } => gamma(shape, rng) * scale,
-            Dist::Uniform { min, max } => min + (max - min) * unit(rng),
-            Dist::Triangular { min, mode, max } => {
+            Sampler::Gamma(g, scale) => g.sample(rng) * scale,
+            Sampler::Uniform { min, max } => min + (max - min) * unit(rng),
+            Sampler::Triangular { min, mode, max } => {
                 let u = unit(rng);
                 let f = (mode - min) / (max - min);
                 if u < f {
@@ -251,53 +284,149 @@ fn unit<R: Rng + ?Sized>(rng: &mut R) -> f64 {
     rng.r#gen::<f64>()
 }
 
-/// Standard normal by the Box–Muller transform (one of the pair is used, so
-/// every draw consumes exactly two uniforms and streams stay aligned).
-#[inline]
-pub fn std_normal<R: Rng + ?Sized>(rng: &mut R) -> f64 {
-    let u1 = 1.0 - unit(rng); // (0, 1]: keeps ln finite
-    let u2 = unit(rng);
-    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+/// Layers of the ziggurat: 256, indexed by the low byte of a draw.
+const ZIG_LAYERS: usize = 256;
+/// Where the tail of the 256-layer normal ziggurat starts, and the area of
+/// each layer (Marsaglia & Tsang 2000).
+const ZIG_R: f64 = 3.654_152_885_361_009;
+const ZIG_V: f64 = 4.928_673_233_99e-3;
+
+/// Layer edges `x[i]` (x[0] is the base layer's equivalent width, x[1] = R,
+/// x[256] = 0) and the density `f[i] = exp(-x[i]²/2)` there.
+#[derive(Debug)]
+struct Ziggurat {
+    x: [f64; ZIG_LAYERS + 1],
+    f: [f64; ZIG_LAYERS + 1],
 }
 
-/// Gamma(shape, 1) by Marsaglia and Tsang (2000); shapes below one use the
-/// boost `G(a) = G(a + 1) * U^(1/a)`.
-pub fn gamma<R: Rng + ?Sized>(shape: f64, rng: &mut R) -> f64 {
-    if shape < 1.0 {
-        let u = 1.0 - unit(rng);
-        return gamma(shape + 1.0, rng) * u.powf(1.0 / shape);
-    }
-    let d = shape - 1.0 / 3.0;
-    let c = 1.0 / (9.0 * d).sqrt();
+fn ziggurat() -> &'static Ziggurat {
+    static TABLE: std::sync::OnceLock<Ziggurat> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        let density = |x: f64| (-0.5 * x * x).exp();
+        let mut x = [0.0; ZIG_LAYERS + 1];
+        x[0] = ZIG_V / density(ZIG_R);
+        x[1] = ZIG_R;
+        for i in 1..ZIG_LAYERS - 1 {
+            x[i + 1] = (-2.0 * (ZIG_V / x[i] + density(x[i])).ln()).sqrt();
+        }
+        x[ZIG_LAYERS] = 0.0;
+        let f = x.map(density);
+        Ziggurat { x, f }
+    })
+}
+
+/// Standard normal by the ziggurat method (Marsaglia & Tsang 2000, 256
+/// layers): one 64-bit draw gives the layer (low byte) and a signed abscissa
+/// (high 53 bits); about 99% of draws are accepted without a transcendental
+/// function.
+#[inline]
+pub fn std_normal<R: Rng + ?Sized>(rng: &mut R) -> f64 {
+    let z = ziggurat();
     loop {
-        let mut x;
-        let mut v;
-        loop {
-            x = std_normal(rng);
-            v = 1.0 + c * x;
-            if v > 0.0 {
-                break;
+        let bits = rng.next_u64();
+        let i = (bits & 0xff) as usize;
+        // [-1, 1) from the top 53 bits.
+        let u = (bits >> 11) as f64 * (2.0 / (1u64 << 53) as f64) - 1.0;
+        let x = u * z.x[i];
+        if x.abs() < z.x[i + 1] {
+            return x;
+        }
+        if i == 0 {
+            // The tail beyond R (Marsaglia 1964).
+            loop {
+                let a = -(1.0 - unit(rng)).ln() / ZIG_R;
+                let b = -(1.0 - unit(rng)).ln();
+                if 2.0 * b > a * a {
+                    return if u < 0.0 { -(ZIG_R + a) } else { ZIG_R + a };
+                }
             }
         }
-        v = v * v * v;
-        let u = unit(rng);
-        let x2 = x * x;
-        if u < 1.0 - 0.0331 * x2 * x2 {
-            return d * v;
-        }
-        if u.max(f64::MIN_POSITIVE).ln() < 0.5 * x2 + d * (1.0 - v + v.ln()) {
-            return d * v;
+        // The wedge between the layer's rectangle and the density.
+        if z.f[i] + (z.f[i + 1] - z.f[i]) * unit(rng) < (-0.5 * x * x).exp() {
+            return x;
         }
     }
+}
+
+/// Gamma(shape, 1) by Marsaglia and Tsang (2000), with its constants worked
+/// out once; shapes below one use the boost `G(a) = G(a + 1) * U^(1/a)`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Gamma {
+    d: f64,
+    c: f64,
+    /// `1/shape` when shape < 1 (boosted).
+    boost: Option<f64>,
+}
+
+impl Gamma {
+    pub fn new(shape: f64) -> Gamma {
+        let (base, boost) = if shape < 1.0 {
+            (shape + 1.0, Some(1.0 / shape))
+        } else {
+            (shape, None)
+        };
+        let d = base - 1.0 / 3.0;
+        Gamma {
+            d,
+            c: 1.0 / (9.0 * d).sqrt(),
+            boost,
+        }
+    }
+
+    #[inline]
+    pub fn sample<R: Rng + ?Sized>(&self, rng: &mut R) -> f64 {
+        let Gamma { d, c, boost } = *self;
+        let boost = boost.map(|inv| (1.0 - unit(rng)).powf(inv));
+        loop {
+            let mut x;
+            let mut v;
+            loop {
+                x = std_normal(rng);
+                v = 1.0 + c * x;
+                if v > 0.0 {
+                    break;
+                }
+            }
+            v = v * v * v;
+            let u = unit(rng);
+            let x2 = x * x;
+            if u < 1.0 - 0.0331 * x2 * x2
+                || u.max(f64::MIN_POSITIVE).ln() < 0.5 * x2 + d * (1.0 - v + v.ln())
+            {
+                return match boost {
+                    Some(b) => d * v * b,
+                    None => d * v,
+                };
+            }
+        }
+    }
+}
+
+/// Gamma(shape, 1); see [`Gamma`].
+pub fn gamma<R: Rng + ?Sized>(shape: f64, rng: &mut R) -> f64 {
+    Gamma::new(shape).sample(rng)
 }
 
 /// Dirichlet draw into `out` (same length as `alpha`).
 pub fn dirichlet<R: Rng + ?Sized>(alpha: &[f64], rng: &mut R, out: &mut [f64]) {
-    let mut sum = 0.0;
     for (o, &a) in out.iter_mut().zip(alpha) {
         *o = gamma(a, rng);
-        sum += *o;
     }
+    normalise(out);
+}
+
+/// A Dirichlet draw with prepared gamma samplers, one per component.
+#[inline]
+pub fn dirichlet_prepared<R: Rng + ?Sized>(alpha: &[Gamma], rng: &mut R, out: &mut [f64]) {
+    for (o, a) in out.iter_mut().zip(alpha) {
+        *o = a.sample(rng);
+    }
+    normalise(out);
+}
+
+#[inline]
+fn normalise(out: &mut [f64]) {
+    let sum: f64 = out.iter().sum();
     for o in out.iter_mut() {
         *o /= sum;
     }
@@ -402,6 +531,35 @@ mod tests {
                 v.sqrt()
             );
         }
+    }
+
+    #[test]
+    fn ziggurat_normal_has_normal_moments_and_tails() {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let n = 1_000_000;
+        let (mut s1, mut s2, mut s4) = (0.0, 0.0, 0.0);
+        let (mut beyond2, mut beyond_r) = (0usize, 0usize);
+        for _ in 0..n {
+            let x = std_normal(&mut rng);
+            s1 += x;
+            s2 += x * x;
+            s4 += x * x * x * x;
+            beyond2 += usize::from(x.abs() > 2.0);
+            beyond_r += usize::from(x.abs() > ZIG_R);
+        }
+        let nf = n as f64;
+        assert!((s1 / nf).abs() < 0.005, "mean {}", s1 / nf);
+        assert!((s2 / nf - 1.0).abs() < 0.005, "variance {}", s2 / nf);
+        assert!((s4 / nf - 3.0).abs() < 0.05, "fourth moment {}", s4 / nf);
+        // P(|Z| > 2) = 0.0455, P(|Z| > 3.654) = 2.58e-4.
+        assert!((beyond2 as f64 / nf - 0.0455).abs() < 0.001, "{beyond2}");
+        assert!(
+            (beyond_r as f64 / nf - 2.58e-4).abs() < 0.6e-4,
+            "{beyond_r}"
+        );
+        let z = ziggurat();
+        assert!(z.x.windows(2).all(|w| w[0] > w[1]), "layers narrow upwards");
+        assert!(z.x[ZIG_LAYERS - 1] > 0.0 && z.x[ZIG_LAYERS - 1] < 0.3);
     }
 
     #[test]

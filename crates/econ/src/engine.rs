@@ -714,7 +714,7 @@ impl Outcome {
     }
 }
 
-fn discount_table(model: &Model, rate: f64, by_point: bool) -> Vec<f64> {
+pub(crate) fn discount_table(model: &Model, rate: f64, by_point: bool) -> Vec<f64> {
     let s = &model.settings;
     (0..=s.cycles)
         .map(|t| {

@@ -538,6 +538,101 @@ impl Program {
     }
 }
 
+/// Parameter sets evaluated together by [`Program::eval_lanes`].
+pub const LANES: usize = 32;
+
+/// One value per lane.
+pub type Lanes = [f64; LANES];
+
+impl Program {
+    /// Evaluates the program for [`LANES`] slot vectors at once (`slots[k][l]`
+    /// is slot k of lane l) into `out`, with `st` as scratch. Each lane gets
+    /// exactly the operations, in the same order, as [`Program::eval_in`]
+    /// would, so the results are bit for bit the same; the interpretation is
+    /// paid once per program instead of once per lane.
+    pub fn eval_lanes(
+        &self,
+        slots: &[Lanes],
+        tables: &[Table],
+        st: &mut Vec<Lanes>,
+        out: &mut Lanes,
+    ) {
+        match self.ops.as_slice() {
+            [Op::Const(v)] => {
+                *out = [*v; LANES];
+                return;
+            }
+            [Op::Load(i)] => {
+                *out = slots[*i as usize];
+                return;
+            }
+            _ => {}
+        }
+        st.clear();
+        let truth = |b: bool| if b { 1.0 } else { 0.0 };
+        for op in &self.ops {
+            match *op {
+                Op::Const(v) => st.push([v; LANES]),
+                Op::Load(i) => st.push(slots[i as usize]),
+                Op::Neg => lanes_un(st, |a| -a),
+                Op::Not => lanes_un(st, |a| truth(a == 0.0)),
+                Op::Add => lanes_bin(st, |a, b| a + b),
+                Op::Sub => lanes_bin(st, |a, b| a - b),
+                Op::Mul => lanes_bin(st, |a, b| a * b),
+                Op::Div => lanes_bin(st, |a, b| a / b),
+                Op::Pow => lanes_bin(st, pow),
+                Op::Lt => lanes_bin(st, |a, b| truth(a < b)),
+                Op::Le => lanes_bin(st, |a, b| truth(a <= b)),
+                Op::Gt => lanes_bin(st, |a, b| truth(a > b)),
+                Op::Ge => lanes_bin(st, |a, b| truth(a >= b)),
+                Op::Eq => lanes_bin(st, |a, b| truth(a == b)),
+                Op::Ne => lanes_bin(st, |a, b| truth(a != b)),
+                Op::And => lanes_bin(st, |a, b| truth(a != 0.0 && b != 0.0)),
+                Op::Or => lanes_bin(st, |a, b| truth(a != 0.0 || b != 0.0)),
+                Op::Exp => lanes_un(st, f64::exp),
+                Op::Ln => lanes_un(st, f64::ln),
+                Op::Log10 => lanes_un(st, f64::log10),
+                Op::Sqrt => lanes_un(st, f64::sqrt),
+                Op::Abs => lanes_un(st, f64::abs),
+                Op::Floor => lanes_un(st, f64::floor),
+                Op::Ceil => lanes_un(st, f64::ceil),
+                Op::Round => lanes_un(st, f64::round),
+                Op::Min => lanes_bin(st, f64::min),
+                Op::Max => lanes_bin(st, f64::max),
+                Op::If => {
+                    let b = st.pop().unwrap_or([f64::NAN; LANES]);
+                    let a = st.pop().unwrap_or([f64::NAN; LANES]);
+                    let c = st.last_mut().expect("compiled programs are balanced");
+                    for ((c, a), b) in c.iter_mut().zip(a).zip(b) {
+                        *c = if *c != 0.0 { a } else { b };
+                    }
+                }
+                Op::RateToProb => lanes_bin(st, |r: f64, t: f64| 1.0 - (-r * t).exp()),
+                Op::ProbToRate => lanes_bin(st, |p: f64, t: f64| -(1.0 - p).ln() / t),
+                Op::Lookup(t, how) => lanes_un(st, |x| tables[t as usize].get(x, how)),
+            }
+        }
+        *out = st.first().copied().unwrap_or([f64::NAN; LANES]);
+    }
+}
+
+#[inline(always)]
+fn lanes_un(st: &mut [Lanes], f: impl Fn(f64) -> f64) {
+    let a = st.last_mut().expect("compiled programs are balanced");
+    for x in a.iter_mut() {
+        *x = f(*x);
+    }
+}
+
+#[inline(always)]
+fn lanes_bin(st: &mut Vec<Lanes>, f: impl Fn(f64, f64) -> f64) {
+    let b = st.pop().unwrap_or([f64::NAN; LANES]);
+    let a = st.last_mut().expect("compiled programs are balanced");
+    for (x, y) in a.iter_mut().zip(b) {
+        *x = f(*x, y);
+    }
+}
+
 /// `a^b` with an exact result for `0^b`, b > 0, which `powf` already gives;
 /// kept as a function so the evaluator has one place to change.
 #[inline]
@@ -884,6 +979,41 @@ mod tests {
         assert!(e.message.contains("unknown table `q`"));
         let e = parse("a $ b").unwrap_err();
         assert!(e.message.contains("unexpected character"));
+    }
+
+    #[test]
+    #[allow(clippy::needless_range_loop)]
+    fn lanes_give_the_scalar_results_bit_for_bit() {
+        let tables = vec![Table {
+            x: vec![35.0, 45.0, 55.0],
+            y: vec![1.0, 2.0, 3.0],
+            interpolation: Interpolation::Linear,
+        }];
+        let mut slots = vec![[0.0; LANES]; 3];
+        for l in 0..LANES {
+            slots[0][l] = 0.37 * l as f64 - 3.1;
+            slots[1][l] = 1.0 + (l as f64).sqrt() / 7.0;
+            slots[2][l] = (l % 5) as f64;
+        }
+        let mut st = Vec::new();
+        let mut out = [0.0; LANES];
+        for src in [
+            "a * b + cycle",
+            "if(cycle <= 2, a, b) ^ 1.7",
+            "1 - exp(-b * ((cycle - 1)^b - cycle^b))",
+            "interp(t, 40 + a) / max(b, 1.1, a) - !(a > 0) || 0",
+            "rate_to_prob(b, 0.5) + prob_to_rate(0.2) + sqrt(abs(a)) + round(a) + floor(b) + ceil(-a) + log10(b) + ln(b) + min(a, 2) * -a",
+            "a",
+            "3",
+        ] {
+            let p = compile(&parse(src).unwrap(), &R).unwrap();
+            p.eval_lanes(&slots, &tables, &mut st, &mut out);
+            for l in 0..LANES {
+                let scalar: Vec<f64> = slots.iter().map(|s| s[l]).collect();
+                let want = p.eval(&scalar, &tables);
+                assert_eq!(out[l].to_bits(), want.to_bits(), "{src}, lane {l}");
+            }
+        }
     }
 
     #[test]

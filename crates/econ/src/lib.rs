@@ -6,13 +6,14 @@
 //! with dominance and the efficient frontier, net benefit, one- and two-way
 //! sensitivity analysis, probabilistic sensitivity analysis with CEACs and
 //! EVPI, and writes JSON, CSV, SVG plots and an HTML report with a CHEERS 2022
-//! checklist.
+//! checklist; [`raster`] turns the SVG plots into PNG images.
 //!
 //! The crate is pure: given a model and a seed, every number is the same on
 //! every machine. It does no I/O except reading the model / measurements
 //! files and writing the report directory it is asked to write.
 
 pub mod analysis;
+pub mod batch;
 pub mod dist;
 pub mod engine;
 pub mod error;
@@ -20,6 +21,7 @@ pub mod expr;
 pub mod icer;
 pub mod model;
 pub mod psa;
+pub mod raster;
 pub mod report;
 pub mod svg;
 

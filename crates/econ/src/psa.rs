@@ -12,9 +12,11 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::dist::{self, Dist};
+use crate::batch::Batch;
+use crate::dist::{self, Dist, Gamma, Sampler};
 use crate::engine::Evaluator;
 use crate::error::Result;
+use crate::expr::LANES;
 use crate::icer::nmb;
 use crate::model::Model;
 
@@ -36,12 +38,11 @@ impl Summary {
             0.0
         };
         let mut s = xs.to_vec();
-        s.sort_by(f64::total_cmp);
         Summary {
             mean,
             sd: var.sqrt(),
-            p2_5: quantile(&s, 0.025),
-            p97_5: quantile(&s, 0.975),
+            p2_5: select_quantile(&mut s, 0.025),
+            p97_5: select_quantile(&mut s, 0.975),
         }
     }
 }
@@ -55,6 +56,24 @@ pub fn quantile(sorted: &[f64], q: f64) -> f64 {
     let lo = h.floor() as usize;
     let hi = h.ceil() as usize;
     sorted[lo] + (h - lo as f64) * (sorted[hi] - sorted[lo])
+}
+
+/// [`quantile`] of unsorted data, by selection instead of a full sort: the
+/// same value, in linear time. Reorders `xs`.
+pub fn select_quantile(xs: &mut [f64], q: f64) -> f64 {
+    if xs.is_empty() {
+        return f64::NAN;
+    }
+    let h = (xs.len() - 1) as f64 * q;
+    let lo = h.floor() as usize;
+    let hi = h.ceil() as usize;
+    let (_, &mut x_lo, above) = xs.select_nth_unstable_by(lo, f64::total_cmp);
+    let x_hi = if hi == lo {
+        x_lo
+    } else {
+        above.iter().copied().min_by(f64::total_cmp).unwrap_or(x_lo)
+    };
+    x_lo + (h - lo as f64) * (x_hi - x_lo)
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -112,28 +131,74 @@ fn iteration_seed(seed: u64, i: usize) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Draws one parameter vector into `out` (which starts as the base values).
-pub fn draw(model: &Model, seed: u64, i: usize, out: &mut [f64], scratch: &mut Vec<f64>) {
-    let mut rng = ChaCha8Rng::seed_from_u64(iteration_seed(seed, i));
-    for (k, p) in model.params.iter().enumerate() {
-        if p.dist != Dist::Fixed {
-            out[k] = p.dist.sample(p.base, &mut rng);
+/// The PSA's distributions with their samplers prepared, in drawing order:
+/// parameters with their own distribution (in declaration order), then the
+/// Dirichlet groups.
+#[derive(Debug)]
+struct Draws {
+    single: Vec<(usize, Sampler)>,
+    groups: Vec<(Vec<usize>, Vec<Gamma>)>,
+}
+
+impl Draws {
+    fn new(model: &Model) -> Draws {
+        Draws {
+            single: (0..model.params.len())
+                .filter(|&k| model.params[k].dist != Dist::Fixed)
+                .map(|k| (k, model.params[k].dist.prepare()))
+                .collect(),
+            groups: model
+                .dirichlet
+                .iter()
+                .map(|g| {
+                    (
+                        g.params.clone(),
+                        g.alpha.iter().map(|&a| Gamma::new(a)).collect(),
+                    )
+                })
+                .collect(),
         }
     }
-    for g in &model.dirichlet {
-        scratch.resize(g.alpha.len(), 0.0);
-        dist::dirichlet(&g.alpha, &mut rng, scratch);
-        for (&k, v) in g.params.iter().zip(scratch.iter()) {
-            out[k] = *v;
+
+    fn draw(&self, model: &Model, seed: u64, i: usize, out: &mut [f64], scratch: &mut Vec<f64>) {
+        let mut rng = ChaCha8Rng::seed_from_u64(iteration_seed(seed, i));
+        for (k, d) in &self.single {
+            out[*k] = d.sample(model.params[*k].base, &mut rng);
+        }
+        for (params, alpha) in &self.groups {
+            scratch.resize(alpha.len(), 0.0);
+            dist::dirichlet_prepared(alpha, &mut rng, scratch);
+            for (&k, v) in params.iter().zip(scratch.iter()) {
+                out[k] = *v;
+            }
         }
     }
 }
 
-/// Sampled parameter values and (cost, effect) per strategy of one iteration.
-type IterationResult = (Vec<f64>, Vec<(f64, f64)>);
+/// Draws one parameter vector into `out` (which starts as the base values),
+/// as iteration `i` of a PSA with `seed` does.
+pub fn draw(model: &Model, seed: u64, i: usize, out: &mut [f64], scratch: &mut Vec<f64>) {
+    Draws::new(model).draw(model, seed, i, out, scratch);
+}
+
+/// Iterations per parallel task (a multiple of [`LANES`]).
+const TASK: usize = 8 * LANES;
+
+/// One task's share: sampled values per iteration, and `cost[s * len + k]`,
+/// `effect[s * len + k]` for strategy s and the task's k-th iteration.
+struct TaskResult {
+    samples: Vec<Vec<f64>>,
+    cost: Vec<f64>,
+    effect: Vec<f64>,
+}
 
 /// Runs the PSA. `progress` is called with the number of iterations done so
 /// far (from worker threads, roughly every 1% of the work).
+///
+/// Markov models run [`LANES`] iterations at a time through [`Batch`];
+/// decision trees, Simpson's rule and any batch that meets an invalid
+/// probability run through [`Evaluator`], which gives the same numbers and
+/// names the iteration, strategy and cycle of an error.
 pub fn run(
     model: &Model,
     iterations: usize,
@@ -142,62 +207,99 @@ pub fn run(
 ) -> Result<PsaResult> {
     let ns = model.strategies.len();
     let base = model.base_values();
+    let np = base.len();
     let sampled = sampled_params(model);
+    let draws = Draws::new(model);
     let done = AtomicUsize::new(0);
     let report_every = (iterations / 100).max(1);
     let effect = model.meta.effect;
 
-    // Chunks keep one evaluator per task; results are written by index, so
-    // the outcome does not depend on scheduling.
-    let chunk = 256usize;
-    let chunks: Vec<Result<Vec<IterationResult>>> = (0..iterations.div_ceil(chunk))
+    // Tasks are fixed ranges of iterations and every iteration has its own
+    // random stream, so the outcome does not depend on scheduling.
+    let tasks: Vec<Result<TaskResult>> = (0..iterations.div_ceil(TASK))
         .into_par_iter()
         .map(|c| {
-            let mut ev = Evaluator::new(model);
-            let mut params = base.clone();
+            let start = c * TASK;
+            let len = TASK.min(iterations - start);
+            let mut params = vec![0.0; len * np];
             let mut scratch = Vec::new();
-            let start = c * chunk;
-            let end = (start + chunk).min(iterations);
-            let mut out = Vec::with_capacity(end - start);
-            for i in start..end {
-                params.copy_from_slice(&base);
-                draw(model, seed, i, &mut params, &mut scratch);
-                let mut ce = Vec::with_capacity(ns);
-                for s in 0..ns {
-                    let r = ev.run(model, s, &params, false).map_err(|e| match e {
-                        crate::EconError::Evaluation {
-                            strategy,
-                            cycle,
-                            message,
-                        } => crate::EconError::Evaluation {
-                            strategy,
-                            cycle,
-                            message: format!("PSA iteration {i}: {message}"),
-                        },
-                        other => other,
-                    })?;
-                    ce.push((r.outcome.cost, r.outcome.effect(effect)));
+            for (k, p) in params.chunks_exact_mut(np.max(1)).enumerate().take(len) {
+                p.copy_from_slice(&base);
+                draws.draw(model, seed, start + k, p, &mut scratch);
+            }
+            let row = |k: usize| &params[k * np..(k + 1) * np];
+            let mut cost = vec![0.0; ns * len];
+            let mut eff = vec![0.0; ns * len];
+            let mut batch = Batch::new(model);
+            let mut evaluator: Option<Evaluator> = None;
+            for first in (0..len).step_by(LANES) {
+                let lanes = LANES.min(len - first);
+                if let Some(b) = batch.as_mut() {
+                    // Unused lanes of the last block repeat its first iteration.
+                    for (k, slot) in b.slots[..np].iter_mut().enumerate() {
+                        for (l, v) in slot.iter_mut().enumerate() {
+                            *v = params[(first + if l < lanes { l } else { 0 }) * np + k];
+                        }
+                    }
+                    let (mut c, mut e) = ([0.0; LANES], [0.0; LANES]);
+                    let mut ok = true;
+                    for s in 0..ns {
+                        if !b.run(s, &mut c, &mut e) {
+                            ok = false;
+                            break;
+                        }
+                        cost[s * len + first..][..lanes].copy_from_slice(&c[..lanes]);
+                        eff[s * len + first..][..lanes].copy_from_slice(&e[..lanes]);
+                    }
+                    if ok {
+                        continue;
+                    }
                 }
-                out.push((sampled.iter().map(|&k| params[k]).collect(), ce));
-                let d = done.fetch_add(1, Ordering::Relaxed) + 1;
-                if d % report_every == 0 || d == iterations {
-                    progress(d);
+                let ev = evaluator.get_or_insert_with(|| Evaluator::new(model));
+                for k in first..first + lanes {
+                    for s in 0..ns {
+                        let r = ev.run(model, s, row(k), false).map_err(|e| match e {
+                            crate::EconError::Evaluation {
+                                strategy,
+                                cycle,
+                                message,
+                            } => crate::EconError::Evaluation {
+                                strategy,
+                                cycle,
+                                message: format!("PSA iteration {}: {message}", start + k),
+                            },
+                            other => other,
+                        })?;
+                        cost[s * len + k] = r.outcome.cost;
+                        eff[s * len + k] = r.outcome.effect(effect);
+                    }
                 }
             }
-            Ok(out)
+            let before = done.fetch_add(len, Ordering::Relaxed);
+            let after = before + len;
+            if after / report_every != before / report_every || after == iterations {
+                progress(after);
+            }
+            Ok(TaskResult {
+                samples: (0..len)
+                    .map(|k| sampled.iter().map(|&p| row(k)[p]).collect())
+                    .collect(),
+                cost,
+                effect: eff,
+            })
         })
         .collect();
 
     let mut samples = Vec::with_capacity(iterations);
     let mut cost = vec![Vec::with_capacity(iterations); ns];
     let mut eff = vec![Vec::with_capacity(iterations); ns];
-    for c in chunks {
-        for (sv, ce) in c? {
-            samples.push(sv);
-            for (s, (c, e)) in ce.into_iter().enumerate() {
-                cost[s].push(c);
-                eff[s].push(e);
-            }
+    for t in tasks {
+        let t = t?;
+        let len = t.samples.len();
+        samples.extend(t.samples);
+        for s in 0..ns {
+            cost[s].extend_from_slice(&t.cost[s * len..(s + 1) * len]);
+            eff[s].extend_from_slice(&t.effect[s * len..(s + 1) * len]);
         }
     }
     let ceac = ceac(model, &cost, &eff);
@@ -219,6 +321,10 @@ pub fn run(
             q
         })
         .collect();
+    let (cost_summary, effect_summary) = rayon::join(
+        || cost.par_iter().map(|v| Summary::of(v)).collect(),
+        || eff.par_iter().map(|v| Summary::of(v)).collect(),
+    );
     Ok(PsaResult {
         iterations,
         seed,
@@ -227,8 +333,8 @@ pub fn run(
             .map(|&k| model.params[k].name.clone())
             .collect(),
         samples,
-        cost_summary: cost.iter().map(|v| Summary::of(v)).collect(),
-        effect_summary: eff.iter().map(|v| Summary::of(v)).collect(),
+        cost_summary,
+        effect_summary,
         cost,
         effect: eff,
         ceac,
@@ -236,52 +342,77 @@ pub fn run(
     })
 }
 
-/// CEAC, acceptability frontier and EVPI over the model's WTP grid.
+/// Sum in a fixed order with four running totals (so the additions need not
+/// wait for one another); the result depends only on the data.
+fn sum4(xs: impl Iterator<Item = f64>) -> f64 {
+    let mut acc = [0.0; 4];
+    for (i, x) in xs.enumerate() {
+        acc[i % 4] += x;
+    }
+    (acc[0] + acc[1]) + (acc[2] + acc[3])
+}
+
+/// CEAC, acceptability frontier and EVPI over the model's WTP grid (points in
+/// parallel; each point is computed the same way whatever the threads).
+///
+/// The expected NMB of a strategy is `wtp × mean effect − mean cost`. EVPI is
+/// the mean over iterations of how much the best strategy of the iteration
+/// beats the frontier strategy, so it is never negative and exactly zero when
+/// the frontier strategy wins every iteration.
 pub fn ceac(model: &Model, cost: &[Vec<f64>], effect: &[Vec<f64>]) -> Vec<CeacPoint> {
     let ns = cost.len();
     let n = cost.first().map(|v| v.len()).unwrap_or(0);
-    let mut out = Vec::new();
-    for &w in &model.settings.wtp_grid {
-        let mut wins = vec![0usize; ns];
-        let mut mean_nmb = vec![0.0; ns];
-        let mut mean_max = 0.0;
-        for i in 0..n {
-            let mut best = 0;
-            let mut best_v = f64::NEG_INFINITY;
-            for s in 0..ns {
-                let v = nmb(cost[s][i], effect[s][i], w);
-                mean_nmb[s] += v;
-                if v > best_v {
-                    best_v = v;
-                    best = s;
+    let nf = n.max(1) as f64;
+    let mean_cost: Vec<f64> = cost.iter().map(|v| sum4(v.iter().copied()) / nf).collect();
+    let mean_effect: Vec<f64> = effect
+        .iter()
+        .map(|v| sum4(v.iter().copied()) / nf)
+        .collect();
+    model
+        .settings
+        .wtp_grid
+        .par_iter()
+        .map(|&w| {
+            let mean_nmb: Vec<f64> = (0..ns)
+                .map(|s| nmb(mean_cost[s], mean_effect[s], w))
+                .collect();
+            let mut frontier = 0;
+            for s in 1..ns {
+                if mean_nmb[s] > mean_nmb[frontier] {
+                    frontier = s;
                 }
             }
-            wins[best] += 1;
-            mean_max += best_v;
-        }
-        let nf = n.max(1) as f64;
-        for m in &mut mean_nmb {
-            *m /= nf;
-        }
-        mean_max /= nf;
-        let mut frontier = 0;
-        for s in 1..ns {
-            if mean_nmb[s] > mean_nmb[frontier] {
-                frontier = s;
+            let mut wins = vec![0usize; ns];
+            let mut gap = [0.0; 4];
+            for i in 0..n {
+                let mut best = 0;
+                let mut best_v = f64::NEG_INFINITY;
+                let mut front_v = 0.0;
+                for s in 0..ns {
+                    let v = nmb(cost[s][i], effect[s][i], w);
+                    if v > best_v {
+                        best_v = v;
+                        best = s;
+                    }
+                    if s == frontier {
+                        front_v = v;
+                    }
+                }
+                wins[best] += 1;
+                gap[i % 4] += best_v - front_v;
             }
-        }
-        let probability: Vec<f64> = wins.iter().map(|&k| k as f64 / nf).collect();
-        let evpi = (mean_max - mean_nmb[frontier]).max(0.0);
-        out.push(CeacPoint {
-            wtp: w,
-            frontier,
-            frontier_probability: probability[frontier],
-            probability,
-            evpi,
-            population_evpi: model.settings.population_size.map(|p| p * evpi),
-        });
-    }
-    out
+            let probability: Vec<f64> = wins.iter().map(|&k| k as f64 / nf).collect();
+            let evpi = ((gap[0] + gap[1]) + (gap[2] + gap[3])) / nf;
+            CeacPoint {
+                wtp: w,
+                frontier,
+                frontier_probability: probability[frontier],
+                probability,
+                evpi,
+                population_evpi: model.settings.population_size.map(|p| p * evpi),
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -295,6 +426,20 @@ mod tests {
         assert_eq!(quantile(&s, 0.0), 1.0);
         assert_eq!(quantile(&s, 1.0), 5.0);
         assert!((quantile(&s, 0.1) - 1.4).abs() < 1e-12);
+    }
+
+    #[test]
+    fn selection_gives_the_sorted_quantiles() {
+        let xs: Vec<f64> = (0..1001)
+            .map(|i| ((i * 7919) % 1001) as f64 * 0.37 - 50.0)
+            .collect();
+        let mut sorted = xs.clone();
+        sorted.sort_by(f64::total_cmp);
+        for q in [0.0, 0.025, 0.1, 0.5, 0.975, 0.99, 1.0] {
+            let mut v = xs.clone();
+            assert_eq!(select_quantile(&mut v, q), quantile(&sorted, q), "q = {q}");
+        }
+        assert!(select_quantile(&mut [], 0.5).is_nan());
     }
 
     #[test]

@@ -139,6 +139,8 @@ pub struct ReportFiles {
     pub dir: PathBuf,
     pub html: PathBuf,
     pub files: Vec<PathBuf>,
+    /// The SVG plots among `files`, for rasterising (see [`crate::raster`]).
+    pub plots: Vec<PathBuf>,
 }
 
 struct Out {
@@ -190,6 +192,7 @@ pub fn write_report(model: &Model, a: &Analysis, dir: &Path) -> Result<ReportFil
         dir: dir.to_owned(),
         html: dir.join("report.html"),
         files: out.files,
+        plots: plots.iter().map(|(name, _, _)| dir.join(name)).collect(),
     })
 }
 

@@ -1,7 +1,8 @@
 //! Hand-written SVG plots: Markov trace, cost-effectiveness plane and
 //! frontier, CEAC with the acceptability frontier, EVPI, tornado and two-way
 //! maps. SVG is text, so the plots are deterministic and embed directly in the
-//! HTML report; no plotting or rasterising dependency is needed.
+//! HTML report; no plotting dependency is needed. PNG versions are rasterised
+//! from this same text by [`crate::raster`].
 
 use std::fmt::Write as _;
 

@@ -1,0 +1,433 @@
+//! Markov cohort runs for [`LANES`] parameter sets at once, for the PSA.
+//!
+//! Every value is an array with one entry per parameter set (structure of
+//! arrays): each expression is interpreted once for all lanes, and the cohort
+//! update and payoffs are plain loops over lanes that the compiler
+//! vectorises. Each lane performs exactly the floating-point operations of
+//! [`crate::engine::Evaluator`], in the same order, so a lane's cost and
+//! effect equal the evaluator's bit for bit (tested below); only the cost and
+//! the effect are accumulated.
+//!
+//! A batch that meets an invalid probability reports failure without saying
+//! where; the caller reruns those parameter sets through the evaluator, which
+//! names the iteration, strategy, cycle and entry.
+
+// Lane loops read and write several arrays at the same lane index; indexing
+// by lane says so more plainly than nested zips.
+#![allow(clippy::needless_range_loop)]
+
+use crate::engine::discount_table;
+use crate::expr::{LANES, Lanes};
+use crate::model::{Counting, DiscountKind, Effect, Entry, Markov, Model, Strategy, Structure};
+
+/// Tolerances of [`crate::engine`]: entries may stray outside [0, 1] by
+/// `PROB_TOL`; rows without a complement must sum to one within `ROW_TOL`.
+const PROB_TOL: f64 = 1e-9;
+const ROW_TOL: f64 = 1e-6;
+
+/// What a state or transition contributes to the effect.
+#[derive(Debug, Clone, Copy)]
+enum EffectKind {
+    Qalys,
+    LifeYears,
+    Outcome(usize, DiscountKind),
+}
+
+/// Reusable buffers for batched runs of one Markov model.
+#[derive(Debug)]
+pub struct Batch<'m> {
+    model: &'m Model,
+    mk: &'m Markov,
+    effect: EffectKind,
+    /// `slots[k][l]`: slot k (parameters, expressions, cycle, time) of lane l.
+    pub slots: Vec<Lanes>,
+    stack: Vec<Lanes>,
+    matrix: Vec<Lanes>,
+    prev: Vec<Lanes>,
+    next: Vec<Lanes>,
+    cost: Vec<Lanes>,
+    eff: Vec<Lanes>,
+    tcost: Vec<Lanes>,
+    teff: Vec<Lanes>,
+    dyn_prev: Vec<Lanes>,
+    tmp: Lanes,
+    /// Structurally non-zero matrix entries (i, j) of each strategy, row by row.
+    nonzero: Vec<Vec<(usize, usize)>>,
+    disc_cost: Vec<f64>,
+    disc_effect: Vec<f64>,
+}
+
+impl<'m> Batch<'m> {
+    /// `None` for models the batch does not handle (decision trees, Simpson's
+    /// rule); those run through [`crate::engine::Evaluator`].
+    pub fn new(model: &'m Model) -> Option<Batch<'m>> {
+        let Structure::Markov(mk) = &model.structure else {
+            return None;
+        };
+        if model.settings.counting == Counting::Simpson {
+            return None;
+        }
+        let n = mk.states.len();
+        let nt = mk.on_transition.len();
+        let effect = match model.meta.effect {
+            Effect::Qalys => EffectKind::Qalys,
+            Effect::LifeYears => EffectKind::LifeYears,
+            Effect::Outcome(o) => EffectKind::Outcome(o, model.outcomes[o].discount),
+        };
+        let nonzero = model
+            .strategies
+            .iter()
+            .map(|s| {
+                (0..n * n)
+                    .filter(|&k| !matches!(s.matrix[k], Entry::Zero))
+                    .map(|k| (k / n, k % n))
+                    .collect()
+            })
+            .collect();
+        let set = &model.settings;
+        Some(Batch {
+            model,
+            mk,
+            effect,
+            slots: vec![[0.0; LANES]; model.n_slots()],
+            stack: Vec::with_capacity(32),
+            matrix: vec![[0.0; LANES]; n * n],
+            prev: vec![[0.0; LANES]; n],
+            next: vec![[0.0; LANES]; n],
+            cost: vec![[0.0; LANES]; n],
+            eff: vec![[0.0; LANES]; n],
+            tcost: vec![[0.0; LANES]; nt],
+            teff: vec![[0.0; LANES]; nt],
+            dyn_prev: Vec::new(),
+            tmp: [0.0; LANES],
+            nonzero,
+            disc_cost: discount_table(model, set.discount_costs, false),
+            disc_effect: discount_table(model, set.discount_effects, false),
+        })
+    }
+
+    /// Runs strategy `s` for the parameter values in `slots[..params]` and
+    /// writes each lane's discounted cost and effect. Returns false if a
+    /// probability was invalid in some lane.
+    pub fn run(&mut self, s: usize, cost: &mut Lanes, effect: &mut Lanes) -> bool {
+        let model = self.model;
+        let strategy = &model.strategies[s];
+        let cs = model.cycle_slot();
+        self.slots[cs] = [0.0; LANES];
+        self.slots[cs + 1] = [0.0; LANES];
+        for (slot, p) in &strategy.static_exprs {
+            p.eval_lanes(&self.slots, &model.tables, &mut self.stack, &mut self.tmp);
+            self.slots[*slot] = self.tmp;
+        }
+        self.run_markov(s, strategy, cost, effect)
+    }
+
+    fn run_markov(
+        &mut self,
+        s: usize,
+        strategy: &Strategy,
+        cost_out: &mut Lanes,
+        effect_out: &mut Lanes,
+    ) -> bool {
+        let model = self.model;
+        let mk = self.mk;
+        let set = &model.settings;
+        let n = mk.states.len();
+        let len = set.cycle_length;
+        let cs = model.cycle_slot();
+        for (p, &x) in self.prev.iter_mut().zip(&mk.initial) {
+            *p = [x; LANES];
+        }
+        self.dyn_prev.clear();
+        self.dyn_prev
+            .resize(strategy.dynamic_exprs.len(), [f64::NAN; LANES]);
+        let (wp, wn) = match set.counting {
+            Counting::Beginning => (1.0, 0.0),
+            Counting::End => (0.0, 1.0),
+            Counting::HalfCycle | Counting::Simpson => (0.5, 0.5),
+        };
+        let mut out_cost = [0.0; LANES];
+        let mut out_eff = [0.0; LANES];
+        for t in 1..=set.cycles {
+            self.slots[cs] = [t as f64; LANES];
+            self.slots[cs + 1] = [t as f64 * len; LANES];
+            let mut changed = false;
+            for (k, (slot, p)) in strategy.dynamic_exprs.iter().enumerate() {
+                p.eval_lanes(&self.slots, &model.tables, &mut self.stack, &mut self.tmp);
+                self.slots[*slot] = self.tmp;
+                let prev = &mut self.dyn_prev[k];
+                if prev
+                    .iter()
+                    .zip(&self.tmp)
+                    .any(|(a, b)| a.to_bits() != b.to_bits())
+                {
+                    changed = true;
+                    *prev = self.tmp;
+                }
+            }
+            if (t == 1 || (strategy.matrix_dynamic && (changed || strategy.matrix_reads_time)))
+                && !self.fill_matrix(strategy)
+            {
+                return false;
+            }
+            if t == 1 || (strategy.values_dynamic && (changed || strategy.values_read_time)) {
+                self.fill_values();
+            }
+            // next = prev · P over the structurally non-zero entries; each
+            // next[j] adds its terms in increasing i, as the evaluator does.
+            for nj in self.next.iter_mut() {
+                *nj = [0.0; LANES];
+            }
+            for &(i, j) in &self.nonzero[s] {
+                let (p, m) = (&self.prev[i], &self.matrix[i * n + j]);
+                for ((x, a), b) in self.next[j].iter_mut().zip(p).zip(m) {
+                    *x += a * b;
+                }
+            }
+
+            let fc = self.disc_cost[t];
+            let fe = self.disc_effect[t];
+            let mut c_t = [0.0; LANES];
+            let mut e_t = [0.0; LANES];
+            for (k, tp) in mk.on_transition.iter().enumerate() {
+                let (p, m) = (&self.prev[tp.from], &self.matrix[tp.from * n + tp.to]);
+                for l in 0..LANES {
+                    let flow = p[l] * m[l];
+                    c_t[l] += flow * self.tcost[k][l];
+                    match self.effect {
+                        EffectKind::Qalys => e_t[l] += flow * self.teff[k][l],
+                        EffectKind::Outcome(_, d) => {
+                            out_eff[l] += flow * self.teff[k][l] * factor(d, fc, fe)
+                        }
+                        EffectKind::LifeYears => {}
+                    }
+                }
+            }
+            let mut oc = [0.0; LANES];
+            let mut oe = [0.0; LANES];
+            for st in 0..n {
+                let alive = mk.states[st].alive;
+                let (p, x) = (&self.prev[st], &self.next[st]);
+                let (c, e) = (&self.cost[st], &self.eff[st]);
+                // occ == 0: the evaluator skips the state; adding +0.0
+                // instead leaves every sum as it is.
+                let occ = |l: usize| wp * p[l] + wn * x[l];
+                for l in 0..LANES {
+                    let o = occ(l);
+                    oc[l] += if o == 0.0 { 0.0 } else { o * c[l] };
+                }
+                match self.effect {
+                    EffectKind::Qalys => {
+                        for l in 0..LANES {
+                            let o = occ(l);
+                            oe[l] += if o == 0.0 { 0.0 } else { o * e[l] * len };
+                        }
+                    }
+                    EffectKind::LifeYears if alive => {
+                        for l in 0..LANES {
+                            let o = occ(l);
+                            oe[l] += if o == 0.0 { 0.0 } else { o * len };
+                        }
+                    }
+                    EffectKind::LifeYears => {}
+                    EffectKind::Outcome(_, d) => {
+                        let f = factor(d, fc, fe);
+                        for l in 0..LANES {
+                            let o = occ(l);
+                            if o != 0.0 {
+                                out_eff[l] += o * e[l] * f;
+                            }
+                        }
+                    }
+                }
+            }
+            for l in 0..LANES {
+                c_t[l] += oc[l];
+                out_cost[l] += c_t[l] * fc;
+            }
+            match self.effect {
+                EffectKind::Qalys => {
+                    for l in 0..LANES {
+                        e_t[l] += oe[l];
+                        out_eff[l] += e_t[l] * fe;
+                    }
+                }
+                EffectKind::LifeYears => {
+                    for l in 0..LANES {
+                        out_eff[l] += oe[l] * fe;
+                    }
+                }
+                EffectKind::Outcome(..) => {}
+            }
+            std::mem::swap(&mut self.prev, &mut self.next);
+        }
+        *cost_out = out_cost;
+        *effect_out = out_eff;
+        true
+    }
+
+    fn fill_matrix(&mut self, strategy: &Strategy) -> bool {
+        let model = self.model;
+        let n = self.mk.states.len();
+        for i in 0..n {
+            let mut sum = [0.0; LANES];
+            let mut comp = None;
+            for j in 0..n {
+                match &strategy.matrix[i * n + j] {
+                    Entry::Zero => self.matrix[i * n + j] = [0.0; LANES],
+                    Entry::Complement => comp = Some(j),
+                    Entry::Expr(c) => {
+                        let v = &mut self.matrix[i * n + j];
+                        c.program
+                            .eval_lanes(&self.slots, &model.tables, &mut self.stack, v);
+                        if !v.iter().all(|v| (-PROB_TOL..=1.0 + PROB_TOL).contains(v)) {
+                            return false;
+                        }
+                        for (s, v) in sum.iter_mut().zip(v.iter()) {
+                            *s += v;
+                        }
+                    }
+                }
+            }
+            match comp {
+                Some(j) => {
+                    if sum.iter().any(|s| 1.0 - s < -PROB_TOL) {
+                        return false;
+                    }
+                    for (m, s) in self.matrix[i * n + j].iter_mut().zip(sum) {
+                        *m = (1.0 - s).max(0.0);
+                    }
+                }
+                None => {
+                    if sum.iter().any(|s| (s - 1.0).abs() > ROW_TOL) {
+                        return false;
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    fn fill_values(&mut self) {
+        let model = self.model;
+        let mk = self.mk;
+        for (st, def) in mk.states.iter().enumerate() {
+            def.cost.program.eval_lanes(
+                &self.slots,
+                &model.tables,
+                &mut self.stack,
+                &mut self.cost[st],
+            );
+            let e = match self.effect {
+                EffectKind::Qalys => &def.utility,
+                EffectKind::Outcome(o, _) => &def.outcomes[o],
+                EffectKind::LifeYears => continue,
+            };
+            e.program.eval_lanes(
+                &self.slots,
+                &model.tables,
+                &mut self.stack,
+                &mut self.eff[st],
+            );
+        }
+        for (k, tp) in mk.on_transition.iter().enumerate() {
+            tp.cost.program.eval_lanes(
+                &self.slots,
+                &model.tables,
+                &mut self.stack,
+                &mut self.tcost[k],
+            );
+            let e = match self.effect {
+                EffectKind::Qalys => &tp.qaly,
+                EffectKind::Outcome(o, _) => &tp.outcomes[o],
+                EffectKind::LifeYears => continue,
+            };
+            e.program.eval_lanes(
+                &self.slots,
+                &model.tables,
+                &mut self.stack,
+                &mut self.teff[k],
+            );
+        }
+    }
+}
+
+/// The discount factor of a custom outcome in the current cycle.
+#[inline]
+fn factor(d: DiscountKind, fc: f64, fe: f64) -> f64 {
+    match d {
+        DiscountKind::None => 1.0,
+        DiscountKind::Costs => fc,
+        DiscountKind::Effects => fe,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Evaluator;
+
+    /// Every lane equals the evaluator bit for bit, for each example Markov
+    /// model and each counting convention the batch handles.
+    #[test]
+    fn lanes_equal_the_evaluator_bit_for_bit() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models");
+        for file in [
+            "examples/hiv-briggs-2-5.toml",
+            "examples/thr-briggs-3-5.toml",
+            "medledger-lung-screening.toml",
+        ] {
+            let text = std::fs::read_to_string(root.join(file)).unwrap();
+            for counting in ["", "beginning", "end", "half-cycle"] {
+                let text = if counting.is_empty() {
+                    text.clone()
+                } else {
+                    text.lines()
+                        .filter(|l| !l.trim_start().starts_with("counting ="))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                        .replace(
+                            "[settings]",
+                            &format!("[settings]\ncounting = \"{counting}\""),
+                        )
+                };
+                let model = Model::from_toml(&text).unwrap_or_else(|e| panic!("{file}: {e}"));
+                let mut batch = Batch::new(&model).expect("a Markov model");
+                let mut ev = Evaluator::new(&model);
+                let base = model.base_values();
+                let np = base.len();
+                let mut scratch = Vec::new();
+                let params: Vec<Vec<f64>> = (0..LANES)
+                    .map(|i| {
+                        let mut p = base.clone();
+                        crate::psa::draw(&model, 11, i, &mut p, &mut scratch);
+                        p
+                    })
+                    .collect();
+                for k in 0..np {
+                    for l in 0..LANES {
+                        batch.slots[k][l] = params[l][k];
+                    }
+                }
+                for s in 0..model.strategies.len() {
+                    let (mut c, mut e) = ([0.0; LANES], [0.0; LANES]);
+                    assert!(batch.run(s, &mut c, &mut e), "{file} {counting}");
+                    for l in 0..LANES {
+                        let o = ev.run(&model, s, &params[l], false).unwrap().outcome;
+                        assert_eq!(
+                            c[l].to_bits(),
+                            o.cost.to_bits(),
+                            "{file} {counting} s{s} l{l}"
+                        );
+                        let want = o.effect(model.meta.effect);
+                        assert_eq!(
+                            e[l].to_bits(),
+                            want.to_bits(),
+                            "{file} {counting} s{s} l{l}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

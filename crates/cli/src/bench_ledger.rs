@@ -60,7 +60,15 @@ pub fn run(args: BenchLedgerArgs) -> Result<()> {
         .iter()
         .map(|o| medledger_node::parse_org(o))
         .collect::<Result<Vec<_>, _>>()?;
-    medledger_node::init_network(&dir, "medledger-bench", &orgs, base)?;
+    let init = medledger_node::init_network(&dir, "medledger-bench", &orgs, base)?;
+    // Ledger nodes only: the load registers studies no store holds and requests access to
+    // them, which an imaging service would answer by granting and fetching (and retrying)
+    // phantom studies. What is measured is the ledger.
+    for path in &init.configs {
+        let mut cfg = medledger_node::NodeConfig::load(path)?;
+        cfg.imaging = None;
+        std::fs::write(path, serde_json::to_vec_pretty(&cfg)?)?;
+    }
     // The nodes are stopped whatever happened, a failed start included.
     let result = crate::network_cmd::up_quiet(&dir).and_then(|()| measure(&args, &dir, base));
     let _ = crate::network_cmd::down_quiet(&dir);

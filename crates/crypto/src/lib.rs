@@ -16,7 +16,7 @@ mod wrap;
 pub use aead::{KEY_LEN, ObjectKey, SEAL_OVERHEAD, open, seal};
 pub use digest::Digest;
 pub use pki::{CertSpec, Certificate};
-pub use sign::{Signature, SigningKey, VerifyingKey};
+pub use sign::{Signature, SigningKey, VerifyingKey, verify_all};
 pub use wrap::{PublicKey, SecretKey, WrappedKey, unwrap, wrap};
 
 /// Why a cryptographic operation failed.

@@ -1,9 +1,12 @@
-//! Ed25519 signatures (RFC 8032) for ledger members and nodes, through ring.
+//! Ed25519 signatures (RFC 8032) for ledger members and nodes: signing through ring,
+//! verification with the ZIP-215 rules (ed25519-consensus), under which whether a signature
+//! is valid never depends on whether it is checked alone or in a batch. Nodes batch the
+//! signatures of a block, and must all reach the same verdict on every transaction.
 
 use std::fmt;
 
 use rand::RngCore;
-use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
+use ring::signature::{Ed25519KeyPair, KeyPair};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::{CryptoError, Digest};
@@ -85,8 +88,8 @@ impl fmt::Debug for SigningKey {
 impl VerifyingKey {
     /// Whether `signature` is this key's signature of `message`.
     pub fn verify(&self, message: &[u8], signature: &Signature) -> bool {
-        UnparsedPublicKey::new(&ED25519, &self.0)
-            .verify(message, &signature.0)
+        ed25519_consensus::VerificationKey::try_from(self.0)
+            .and_then(|k| k.verify(&ed25519_consensus::Signature::from(signature.0), message))
             .is_ok()
     }
 
@@ -101,6 +104,21 @@ impl VerifyingKey {
             .map_err(|e| CryptoError::KeyFormat(format!("a public key is 64 hex digits: {e}")))?;
         Ok(VerifyingKey(out))
     }
+}
+
+/// Whether every `(key, message, signature)` verifies, checked as one batch (about twice as
+/// fast as one by one). Same rules as [`VerifyingKey::verify`]: when this says no, checking
+/// each alone finds which.
+pub fn verify_all(items: &[(VerifyingKey, &[u8], Signature)]) -> bool {
+    let mut batch = ed25519_consensus::batch::Verifier::new();
+    for (key, message, signature) in items {
+        batch.queue((
+            ed25519_consensus::VerificationKeyBytes::from(key.0),
+            ed25519_consensus::Signature::from(signature.0),
+            message,
+        ));
+    }
+    batch.verify(rand::rngs::OsRng).is_ok()
 }
 
 impl fmt::Display for VerifyingKey {
@@ -165,6 +183,30 @@ mod tests {
         assert!(!k.verifying_key().verify(b"register study", &bad));
         let again = SigningKey::from_text(&k.to_text()).unwrap();
         assert_eq!(again.verifying_key(), k.verifying_key());
+    }
+
+    #[test]
+    fn a_batch_verifies_only_if_every_signature_does() {
+        let keys: Vec<SigningKey> = (0..8u8).map(|i| SigningKey::from_seed([i; 32])).collect();
+        let messages: Vec<Vec<u8>> = (0..8u8).map(|i| vec![i; 40]).collect();
+        let mut items: Vec<(VerifyingKey, &[u8], Signature)> = keys
+            .iter()
+            .zip(&messages)
+            .map(|(k, m)| (k.verifying_key(), m.as_slice(), k.sign(m)))
+            .collect();
+        assert!(verify_all(&items));
+        assert!(verify_all(&[]));
+        // One signature of another message: the batch fails, and alone it fails too.
+        items[5].2 = keys[5].sign(b"another message");
+        assert!(!verify_all(&items));
+        assert!(!items[5].0.verify(items[5].1, &items[5].2));
+        // Another key's signature.
+        items[5].2 = keys[6].sign(items[5].1);
+        assert!(!verify_all(&items));
+        // Garbage bytes as a key or a signature: refused, never a panic.
+        items[5] = (VerifyingKey([0xff; 32]), b"m", Signature([0xff; 64]));
+        assert!(!verify_all(&items));
+        assert!(!items[5].0.verify(b"m", &items[5].2));
     }
 
     #[test]

@@ -1045,3 +1045,43 @@ fn a_later_version_of_a_study_replaces_the_earlier_once() {
     let e = net.refused(21, version(Digest::of(b"v3"), Digest::of(b"nope"), PATIENT));
     assert!(e.to_string().contains("no study"), "{e}");
 }
+
+/// A block's signatures are verified as one batch; a forged transaction in a block of good
+/// ones is refused alone, and every ledger gives the same receipts for the same block.
+#[test]
+fn a_forged_transaction_in_a_block_is_refused_alone() {
+    let mut a = Net::new();
+    let mut txs: Vec<Tx> = (0..6)
+        .map(|i| a.tx(21, study_op(Digest::of(&[i]), PATIENT)))
+        .collect();
+    // The fourth: a tampered body; the fifth: signed by someone else's key.
+    if let Op::RegisterStudy { instances, .. } = &mut txs[3].body.op {
+        *instances = 99;
+    }
+    txs[4].signature = key(22).sign(&txs[4].body.signing_bytes());
+    let mut b = Net::new();
+    let ra = a.ledger.apply_block(1000, &txs);
+    let rb = b.ledger.apply_block(1000, &txs);
+    assert_eq!(
+        serde_json::to_string(&ra).unwrap(),
+        serde_json::to_string(&rb).unwrap()
+    );
+    let refused: Vec<usize> = ra
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| matches!(r.error, Some(LedgerError::BadSignature(_))))
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(refused, [3, 4]);
+    // The later good one is refused for its nonce (4 and 5 never happened), not its signature.
+    assert!(matches!(ra[5].error, Some(LedgerError::Nonce(_))));
+    assert!(ra[..3].iter().all(|r| r.error.is_none()));
+
+    // A block of good transactions only: all applied, through the batch.
+    let mut c = Net::new();
+    let good: Vec<Tx> = (0..6)
+        .map(|i| c.tx(21, study_op(Digest::of(&[i]), PATIENT)))
+        .collect();
+    let rc = c.ledger.apply_block(1000, &good);
+    assert!(rc.iter().all(|r| r.error.is_none()), "{rc:?}");
+}

@@ -771,7 +771,7 @@ pub(crate) fn free_base(start: u16) -> Result<u16> {
     let mut base = start;
     for _ in 0..200 {
         let free = (0..4u16).all(|i| {
-            [0u16, 100, 200, 300, 400]
+            [0u16, 100, 200, 300, 400, 500]
                 .iter()
                 .all(|off| std::net::TcpListener::bind(("127.0.0.1", base + off + i)).is_ok())
         });

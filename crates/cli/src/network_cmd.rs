@@ -170,17 +170,40 @@ pub fn run_node(args: NodeArgs) -> Result<()> {
     };
     let service =
         medledger_imaging::Service::start(&cfg.org, &imaging, &format!("http://{}", cfg.api))?;
+    let dimse = std::sync::Arc::new(medledger_imaging::Dimse::new(service.clone()));
     let scp = medledger_dicom_net::Scp::start(
         imaging.dicom,
         medledger_dicom_net::ScpConfig::new(&imaging.ae_title),
-        std::sync::Arc::new(medledger_imaging::Dimse::new(service.clone())),
+        dimse.clone(),
     )
     .with_context(|| format!("cannot listen for DIMSE on {}", imaging.dicom))?;
+    let mut scps = vec![scp];
+    if let Some(addr) = imaging.dicom_tls {
+        let https = cfg.https.as_ref().with_context(|| {
+            format!("DICOM TLS on {addr} uses the node's HTTPS certificate: node.json has no https section")
+        })?;
+        let mut tls = medledger_node::tls::https_server_config(&https.cert, &https.key)?;
+        // DICOM peers negotiate no application protocol.
+        tls.alpn_protocols.clear();
+        let config = medledger_dicom_net::ScpConfig {
+            tls: Some(std::sync::Arc::new(tls)),
+            ..medledger_dicom_net::ScpConfig::new(&imaging.ae_title)
+        };
+        let tls_scp = medledger_dicom_net::Scp::start(addr, config, dimse)
+            .with_context(|| format!("cannot listen for DICOM TLS on {addr}"))?;
+        eprintln!(
+            "DICOM TLS: {} on {} (certificate {})",
+            imaging.ae_title,
+            tls_scp.local_addr(),
+            https.cert.display()
+        );
+        scps.push(tls_scp);
+    }
     eprintln!(
         "imaging: DICOMweb http://{}/dicom-web, DIMSE {} on {}, store {}",
         cfg.api,
         imaging.ae_title,
-        scp.local_addr(),
+        scps[0].local_addr(),
         imaging.store
     );
     if let Some(h) = &cfg.https {
@@ -199,14 +222,14 @@ pub fn run_node(args: NodeArgs) -> Result<()> {
         }
         routes = routes.merge(sharing.router());
     }
-    shutdown_on_signal(service.clone(), scp);
+    shutdown_on_signal(service.clone(), scps);
     medledger_node::run_node_with(cfg, Some(routes))?;
     Ok(())
 }
 
 /// On SIGTERM or SIGINT: stop taking associations and instances, let what is queued be
 /// committed (it was not acknowledged yet, but it will be if it makes it), then exit.
-fn shutdown_on_signal(service: medledger_imaging::Service, scp: medledger_dicom_net::Scp) {
+fn shutdown_on_signal(service: medledger_imaging::Service, scps: Vec<medledger_dicom_net::Scp>) {
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -223,7 +246,9 @@ fn shutdown_on_signal(service: medledger_imaging::Service, scp: medledger_dicom_
         });
         eprintln!("stopping: no new associations or instances; finishing what is queued");
         service.shutdown();
-        scp.shutdown();
+        for scp in scps {
+            scp.shutdown();
+        }
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while service.busy() && std::time::Instant::now() < deadline {
             std::thread::sleep(std::time::Duration::from_millis(50));

@@ -86,6 +86,48 @@ fn a_node_ingests_queries_and_serves_dicom_and_keeps_what_it_acknowledged() {
         .args(&files));
     assert!(store.status.success(), "{}", text(&store));
 
+    // The same services over DICOM TLS (PS3.15 Annex B) with the network's authority; a
+    // sender that does not trust it gets no association.
+    let tls_port = (base + 500).to_string();
+    let ca = dir.join("https-ca.pem");
+    let ca = ca.to_str().unwrap();
+    let echo = run(dcmtk("echoscu").args([
+        "+tla",
+        "+cf",
+        ca,
+        "-aet",
+        "MODALITY",
+        "-aec",
+        "HOSPITAL_A",
+        "127.0.0.1",
+        &tls_port,
+    ]));
+    assert!(echo.status.success(), "{}", text(&echo));
+    let again = run(dcmtk("storescu")
+        .args([
+            "+tla",
+            "+cf",
+            ca,
+            "-aet",
+            "MODALITY",
+            "-aec",
+            "HOSPITAL_A",
+            "127.0.0.1",
+        ])
+        .arg(&tls_port)
+        .args(&files[..4]));
+    assert!(again.status.success(), "{}", text(&again));
+    let untrusted = run(dcmtk("echoscu").args([
+        "+tla",
+        "-aet",
+        "MODALITY",
+        "-aec",
+        "HOSPITAL_A",
+        "127.0.0.1",
+        &tls_port,
+    ]));
+    assert!(!untrusted.status.success(), "{}", text(&untrusted));
+
     // Visible once the ledger has finalised its registration.
     wait_for("the study in QIDO-RS", Duration::from_secs(60), || {
         study_count(&web) == 1

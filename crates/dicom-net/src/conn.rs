@@ -41,10 +41,39 @@ pub(crate) enum Received {
     Aborted,
 }
 
+/// What an association runs over: plain TCP, or TLS over TCP (PS3.15 Annex B).
+pub(crate) trait Transport: Read + Write + Send + std::fmt::Debug {
+    /// The socket underneath (timeouts, blocking mode).
+    fn tcp(&self) -> &TcpStream;
+    /// Ends the connection (over TLS, with a close_notify first).
+    fn finish(&mut self);
+}
+
+impl Transport for TcpStream {
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+    fn finish(&mut self) {
+        let _ = self.flush();
+        let _ = self.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+impl Transport for rustls::StreamOwned<rustls::ServerConnection, TcpStream> {
+    fn tcp(&self) -> &TcpStream {
+        &self.sock
+    }
+    fn finish(&mut self) {
+        self.conn.send_close_notify();
+        let _ = self.flush();
+        let _ = self.sock.shutdown(std::net::Shutdown::Both);
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct Conn {
-    reader: BufReader<TcpStream>,
-    writer: TcpStream,
+    /// Reads are buffered; writes go to the same transport through `get_mut`.
+    io: BufReader<Box<dyn Transport>>,
     /// Bytes left in the P-DATA-TF PDU being read.
     pdu_left: usize,
     wbuf: Vec<u8>,
@@ -54,18 +83,21 @@ pub(crate) struct Conn {
 
 impl Conn {
     pub(crate) fn new(stream: TcpStream) -> std::io::Result<Conn> {
-        let writer = stream.try_clone()?;
-        Ok(Conn {
-            reader: BufReader::with_capacity(64 * 1024, stream),
-            writer,
+        Ok(Conn::over(Box::new(stream)))
+    }
+
+    /// A connection over `transport` (TLS: the handshake happens on the first read).
+    pub(crate) fn over(transport: Box<dyn Transport>) -> Conn {
+        Conn {
+            io: BufReader::with_capacity(64 * 1024, transport),
             pdu_left: 0,
             wbuf: Vec::new(),
             peer_max: pdu::DEFAULT_MAX_PDU,
-        })
+        }
     }
 
     pub(crate) fn stream(&self) -> &TcpStream {
-        &self.writer
+        self.io.get_ref().tcp()
     }
 
     pub(crate) fn set_peer_max(&mut self, max: u32) {
@@ -77,7 +109,7 @@ impl Conn {
     }
 
     fn read_exact_or_closed(&mut self, buf: &mut [u8], at_boundary: bool) -> Result<(), NetError> {
-        match self.reader.read_exact(buf) {
+        match self.io.read_exact(buf) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == ErrorKind::UnexpectedEof && at_boundary => Err(NetError::Closed),
             Err(e) => Err(NetError::Io(e)),
@@ -102,7 +134,7 @@ impl Conn {
             }
             let mut full = Vec::with_capacity(6 + len);
             full.extend_from_slice(&h);
-            let got = (&mut self.reader).take(len as u64).read_to_end(&mut full)?;
+            let got = (&mut self.io).take(len as u64).read_to_end(&mut full)?;
             if got != len {
                 return Err(NetError::Io(ErrorKind::UnexpectedEof.into()));
             }
@@ -136,7 +168,7 @@ impl Conn {
 
     /// Append the value of the PDV just announced by [`next`](Self::next).
     pub(crate) fn read_value(&mut self, len: usize, dest: &mut Vec<u8>) -> Result<(), NetError> {
-        let got = (&mut self.reader).take(len as u64).read_to_end(dest)?;
+        let got = (&mut self.io).take(len as u64).read_to_end(dest)?;
         if got != len {
             return Err(NetError::Io(ErrorKind::UnexpectedEof.into()));
         }
@@ -146,12 +178,12 @@ impl Conn {
     /// Whether something from the peer is already waiting to be read
     /// (checked without blocking).
     pub(crate) fn has_pending_input(&mut self) -> Result<bool, NetError> {
-        if self.pdu_left > 0 || !self.reader.buffer().is_empty() {
+        if self.pdu_left > 0 || !self.io.buffer().is_empty() {
             return Ok(true);
         }
-        self.reader.get_ref().set_nonblocking(true)?;
-        let r = self.reader.fill_buf().map(|b| b.len());
-        self.reader.get_ref().set_nonblocking(false)?;
+        self.stream().set_nonblocking(true)?;
+        let r = self.io.fill_buf().map(|b| b.len());
+        self.stream().set_nonblocking(false)?;
         match r {
             // 0 bytes: the peer closed; let the next read report it.
             Ok(_) => Ok(true),
@@ -228,7 +260,7 @@ impl Conn {
         loop {
             let pdv = self.next_data_fragment(pcid)?;
             let n = std::io::copy(
-                &mut (&mut self.reader).take(pdv.len as u64),
+                &mut (&mut self.io).take(pdv.len as u64),
                 &mut std::io::sink(),
             )?;
             if n as usize != pdv.len {
@@ -259,7 +291,8 @@ impl Conn {
     pub(crate) fn send_pdu(&mut self, pdu: &Pdu) -> Result<(), NetError> {
         self.wbuf.clear();
         pdu::write_pdu(&mut self.wbuf, pdu).map_err(NetError::PduWrite)?;
-        self.writer.write_all(&self.wbuf)?;
+        self.io.get_mut().write_all(&self.wbuf)?;
+        self.io.get_mut().flush()?;
         Ok(())
     }
 
@@ -285,7 +318,8 @@ impl Conn {
             self.wbuf
                 .push(u8::from(command) | if last { 0x02 } else { 0 });
             self.wbuf.extend_from_slice(chunk);
-            self.writer.write_all(&self.wbuf)?;
+            self.io.get_mut().write_all(&self.wbuf)?;
+            self.io.get_mut().flush()?;
         }
         Ok(())
     }
@@ -309,7 +343,6 @@ impl Conn {
     }
 
     pub(crate) fn close(&mut self) {
-        let _ = self.writer.flush();
-        let _ = self.writer.shutdown(std::net::Shutdown::Both);
+        self.io.get_mut().finish();
     }
 }

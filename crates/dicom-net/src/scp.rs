@@ -49,6 +49,10 @@ pub struct ScpConfig {
     pub max_associations: usize,
     /// Refuse associations whose called AE title is not ours. Default false.
     pub strict_called_ae: bool,
+    /// Serve DICOM over TLS (PS3.15 Annex B, the "secure transport connection" profiles)
+    /// with this configuration; none: plain TCP. A peer that does not complete the
+    /// handshake within the association request timeout is dropped.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl ScpConfig {
@@ -68,6 +72,7 @@ impl Default for ScpConfig {
             max_pdu_length: 131_072,
             max_associations: 64,
             strict_called_ae: false,
+            tls: None,
         }
     }
 }
@@ -274,7 +279,12 @@ fn serve(shared: &Shared, stream: TcpStream, addr: SocketAddr) {
     let setup = stream
         .set_read_timeout(Some(ASSOCIATION_REQUEST_TIMEOUT))
         .and_then(|()| stream.set_write_timeout(Some(WRITE_TIMEOUT)))
-        .and_then(|()| Conn::new(stream));
+        .and_then(|()| match &shared.config.tls {
+            None => Conn::new(stream),
+            Some(tls) => rustls::ServerConnection::new(Arc::clone(tls))
+                .map(|tls| Conn::over(Box::new(rustls::StreamOwned::new(tls, stream))))
+                .map_err(std::io::Error::other),
+        });
     let mut conn = match setup {
         Ok(c) => c,
         Err(e) => {

@@ -769,3 +769,77 @@ fn large_data_set_is_reassembled() {
     assert_eq!(provider.stores.load(std::sync::atomic::Ordering::SeqCst), 2);
     scp.shutdown();
 }
+
+/// DICOM over TLS (PS3.15 Annex B): storescu with TLS, trusting our authority, stores the
+/// series; without TLS, or without trusting the server's certificate, nothing is stored.
+#[test]
+fn storescu_over_tls() {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    let far = 4_000_000_000_000;
+    let ca = medledger_crypto::https::HttpsAuthority::new("dicom-tls-test", (0, far)).unwrap();
+    let id = ca
+        .issue(
+            "scp",
+            &["localhost".to_string(), "127.0.0.1".to_string()],
+            (0, far),
+        )
+        .unwrap();
+    let ca_pem = dir.path().join("ca.pem");
+    std::fs::write(&ca_pem, ca.cert_pem()).unwrap();
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(id.cert_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(id.key_pem.as_bytes()).unwrap();
+    let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .unwrap();
+    let provider = TestProvider::new();
+    let scp = start_scp_with(
+        provider.clone(),
+        ScpConfig {
+            tls: Some(Arc::new(tls)),
+            ..ScpConfig::new(SCP_AE)
+        },
+    );
+    let files: Vec<_> = ct_series().into_iter().take(8).collect();
+    let storescu = |tls: &[&str]| {
+        run(dcmtk("storescu")
+            .args(tls)
+            .args(["-xi", "-aet", "TLSSCU", "-aec", SCP_AE])
+            .args(host_port(scp.local_addr()))
+            .args(&files))
+    };
+    // Plain DICOM to the TLS port: no association.
+    let out = storescu(&[]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert_eq!(provider.len(), 0);
+    // TLS, but the server's certificate is not trusted: refused by the client.
+    let out = storescu(&["+tla"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert_eq!(provider.len(), 0);
+    // TLS trusting our authority (anonymous client: no client certificate).
+    let ca_arg = ca_pem.to_str().unwrap();
+    let out = storescu(&["+tla", "+cf", ca_arg]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(provider.len(), 8);
+    for f in &files {
+        let (_, instance, _, _) = meta_of(&read(f));
+        assert!(provider.get(&instance).is_some(), "{}", f.display());
+    }
+    // The SCP still serves after the refused connections.
+    let out = run(dcmtk("echoscu")
+        .args(["+tla", "+cf", ca_arg, "-aet", "ECHOSCU", "-aec", SCP_AE])
+        .args(host_port(scp.local_addr())));
+    assert!(out.status.success(), "{}", text(&out));
+    scp.shutdown();
+}

@@ -62,6 +62,10 @@ pub struct DicomPeer {
 pub struct ImagingConfig {
     /// Where DIMSE (C-ECHO, C-STORE, C-FIND, C-MOVE, C-GET) listens.
     pub dicom: SocketAddr,
+    /// Where the same DIMSE services listen over TLS (PS3.15 Annex B), with the node's HTTPS
+    /// certificate (the `https` section); none: no DICOM TLS port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dicom_tls: Option<SocketAddr>,
     pub ae_title: String,
     /// The image store: a directory or `s3://bucket/prefix`.
     pub store: String,
@@ -211,7 +215,8 @@ pub struct InitOutcome {
 /// de-identification keys; and the genesis.
 /// Ports: p2p `base_port + i`, API (HTTP: ledger API and DICOMweb) `base_port + 100 + i`,
 /// DIMSE `base_port + 200 + i`, sharing between nodes `base_port + 300 + i`, and the API over
-/// HTTPS `base_port + 400 + i` (certificates from the network's `https-ca.pem`).
+/// HTTPS `base_port + 400 + i` (certificates from the network's `https-ca.pem`), and DIMSE over
+/// TLS `base_port + 500 + i` (the same certificates).
 pub fn init_network(
     out: &Path,
     chain: &str,
@@ -326,6 +331,10 @@ pub fn init_network(
         let dir = dir.canonicalize().map_err(io(&dir))?;
         let imaging = ImagingConfig {
             dicom: SocketAddr::from(([127, 0, 0, 1], base_port + 200 + i as u16)),
+            dicom_tls: Some(SocketAddr::from((
+                [127, 0, 0, 1],
+                base_port + 500 + i as u16,
+            ))),
             ae_title: ae_title(&name),
             store: dir.join("store").display().to_string(),
             store_key: dir.join("store.key"),

@@ -51,6 +51,9 @@ pub struct Batch<'m> {
     teff: Vec<Lanes>,
     dyn_prev: Vec<Lanes>,
     tmp: Lanes,
+    /// Per state: whether its cost, and its contribution to the effect, are
+    /// the constant zero (such states add nothing and are skipped).
+    zero: Vec<(bool, bool)>,
     /// Structurally non-zero matrix entries (i, j) of each strategy, row by row.
     nonzero: Vec<Vec<(usize, usize)>>,
     disc_cost: Vec<f64>,
@@ -84,6 +87,19 @@ impl<'m> Batch<'m> {
                     .collect()
             })
             .collect();
+        let is_zero = |c: &crate::model::Compiled| c.program.as_constant() == Some(0.0);
+        let zero = mk
+            .states
+            .iter()
+            .map(|st| {
+                let effect_zero = match effect {
+                    EffectKind::Qalys => is_zero(&st.utility),
+                    EffectKind::LifeYears => !st.alive,
+                    EffectKind::Outcome(o, _) => is_zero(&st.outcomes[o]),
+                };
+                (is_zero(&st.cost), effect_zero)
+            })
+            .collect();
         let set = &model.settings;
         Some(Batch {
             model,
@@ -100,6 +116,7 @@ impl<'m> Batch<'m> {
             teff: vec![[0.0; LANES]; nt],
             dyn_prev: Vec::new(),
             tmp: [0.0; LANES],
+            zero,
             nonzero,
             disc_cost: discount_table(model, set.discount_costs, false),
             disc_effect: discount_table(model, set.discount_effects, false),
@@ -179,10 +196,7 @@ impl<'m> Batch<'m> {
                 *nj = [0.0; LANES];
             }
             for &(i, j) in &self.nonzero[s] {
-                let (p, m) = (&self.prev[i], &self.matrix[i * n + j]);
-                for ((x, a), b) in self.next[j].iter_mut().zip(p).zip(m) {
-                    *x += a * b;
-                }
+                add_product(&mut self.next[j], &self.prev[i], &self.matrix[i * n + j]);
             }
 
             let fc = self.disc_cost[t];
@@ -191,53 +205,58 @@ impl<'m> Batch<'m> {
             let mut e_t = [0.0; LANES];
             for (k, tp) in mk.on_transition.iter().enumerate() {
                 let (p, m) = (&self.prev[tp.from], &self.matrix[tp.from * n + tp.to]);
-                for l in 0..LANES {
-                    let flow = p[l] * m[l];
-                    c_t[l] += flow * self.tcost[k][l];
-                    match self.effect {
-                        EffectKind::Qalys => e_t[l] += flow * self.teff[k][l],
-                        EffectKind::Outcome(_, d) => {
-                            out_eff[l] += flow * self.teff[k][l] * factor(d, fc, fe)
+                let flow: Lanes = std::array::from_fn(|l| p[l] * m[l]);
+                add_product(&mut c_t, &flow, &self.tcost[k]);
+                match self.effect {
+                    EffectKind::Qalys => add_product(&mut e_t, &flow, &self.teff[k]),
+                    EffectKind::Outcome(_, d) => {
+                        let f = factor(d, fc, fe);
+                        for l in 0..LANES {
+                            out_eff[l] += flow[l] * self.teff[k][l] * f;
                         }
-                        EffectKind::LifeYears => {}
                     }
+                    EffectKind::LifeYears => {}
                 }
             }
             let mut oc = [0.0; LANES];
             let mut oe = [0.0; LANES];
+            let mut mixed = [0.0; LANES];
             for st in 0..n {
-                let alive = mk.states[st].alive;
-                let (p, x) = (&self.prev[st], &self.next[st]);
-                let (c, e) = (&self.cost[st], &self.eff[st]);
-                // occ == 0: the evaluator skips the state; adding +0.0
-                // instead leaves every sum as it is.
-                let occ = |l: usize| wp * p[l] + wn * x[l];
-                for l in 0..LANES {
-                    let o = occ(l);
-                    oc[l] += if o == 0.0 { 0.0 } else { o * c[l] };
+                let (cost_zero, effect_zero) = self.zero[st];
+                if cost_zero && effect_zero {
+                    continue;
                 }
+                let (p, x) = (&self.prev[st], &self.next[st]);
+                // The evaluator's wp × prev + wn × next. With weights 0 and 1
+                // that is exactly one of the two (their entries are finite),
+                // up to the sign of a zero, which the sums below ignore.
+                let occ: &Lanes = match set.counting {
+                    Counting::Beginning => p,
+                    Counting::End => x,
+                    Counting::HalfCycle | Counting::Simpson => {
+                        for l in 0..LANES {
+                            mixed[l] = wp * p[l] + wn * x[l];
+                        }
+                        &mixed
+                    }
+                };
+                // occ == 0: the evaluator skips the state; adding +0.0
+                // instead leaves every sum as it is (as does skipping a
+                // state whose payoff is the constant zero: these sums start
+                // at +0.0, so they never hold -0.0).
+                if !cost_zero {
+                    add_occupied(&mut oc, occ, |l, o| o * self.cost[st][l]);
+                }
+                if effect_zero {
+                    continue;
+                }
+                let e = &self.eff[st];
                 match self.effect {
-                    EffectKind::Qalys => {
-                        for l in 0..LANES {
-                            let o = occ(l);
-                            oe[l] += if o == 0.0 { 0.0 } else { o * e[l] * len };
-                        }
-                    }
-                    EffectKind::LifeYears if alive => {
-                        for l in 0..LANES {
-                            let o = occ(l);
-                            oe[l] += if o == 0.0 { 0.0 } else { o * len };
-                        }
-                    }
-                    EffectKind::LifeYears => {}
+                    EffectKind::Qalys => add_occupied(&mut oe, occ, |l, o| o * e[l] * len),
+                    EffectKind::LifeYears => add_occupied(&mut oe, occ, |_, o| o * len),
                     EffectKind::Outcome(_, d) => {
                         let f = factor(d, fc, fe);
-                        for l in 0..LANES {
-                            let o = occ(l);
-                            if o != 0.0 {
-                                out_eff[l] += o * e[l] * f;
-                            }
-                        }
+                        add_occupied(&mut out_eff, occ, |l, o| o * e[l] * f);
                     }
                 }
             }
@@ -350,6 +369,31 @@ impl<'m> Batch<'m> {
             );
         }
     }
+}
+
+/// `acc += a * b`, lane by lane (on copies, which the compiler knows do not
+/// overlap, so it vectorises the loop).
+#[inline(always)]
+fn add_product(acc: &mut Lanes, a: &Lanes, b: &Lanes) {
+    let (a, b) = (*a, *b);
+    let mut r = *acc;
+    for l in 0..LANES {
+        r[l] += a[l] * b[l];
+    }
+    *acc = r;
+}
+
+/// `acc[l] += term(l, occ[l])` in every lane where the occupancy is not zero
+/// (the term is computed in every lane and then selected, without branches).
+#[inline(always)]
+fn add_occupied(acc: &mut Lanes, occ: &Lanes, term: impl Fn(usize, f64) -> f64) {
+    let mut r = *acc;
+    for l in 0..LANES {
+        let o = occ[l];
+        let v = term(l, o);
+        r[l] += if o == 0.0 { 0.0 } else { v };
+    }
+    *acc = r;
 }
 
 /// The discount factor of a custom outcome in the current cycle.

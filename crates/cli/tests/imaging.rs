@@ -91,7 +91,7 @@ fn a_node_ingests_queries_and_serves_dicom_and_keeps_what_it_acknowledged() {
     let tls_port = (base + 500).to_string();
     let ca = dir.join("https-ca.pem");
     let ca = ca.to_str().unwrap();
-    let echo = run(dcmtk("echoscu").args([
+    let tls = [
         "+tla",
         "+cf",
         ca,
@@ -101,21 +101,10 @@ fn a_node_ingests_queries_and_serves_dicom_and_keeps_what_it_acknowledged() {
         "HOSPITAL_A",
         "127.0.0.1",
         &tls_port,
-    ]));
+    ];
+    let echo = run(dcmtk("echoscu").args(tls));
     assert!(echo.status.success(), "{}", text(&echo));
-    let again = run(dcmtk("storescu")
-        .args([
-            "+tla",
-            "+cf",
-            ca,
-            "-aet",
-            "MODALITY",
-            "-aec",
-            "HOSPITAL_A",
-            "127.0.0.1",
-        ])
-        .arg(&tls_port)
-        .args(&files[..4]));
+    let again = run(dcmtk("storescu").args(tls).args(&files[..4]));
     assert!(again.status.success(), "{}", text(&again));
     let untrusted = run(dcmtk("echoscu").args([
         "+tla",

@@ -62,11 +62,12 @@ pub fn run(args: BenchLedgerArgs) -> Result<()> {
         .collect::<Result<Vec<_>, _>>()?;
     let init = medledger_node::init_network(&dir, "medledger-bench", &orgs, base)?;
     // Ledger nodes only: the load registers studies no store holds and requests access to
-    // them, which an imaging service would answer by granting and fetching (and retrying)
-    // phantom studies. What is measured is the ledger.
+    // them, which an imaging service would chase as phantom studies. What is measured is the
+    // ledger (over its plain API, as the clients here use it).
     for path in &init.configs {
         let mut cfg = medledger_node::NodeConfig::load(path)?;
         cfg.imaging = None;
+        cfg.https = None;
         std::fs::write(path, serde_json::to_vec_pretty(&cfg)?)?;
     }
     // The nodes are stopped whatever happened, a failed start included.

@@ -346,7 +346,7 @@ fn measure(args: &BenchNodeArgs, files: &[PathBuf], megabytes: f64, tmp: &Path) 
 
     // A medledger network.
     let dir = tmp.join("net");
-    let base = 33_000 + (std::process::id() % 1_000) as u16 * 4;
+    let base = crate::demo::free_base(33_000 + (std::process::id() % 1_000) as u16 * 4)?;
     let orgs = ["hospital-a", "hospital-b", "research", "patients"]
         .iter()
         .map(|o| medledger_node::parse_org(o))

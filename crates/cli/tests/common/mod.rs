@@ -163,7 +163,8 @@ pub fn free_base(start: u16) -> u16 {
     let mut base = start;
     loop {
         let free = (0..4).all(|i| {
-            [0u16, 100, 200, 300]
+            // p2p, API, DIMSE, sharing, HTTPS, DICOM TLS (see `network init`).
+            [0u16, 100, 200, 300, 400, 500]
                 .iter()
                 .all(|off| TcpListener::bind(("127.0.0.1", base + off + i)).is_ok())
         });

@@ -606,14 +606,7 @@ fn grant(
         .studies()
         .with_context(|| format!("reading the studies from {node}"))?;
     let chosen = choose_studies(&request, &studies, &cfg.org, explicit)?;
-    let owner = SecretKey::from_text(&read(&imaging.store_key)?).with_context(|| {
-        format!(
-            "{} is not a store key (X25519 secret key)",
-            imaging.store_key.display()
-        )
-    })?;
-    let store = medledger_store::Store::open_existing(&imaging.store)
-        .with_context(|| format!("cannot open the store {}", imaging.store))?;
+    let (owner, store) = owner_store(imaging)?;
     let mut granted = Vec::new();
     let mut already = Vec::new();
     for root in chosen {
@@ -761,14 +754,7 @@ fn delegate(config: &Path, key_file: &Path, grant_id: &str, to_org: &str) -> Res
     let recipient = PublicKey::from_text(store_key).with_context(|| {
         format!("the store key of organisation {to_org} on the ledger is not an X25519 public key")
     })?;
-    let owner = SecretKey::from_text(&read(&imaging.store_key)?).with_context(|| {
-        format!(
-            "{} is not a store key (X25519 secret key)",
-            imaging.store_key.display()
-        )
-    })?;
-    let store = medledger_store::Store::open_existing(&imaging.store)
-        .with_context(|| format!("cannot open the store {}", imaging.store))?;
+    let (owner, store) = owner_store(imaging)?;
     let wrapped = match store.envelope_for(&grant.study, &owner, &recipient) {
         Ok(w) => w,
         Err(medledger_store::StoreError::UnknownRoot(_)) => bail!(
@@ -1323,6 +1309,21 @@ fn utc(ms: u64) -> String {
         rem % 3600 / 60,
         rem % 60
     )
+}
+
+/// This node's store and the key that owns what is in it.
+fn owner_store(
+    imaging: &medledger_node::ImagingConfig,
+) -> Result<(SecretKey, medledger_store::Store)> {
+    let owner = SecretKey::from_text(&read(&imaging.store_key)?).with_context(|| {
+        format!(
+            "{} is not a store key (X25519 secret key)",
+            imaging.store_key.display()
+        )
+    })?;
+    let store = medledger_store::Store::open_existing(&imaging.store)
+        .with_context(|| format!("cannot open the store {}", imaging.store))?;
+    Ok((owner, store))
 }
 
 #[cfg(test)]

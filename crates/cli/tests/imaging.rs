@@ -252,6 +252,38 @@ fn a_node_ingests_queries_and_serves_dicom_and_keeps_what_it_acknowledged() {
     let frames = parts(http().get(format!("{inst_url}/frames/1")).send().unwrap());
     assert_eq!(frames.len(), 1);
     assert_eq!(frames[0].len() as u64, rows * cols * 2);
+    // The metadata's BulkDataURI for Pixel Data gives the instance's pixel data: the same
+    // bytes the instance itself carries.
+    let uri = meta[0]["7FE00010"]["BulkDataURI"].as_str().unwrap();
+    let origin = &web[..web.find("/dicom-web").unwrap()];
+    let bulk = parts(http().get(format!("{origin}{uri}")).send().unwrap());
+    assert_eq!(bulk.len(), 1);
+    let instance = got
+        .iter()
+        .map(|f| medledger_deid::read_instance(f).unwrap().1)
+        .find(|o| {
+            o.get(dicom_dictionary_std::tags::SOP_INSTANCE_UID)
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .trim_end_matches('\0')
+                == sop
+        })
+        .unwrap();
+    let pixels = instance
+        .get(dicom_dictionary_std::tags::PIXEL_DATA)
+        .unwrap()
+        .to_bytes()
+        .unwrap();
+    assert_eq!(bulk[0], pixels.as_ref());
+    assert_eq!(bulk[0], frames[0]);
+    for (tag, want) in [("7FE0001", 400), ("00100010", 404), ("7FE00008", 404)] {
+        let r = http()
+            .get(format!("{inst_url}/bulkdata/{tag}"))
+            .send()
+            .unwrap();
+        assert_eq!(r.status().as_u16(), want, "bulkdata/{tag}");
+    }
     let png = http()
         .get(format!(
             "{inst_url}/rendered?window=-600,1500&viewport=128,128"

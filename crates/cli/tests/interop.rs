@@ -123,7 +123,7 @@ fn orthanc() -> (PathBuf, PathBuf) {
 /// dicomweb-client: STOW-RS, QIDO-RS at each level, WADO-RS (study, metadata, frames,
 /// rendered). argv: DICOMweb root, files to store.
 const DICOMWEB_CLIENT: &str = r#"
-import json, sys, time
+import json, sys, time, urllib.parse
 import pydicom
 from dicomweb_client.api import DICOMwebClient
 
@@ -191,6 +191,9 @@ frames = client.retrieve_instance_frames(
     study_uid, series_uid, sop, frame_numbers=[1],
     media_types=(("application/octet-stream", "1.2.840.10008.1.2.1"),))
 out["frames_explicit"] = [len(f) for f in frames]
+# The BulkDataURI of Pixel Data in the metadata, followed as a client does.
+bulk_uri = urllib.parse.urljoin(url, meta["7FE00010"]["BulkDataURI"])
+out["bulkdata"] = [len(b) for b in client.retrieve_bulkdata(bulk_uri)]
 
 png = client.retrieve_instance_rendered(study_uid, series_uid, sop, media_types=("image/png",))
 out["png_signature"] = png[:8].hex()
@@ -401,6 +404,7 @@ fn dicomweb_client_pynetdicom_and_orthanc_work_with_a_node() {
     assert_eq!(dw["retrieved_pixels"], json!([frame_len]), "{dw}");
     assert_eq!(dw["frames_default"], json!([frame_len]), "{dw}");
     assert_eq!(dw["frames_explicit"], json!([frame_len]), "{dw}");
+    assert_eq!(dw["bulkdata"], json!([frame_len]), "{dw}");
     assert_eq!(dw["png_signature"], "89504e470d0a1a0a", "{dw}");
     assert_eq!(dw["jpeg_signature"], "ffd8ff", "{dw}");
     let series_uid = dw["series_uid"].as_str().unwrap().to_string();

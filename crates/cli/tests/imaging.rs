@@ -473,6 +473,80 @@ fn a_node_ingests_queries_and_serves_dicom_and_keeps_what_it_acknowledged() {
         .send()
         .unwrap();
     assert_eq!(r.status().as_u16(), 415);
+
+    // A compressed multi-frame instance (RLE): frames and bulk data as stored, or decoded to
+    // Explicit VR Little Endian when the client asks for that.
+    let (_, before) = get_json(&format!("{web}/studies"));
+    let before: Vec<String> = before
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| attr(s, "0020000D").as_str().unwrap().to_string())
+        .collect();
+    let rle = medledger_testkit::test_data_dir()
+        .join("dicomparser/encapsulated/multi-frame/CT0012.not_fragmented_bot_rle.dcm");
+    let imp = medledger(home)
+        .args(["import", "--json", "--node", &api])
+        .arg(&rle)
+        .output()
+        .unwrap();
+    assert!(imp.status.success(), "{}", text(&imp));
+    let mut rle_study = None;
+    wait_for("the RLE study", Duration::from_secs(60), || {
+        let (_, now) = get_json(&format!("{web}/studies"));
+        rle_study = now.as_array().unwrap().iter().find_map(|s| {
+            let uid = attr(s, "0020000D").as_str().unwrap().to_string();
+            (!before.contains(&uid)).then_some(uid)
+        });
+        rle_study.is_some()
+    });
+    let rle_study = rle_study.expect("the RLE study is registered");
+    let (_, rle_meta) = get_json(&format!("{web}/studies/{rle_study}/metadata"));
+    let m = &rle_meta[0];
+    let rle_frames = attr(m, "00280008").as_u64().unwrap() as usize;
+    let rle_rows = attr(m, "00280010").as_u64().unwrap() as usize;
+    let rle_cols = attr(m, "00280011").as_u64().unwrap() as usize;
+    assert!(rle_frames > 1);
+    let rle_url = format!(
+        "{web}/studies/{rle_study}/series/{}/instances/{}",
+        attr(m, "0020000E").as_str().unwrap(),
+        attr(m, "00080018").as_str().unwrap()
+    );
+    let ask = |url: &str, ts: &str| {
+        http()
+            .get(url)
+            .header(
+                "Accept",
+                format!(
+                    "multipart/related; type=\"application/octet-stream\"; transfer-syntax={ts}"
+                ),
+            )
+            .send()
+            .unwrap()
+    };
+    let stored = parts(ask(&format!("{rle_url}/frames/1,2"), "*"));
+    assert_eq!(stored.len(), 2);
+    assert!(
+        stored[0].len() < rle_rows * rle_cols * 2,
+        "RLE frames come as stored"
+    );
+    let r = ask(&format!("{rle_url}/frames/2,1"), "1.2.840.10008.1.2.1");
+    assert_eq!(r.status().as_u16(), 200);
+    let ct = r.headers()["content-type"].to_str().unwrap().to_string();
+    assert!(ct.starts_with("multipart/related"), "{ct}");
+    let decoded = parts(r);
+    assert_eq!(decoded.len(), 2);
+    assert!(decoded.iter().all(|f| f.len() == rle_rows * rle_cols * 2));
+    assert_ne!(decoded[0], decoded[1]);
+    let uri = m["7FE00010"]["BulkDataURI"].as_str().unwrap();
+    let bulk = parts(ask(&format!("{origin}{uri}"), "1.2.840.10008.1.2.1"));
+    assert_eq!(bulk.len(), 1);
+    assert_eq!(bulk[0].len(), rle_frames * rle_rows * rle_cols * 2);
+    assert_eq!(&bulk[0][..decoded[1].len()], &decoded[1][..]);
+    assert_eq!(parts(ask(&format!("{origin}{uri}"), "*")).len(), rle_frames);
+    let r = ask(&format!("{rle_url}/frames/1"), "1.2.840.10008.1.2.4.80");
+    assert_eq!(r.status().as_u16(), 406);
+
     // The damaged files of the test data: each stored or refused with a reason, none crash.
     let damaged: Vec<PathBuf> = medledger_testkit::manifest()
         .into_iter()

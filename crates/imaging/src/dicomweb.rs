@@ -411,7 +411,7 @@ fn not_acceptable(what: &str) -> Response {
     problem(
         StatusCode::NOT_ACCEPTABLE,
         format!(
-            "{what}; this node serves instances as stored (no transcoding): ask for transfer-syntax=* or leave it out"
+            "{what}; this node serves instances as stored, and frames and bulk data as stored or decoded to Explicit VR Little Endian (1.2.840.10008.1.2.1): ask for one of these, for transfer-syntax=*, or leave it out"
         ),
     )
 }
@@ -704,7 +704,9 @@ async fn retrieve_frames(
             Err(r) => return r,
         };
         match pixels::frames(&file, &numbers) {
-            Ok((ts, frames)) => octet_parts(&h, &ts, frames),
+            Ok((ts, frames)) => {
+                octet_parts(&h, &ts, frames, || pixels::decoded_frames(&file, &numbers))
+            }
             Err(e) => pixel_problem(e),
         }
     })
@@ -735,8 +737,10 @@ async fn retrieve_bulkdata(
             Ok(f) => f,
             Err(r) => return r,
         };
-        match pixels::bulkdata(&file, tag) {
-            Ok((ts, parts)) => octet_parts(&h, &ts, parts),
+        match pixels::bulkdata(&file, tag, false) {
+            Ok((ts, parts)) => octet_parts(&h, &ts, parts, || {
+                pixels::bulkdata(&file, tag, true).map(|(_, parts)| parts)
+            }),
             Err(e) => pixel_problem(e),
         }
     })
@@ -754,21 +758,37 @@ fn parse_tag(s: &str) -> Option<dicom_core::Tag> {
 }
 
 /// Frames or bulk data in transfer syntax `ts` as multipart/related parts of
-/// application/octet-stream (or image/jpeg for JPEG Baseline / Extended, when asked for), or
-/// 406 when the request accepts neither.
-fn octet_parts(h: &HeaderMap, ts: &str, parts: Vec<Vec<u8>>) -> Response {
+/// application/octet-stream (or image/jpeg for JPEG Baseline / Extended, when asked for). A
+/// client that asks for Explicit VR Little Endian where the data are stored compressed gets
+/// them decoded by `decode`; one that takes neither gets 406.
+fn octet_parts(
+    h: &HeaderMap,
+    ts: &str,
+    parts: Vec<Vec<u8>>,
+    decode: impl FnOnce() -> Result<Vec<Vec<u8>>, pixels::PixelError>,
+) -> Response {
     let jpeg = matches!(ts, "1.2.840.10008.1.2.4.50" | "1.2.840.10008.1.2.4.51");
     let served =
         accepts(h, "application/octet-stream", ts) || (jpeg && accepts(h, "image/jpeg", ts));
-    if !served {
+    let (ts, parts) = if served {
+        (ts, parts)
+    } else if accepts(h, "application/octet-stream", EXPLICIT_VR_LITTLE_ENDIAN) {
+        match decode() {
+            Ok(parts) => (EXPLICIT_VR_LITTLE_ENDIAN, parts),
+            Err(e) => return pixel_problem(e),
+        }
+    } else {
         return not_acceptable(&format!("the data are stored in transfer syntax {ts}"));
-    }
+    };
     let ct = format!("application/octet-stream; transfer-syntax={ts}");
     multipart(
         "application/octet-stream",
         parts.into_iter().map(|f| (ct.clone(), f)).collect(),
     )
 }
+
+/// The transfer syntax of decoded pixel data.
+const EXPLICIT_VR_LITTLE_ENDIAN: &str = "1.2.840.10008.1.2.1";
 
 fn render_params(
     params: &[(String, String)],

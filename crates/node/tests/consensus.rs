@@ -118,6 +118,10 @@ struct Scenario {
     /// its storage: the consensus journals and the block logs in `logs`.
     crashes: u32,
     logs: Option<std::path::PathBuf>,
+    /// Clients hand transactions to this node only (else to every node).
+    submit_to: Option<usize>,
+    /// How long the network runs on, idle, once every transaction is applied.
+    idle: Duration,
 }
 
 impl Scenario {
@@ -127,6 +131,8 @@ impl Scenario {
             nodes: vec![Behaviour::Honest; n],
             crashes: 0,
             logs: None,
+            submit_to: None,
+            idle: Duration::ZERO,
         }
     }
 
@@ -225,11 +231,12 @@ async fn run_once(
         let resolver = control.register(2, QUOTA).await.unwrap();
         let blocks = control.register(3, QUOTA).await.unwrap();
         let requests = control.register(4, QUOTA).await.unwrap();
+        let gossip = control.register(5, QUOTA).await.unwrap();
         let node = context.child("node").with_attribute("index", i);
         let scheme = Scheme::signer(NAMESPACE, set.clone(), key.clone()).expect("a participant");
         match s.nodes[i] {
             Behaviour::Flooder => {
-                let mut senders = [votes.0, certs.0, resolver.0, blocks.0, requests.0];
+                let mut senders = [votes.0, certs.0, resolver.0, blocks.0, requests.0, gossip.0];
                 let forger = SigningKey::from_seed([99; 32]);
                 node.child("byzantine").spawn(move |ctx| async move {
                     let mut n: u64 = 0;
@@ -281,7 +288,7 @@ async fn run_once(
             app.recover(&dir.join(format!("node-{i}.jsonl"))).unwrap();
         }
         let genesis = app.genesis();
-        app.start(blocks, requests);
+        app.start(blocks, requests, gossip);
         let cfg = engine_config(
             scheme,
             control,
@@ -299,6 +306,9 @@ async fn run_once(
     {
         let txs = txs.to_vec();
         let finals = finals.clone();
+        if let Some(k) = s.submit_to {
+            mailboxes.retain(|(i, _)| *i == k);
+        }
         context.child("clients").spawn(move |ctx| async move {
             for (n, tx) in txs.iter().enumerate() {
                 let id = tx.id().to_hex();
@@ -359,6 +369,7 @@ async fn run_once(
     while !all_applied(&finals, false) {
         context.sleep(Duration::from_millis(500)).await;
     }
+    context.sleep(s.idle).await;
     Ok(finals
         .into_iter()
         .map(|f| std::mem::take(&mut *f.lock().unwrap()))
@@ -514,4 +525,42 @@ fn unclean_shutdowns_of_the_whole_network_lose_no_finalised_block() {
         let heights: Vec<u64> = f.blocks.keys().copied().collect();
         assert_eq!(heights, (1..=heights.len() as u64).collect::<Vec<_>>());
     }
+}
+
+#[test]
+fn transactions_sent_to_one_node_are_forwarded_and_an_idle_network_makes_few_blocks() {
+    let txs = workload(4, 5);
+    let s = Scenario {
+        submit_to: Some(2),
+        idle: Duration::from_secs(20),
+        ..Scenario::honest(4, 29)
+    };
+    let finals = run(&s, &txs);
+    assert_agreement(&finals, None);
+    assert_all_applied(&s, &finals, &txs);
+    // The other nodes learnt every transaction from node 2, so whoever led could propose it.
+    for (i, f) in finals.iter().enumerate() {
+        let want = if i == 2 { 0 } else { txs.len() as u64 };
+        assert_eq!(f.gossiped, want, "node {i}");
+    }
+    // Idle, the leaders wait for transactions before proposing an empty block: about two
+    // blocks a second, where every round trip (~50 ms here) made one before.
+    let f = &finals[0];
+    let last_busy = f
+        .applied
+        .iter()
+        .filter(|(_, (_, ids))| !ids.is_empty())
+        .map(|(h, _)| *h)
+        .max()
+        .unwrap();
+    let (&last, &(end_ms, _)) = f.applied.iter().next_back().unwrap();
+    let start_ms = f.applied[&last_busy].0;
+    let idle_blocks = last - last_busy;
+    let seconds = (end_ms - start_ms) as f64 / 1000.0;
+    assert!(seconds >= 19.0, "{seconds} s idle");
+    let per_second = idle_blocks as f64 / seconds;
+    assert!(
+        (1.5..=2.5).contains(&per_second),
+        "{idle_blocks} empty blocks in {seconds} s"
+    );
 }

@@ -1085,3 +1085,33 @@ fn a_forged_transaction_in_a_block_is_refused_alone() {
     let rc = c.ledger.apply_block(1000, &good);
     assert!(rc.iter().all(|r| r.error.is_none()), "{rc:?}");
 }
+
+#[test]
+fn transactions_the_node_verified_are_not_verified_again_and_get_the_same_verdicts() {
+    let mut a = Net::new();
+    let mut txs: Vec<Tx> = (0..6)
+        .map(|i| a.tx(21, study_op(Digest::of(&[i]), PATIENT)))
+        .collect();
+    txs[4].signature = key(22).sign(&txs[4].body.signing_bytes());
+    // What a node's mempool admitted: every transaction whose signatures verify.
+    let verified: Vec<bool> = txs.iter().map(Ledger::signatures_verify).collect();
+    assert_eq!(verified, [true, true, true, true, false, true]);
+    let mut b = Net::new();
+    let ra = a.ledger.apply_block(1000, &txs);
+    let rb = b.ledger.apply_block_verified(1000, &txs, &verified);
+    assert_eq!(
+        serde_json::to_string(&ra).unwrap(),
+        serde_json::to_string(&rb).unwrap()
+    );
+    assert!(matches!(rb[4].error, Some(LedgerError::BadSignature(_))));
+    assert_eq!(a.ledger.root(), b.ledger.root());
+    // Only the flags vouch for a signature: a forged transaction flagged unverified is
+    // refused even when every other one was vouched for, and fewer flags than transactions
+    // leave the rest to be verified.
+    let mut c = Net::new();
+    let rc = c.ledger.apply_block_verified(1000, &txs, &verified[..2]);
+    assert_eq!(
+        serde_json::to_string(&ra).unwrap(),
+        serde_json::to_string(&rc).unwrap()
+    );
+}

@@ -35,7 +35,7 @@ const REFETCH_MS: u64 = 250;
 pub const IDLE_BLOCK_MS: u64 = 500;
 
 /// Most transactions forwarded to the peers in one message.
-const GOSSIP_BATCH: usize = 500;
+const GOSSIP_BATCH: usize = 100;
 
 /// The log of unfinalised blocks is rewritten without the finalised ones past this size.
 const UNFINALISED_LOG_MAX: u64 = 64 << 20;
@@ -478,11 +478,9 @@ impl<E: Spawner + Clock> Application<E> {
         match msg {
             Message::Submit { tx, verified } => {
                 // Forged or foreign transactions never enter the mempool, nor duplicates.
-                let signed = verified
-                    || tx
-                        .body
-                        .signer
-                        .verify(&tx.body.signing_bytes(), &tx.signature);
+                // Every signature, the endorsers' too: what the mempool holds is applied
+                // without verifying its signatures again.
+                let signed = verified || Ledger::signatures_verify(&tx);
                 if signed && tx.body.chain == self.chain && self.add_to_mempool(tx.clone()) {
                     self.outbox.push(tx);
                     self.unpark(requests);
@@ -799,10 +797,23 @@ impl<E: Spawner + Clock> Application<E> {
     }
 
     fn apply(&mut self, d: Digest, block: Block) {
+        // The transactions this node's mempool holds, identical to the block's, had every
+        // signature verified when they were admitted.
+        let verified: Vec<bool> = if self.mempool.is_empty() {
+            Vec::new()
+        } else {
+            let pool: HashMap<&medledger_crypto::Digest, &Tx> =
+                self.mempool.iter().map(|(id, t)| (id, t)).collect();
+            block
+                .txs
+                .iter()
+                .map(|t| pool.get(&t.id()).is_some_and(|m| *m == t))
+                .collect()
+        };
         let root;
         let receipts = {
             let mut ledger = self.ledger.write().expect("not poisoned");
-            let r = ledger.apply_block(block.time_ms, &block.txs);
+            let r = ledger.apply_block_verified(block.time_ms, &block.txs, &verified);
             root = ledger.root();
             r
         };
@@ -818,11 +829,19 @@ impl<E: Spawner + Clock> Application<E> {
         let mut f = self.finalized.lock().expect("not poisoned");
         f.blocks.insert(block.height, (hex(&d), root.to_hex()));
         for r in &receipts {
-            // The first verdict on a transaction is the one that counts: a copy that reached
-            // a later block is refused as a replay and must not hide it.
-            f.by_tx
-                .entry(r.tx.to_hex())
-                .or_insert_with(|| (block.height, r.clone()));
+            // A transaction's first verdict stands, but for a refusal followed by success: a
+            // copy reaching a later block is refused as a replay and must not hide the
+            // transaction's success (nor its first reason for refusal).
+            match f.by_tx.entry(r.tx.to_hex()) {
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert((block.height, r.clone()));
+                }
+                std::collections::hash_map::Entry::Occupied(mut o) => {
+                    if o.get().1.error.is_some() && r.error.is_none() {
+                        o.insert((block.height, r.clone()));
+                    }
+                }
+            }
         }
         let now_ms = self.now_ms();
         f.applied.insert(
@@ -848,9 +867,9 @@ fn append_block(file: &mut std::fs::File, block: &Block) -> std::io::Result<u64>
 }
 
 /// The transactions of a peer's forwarding message: a JSON list of at most
-/// [`MAX_BLOCK_TXS`] transactions of `chain`, each signed by its signer (checked in one batch,
-/// then one by one if the batch fails, so that a forged one costs only itself). `None` for
-/// anything else.
+/// [`MAX_BLOCK_TXS`] transactions of `chain` whose every signature (the signer's and the
+/// endorsers') verifies, checked in one batch, then one by one if the batch fails, so that a
+/// forged one costs only itself. `None` for anything else.
 fn decode_gossip(bytes: &[u8], chain: &str) -> Option<Vec<Tx>> {
     let txs: Vec<Tx> = serde_json::from_slice(bytes).ok()?;
     if txs.len() > MAX_BLOCK_TXS {
@@ -861,16 +880,16 @@ fn decode_gossip(bytes: &[u8], chain: &str) -> Option<Vec<Tx>> {
     let batch: Vec<_> = txs
         .iter()
         .zip(&signing)
-        .map(|(t, b)| (t.body.signer, b.as_slice(), t.signature))
+        .flat_map(|(t, b)| {
+            std::iter::once((t.body.signer, b.as_slice(), t.signature)).chain(
+                t.endorsements
+                    .iter()
+                    .map(move |e| (e.key, b.as_slice(), e.signature)),
+            )
+        })
         .collect();
     if !batch.is_empty() && !medledger_crypto::verify_all(&batch) {
-        let ok: Vec<bool> = txs
-            .iter()
-            .zip(&signing)
-            .map(|(t, b)| t.body.signer.verify(b, &t.signature))
-            .collect();
-        let mut keep = ok.into_iter();
-        txs.retain(|_| keep.next().unwrap_or(false));
+        txs.retain(Ledger::signatures_verify);
     }
     Some(txs)
 }

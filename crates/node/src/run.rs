@@ -97,7 +97,7 @@ pub fn run_node_with(cfg: NodeConfig, extra: Option<axum::Router>) -> Result<(),
         let resolver = network.register(2, consensus_quota);
         let blocks = network.register(3, block_quota);
         let requests = network.register(4, block_quota);
-        // Forwarded transactions: batches of up to 500, each node forwarding what it is sent.
+        // Forwarded transactions: batches of up to 100, each node forwarding what it is sent.
         let txs = network.register(5, block_quota);
         network.start();
 

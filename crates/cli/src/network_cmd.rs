@@ -182,17 +182,23 @@ pub fn run_node(args: NodeArgs) -> Result<()> {
         let https = cfg.https.as_ref().with_context(|| {
             format!("DICOM TLS on {addr} uses the node's HTTPS certificate: node.json has no https section")
         })?;
-        let mut tls = medledger_node::tls::https_server_config(&https.cert, &https.key)?;
-        // DICOM peers negotiate no application protocol.
-        tls.alpn_protocols.clear();
+        let tls = medledger_node::tls::dicom_tls_server_config(
+            &https.cert,
+            &https.key,
+            imaging.dicom_tls_clients.as_deref(),
+        )?;
         let config = medledger_dicom_net::ScpConfig {
             tls: Some(std::sync::Arc::new(tls)),
             ..medledger_dicom_net::ScpConfig::new(&imaging.ae_title)
         };
         let tls_scp = medledger_dicom_net::Scp::start(addr, config, dimse)
             .with_context(|| format!("cannot listen for DICOM TLS on {addr}"))?;
+        let clients = match &imaging.dicom_tls_clients {
+            Some(ca) => format!("peers need a certificate from {}", ca.display()),
+            None => "peers need no certificate".to_string(),
+        };
         eprintln!(
-            "DICOM TLS: {} on {} (certificate {})",
+            "DICOM TLS: {} on {} (certificate {}; {clients})",
             imaging.ae_title,
             tls_scp.local_addr(),
             https.cert.display()

@@ -7,7 +7,7 @@
 
 mod common;
 use common::{
-    Child, attr, chest_ct, dcmtk, free_port, get_json, http, medledger, network, run, text,
+    Child, attr, chest_ct, dcmtk, free_port, get_json, http, medledger, network_with, run, text,
     wait_for,
 };
 
@@ -33,6 +33,71 @@ fn parts(resp: reqwest::blocking::Response) -> Vec<Vec<u8>> {
         .into_iter()
         .map(|(_, b)| b.to_vec())
         .collect()
+}
+
+/// A modality's TLS identity from the modalities' own authority (made with OpenSSL, as a
+/// hospital's PKI would), and a self-signed one from no authority the node knows.
+struct ModalityCertificates {
+    ca: PathBuf,
+    key: PathBuf,
+    cert: PathBuf,
+    rogue_key: PathBuf,
+    rogue_cert: PathBuf,
+}
+
+fn modality_certificates(dir: &std::path::Path) -> ModalityCertificates {
+    std::fs::create_dir_all(dir).unwrap();
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl (scripts/test installs it)");
+        assert!(out.status.success(), "openssl {args:?}: {}", text(&out));
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    for (name, subject) in [("ca", "/CN=Modality CA"), ("rogue", "/CN=MODALITY")] {
+        let (key, cert) = (format!("{name}.key"), format!("{name}.pem"));
+        let mut args = vec!["req", "-x509", "-days", "2", "-subj", subject];
+        args.extend(ec);
+        args.extend(["-keyout", &key, "-out", &cert]);
+        openssl(&args);
+    }
+    let mut args = vec!["req", "-subj", "/CN=MODALITY", "-keyout", "modality.key"];
+    args.extend(ec);
+    args.extend(["-out", "modality.csr"]);
+    openssl(&args);
+    std::fs::write(dir.join("ext.cnf"), "extendedKeyUsage=clientAuth\n").unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "modality.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "ext.cnf",
+        "-out",
+        "modality.pem",
+    ]);
+    ModalityCertificates {
+        ca: dir.join("ca.pem"),
+        key: dir.join("modality.key"),
+        cert: dir.join("modality.pem"),
+        rogue_key: dir.join("rogue.key"),
+        rogue_cert: dir.join("rogue.pem"),
+    }
 }
 
 fn study_count(web: &str) -> usize {
@@ -63,13 +128,18 @@ fn a_node_ingests_queries_and_serves_dicom_and_keeps_what_it_acknowledged() {
             .spawn()
             .unwrap(),
     );
-    let (_net, api) = network(
+    // The modalities' own authority issues their certificates for DICOM TLS; the node takes
+    // only peers with one (mutual TLS).
+    let pki = home.join("modality-pki");
+    let modality = modality_certificates(&pki);
+    let (_net, api) = network_with(
         home,
         &dir,
         base,
         serde_json::json!([
             { "ae_title": "PACS", "addr": format!("127.0.0.1:{pacs_port}"), "originals": true }
         ]),
+        |cfg| cfg["imaging"]["dicom_tls_clients"] = modality.ca.to_str().unwrap().into(),
     );
     let web = format!("{api}/dicom-web");
     let dimse: SocketAddr = format!("127.0.0.1:{}", base + 200).parse().unwrap();
@@ -86,15 +156,17 @@ fn a_node_ingests_queries_and_serves_dicom_and_keeps_what_it_acknowledged() {
         .args(&files));
     assert!(store.status.success(), "{}", text(&store));
 
-    // The same services over DICOM TLS (PS3.15 Annex B) with the network's authority; a
-    // sender that does not trust it gets no association.
+    // The same services over DICOM TLS (PS3.15 Annex B): the node's certificate from the
+    // network's authority, the modality's from its own. A sender that does not trust the node,
+    // or that has no certificate from the modalities' authority, gets no association.
     let tls_port = (base + 500).to_string();
     let ca = dir.join("https-ca.pem");
     let ca = ca.to_str().unwrap();
-    let tls = [
-        "+tla",
-        "+cf",
-        ca,
+    let (key, cert) = (
+        modality.key.to_str().unwrap(),
+        modality.cert.to_str().unwrap(),
+    );
+    let called = [
         "-aet",
         "MODALITY",
         "-aec",
@@ -102,13 +174,28 @@ fn a_node_ingests_queries_and_serves_dicom_and_keeps_what_it_acknowledged() {
         "127.0.0.1",
         &tls_port,
     ];
-    let echo = run(dcmtk("echoscu").args(tls));
+    let tls: Vec<&str> = ["+tls", key, cert, "+cf", ca]
+        .into_iter()
+        .chain(called)
+        .collect();
+    let echo = run(dcmtk("echoscu").args(&tls));
     assert!(echo.status.success(), "{}", text(&echo));
-    let again = run(dcmtk("storescu").args(tls).args(&files[..4]));
+    let again = run(dcmtk("storescu").args(&tls).args(&files[..4]));
     assert!(again.status.success(), "{}", text(&again));
-    // The same without `+cf CA`: the server's certificate is not trusted.
-    let untrusted = run(dcmtk("echoscu").args(&tls[..1]).args(&tls[3..]));
+    // Without `+cf CA`: the node's certificate is not trusted.
+    let untrusted = run(dcmtk("echoscu").args(["+tls", key, cert]).args(called));
     assert!(!untrusted.status.success(), "{}", text(&untrusted));
+    // No client certificate, or one from another authority: refused by the node.
+    let anonymous = run(dcmtk("echoscu").args(["+tla", "+cf", ca]).args(called));
+    assert!(!anonymous.status.success(), "{}", text(&anonymous));
+    let (rogue_key, rogue_cert) = (
+        modality.rogue_key.to_str().unwrap(),
+        modality.rogue_cert.to_str().unwrap(),
+    );
+    let rogue = run(dcmtk("echoscu")
+        .args(["+tls", rogue_key, rogue_cert, "+cf", ca])
+        .args(called));
+    assert!(!rogue.status.success(), "{}", text(&rogue));
 
     // Visible once the ledger has finalised its registration.
     wait_for("the study in QIDO-RS", Duration::from_secs(60), || {

@@ -66,6 +66,10 @@ pub struct ImagingConfig {
     /// certificate (the `https` section); none: no DICOM TLS port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dicom_tls: Option<SocketAddr>,
+    /// A PEM file of the certificate authorities whose certificates DICOM TLS peers must
+    /// present (mutual TLS, as IHE ATNA's Secure Node asks); none: peers need no certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dicom_tls_clients: Option<PathBuf>,
     pub ae_title: String,
     /// The image store: a directory or `s3://bucket/prefix`.
     pub store: String,
@@ -335,6 +339,7 @@ pub fn init_network(
                 [127, 0, 0, 1],
                 base_port + 500 + i as u16,
             ))),
+            dicom_tls_clients: None,
             ae_title: ae_title(&name),
             store: dir.join("store").display().to_string(),
             store_key: dir.join("store.key"),

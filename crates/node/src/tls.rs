@@ -101,6 +101,8 @@ pub enum HttpsConfigError {
         key: String,
         why: String,
     },
+    #[error("cannot use {path} as the authorities of client certificates: {why}")]
+    ClientCa { path: String, why: String },
 }
 
 /// A TLS 1.2/1.3 server configuration (no client certificates; HTTP/1.1) from a PEM
@@ -108,6 +110,28 @@ pub enum HttpsConfigError {
 pub fn https_server_config(
     cert: &Path,
     key: &Path,
+) -> Result<rustls::ServerConfig, HttpsConfigError> {
+    server_config(cert, key, None)
+}
+
+/// Like [`https_server_config`], but, with `client_ca` (a PEM file of one or more CA
+/// certificates), every client must present a certificate chain to one of those authorities
+/// (mutual TLS, as IHE ATNA asks of DICOM nodes); no application protocol is negotiated.
+pub fn dicom_tls_server_config(
+    cert: &Path,
+    key: &Path,
+    client_ca: Option<&Path>,
+) -> Result<rustls::ServerConfig, HttpsConfigError> {
+    let mut config = server_config(cert, key, client_ca)?;
+    // DICOM peers negotiate no application protocol.
+    config.alpn_protocols.clear();
+    Ok(config)
+}
+
+fn server_config(
+    cert: &Path,
+    key: &Path,
+    client_ca: Option<&Path>,
 ) -> Result<rustls::ServerConfig, HttpsConfigError> {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .and_then(|it| it.collect())
@@ -126,16 +150,51 @@ pub fn https_server_config(
         why: e.to_string(),
     })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .and_then(|b| b.with_no_client_auth().with_single_cert(chain, private))
         .map_err(|e| HttpsConfigError::Identity {
             cert: cert.display().to_string(),
             key: key.display().to_string(),
             why: e.to_string(),
         })?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(path) => builder.with_client_cert_verifier(client_verifier(path, provider)?),
+    };
+    let mut config =
+        builder
+            .with_single_cert(chain, private)
+            .map_err(|e| HttpsConfigError::Identity {
+                cert: cert.display().to_string(),
+                key: key.display().to_string(),
+                why: e.to_string(),
+            })?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(config)
+}
+
+/// Verifies client certificates against the CA certificates in the PEM file at `path`.
+fn client_verifier(
+    path: &Path,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, HttpsConfigError> {
+    let fail = |why: String| HttpsConfigError::ClientCa {
+        path: path.display().to_string(),
+        why,
+    };
+    let cas: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect())
+        .map_err(|e| fail(e.to_string()))?;
+    if cas.is_empty() {
+        return Err(fail("no CERTIFICATE block in it".into()));
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in cas {
+        roots.add(ca).map_err(|e| fail(e.to_string()))?;
+    }
+    rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+        .build()
+        .map_err(|e| fail(e.to_string()))
 }
 
 #[cfg(test)]
@@ -172,5 +231,16 @@ mod tests {
         let other = write("b.key", &b.key_pem);
         let e = https_server_config(&cert, &other).unwrap_err();
         assert!(matches!(e, HttpsConfigError::Identity { .. }), "{e}");
+
+        // DICOM TLS: no ALPN; client authorities from a PEM file, which must hold some.
+        let roots = write("ca.pem", &ca.cert_pem());
+        let dicom = dicom_tls_server_config(&cert, &key, Some(&roots)).unwrap();
+        assert!(dicom.alpn_protocols.is_empty());
+        assert!(dicom_tls_server_config(&cert, &key, None).is_ok());
+        for bad in [&missing, &empty, &key] {
+            let e = dicom_tls_server_config(&cert, &key, Some(bad)).unwrap_err();
+            assert!(matches!(e, HttpsConfigError::ClientCa { .. }), "{e}");
+            assert!(e.to_string().contains("client certificates"), "{e}");
+        }
     }
 }

@@ -103,6 +103,17 @@ pub fn chest_ct() -> Vec<PathBuf> {
 /// A four-organisation network whose hospital A registers studies after 1 s of quiet and
 /// knows the DIMSE `peers`; returns its guard and hospital A's API root once it is ready.
 pub fn network(home: &Path, dir: &Path, base: u16, peers: Value) -> (Network, String) {
+    network_with(home, dir, base, peers, |_| {})
+}
+
+/// [`network`], with `edit` applied to hospital A's node configuration before the start.
+pub fn network_with(
+    home: &Path,
+    dir: &Path,
+    base: u16,
+    peers: Value,
+    edit: impl FnOnce(&mut Value),
+) -> (Network, String) {
     let init = medledger(home)
         .args([
             "network",
@@ -120,6 +131,7 @@ pub fn network(home: &Path, dir: &Path, base: u16, peers: Value) -> (Network, St
     let mut cfg: Value = serde_json::from_slice(&std::fs::read(&cfg_path).unwrap()).unwrap();
     cfg["imaging"]["stable_ms"] = 1000.into();
     cfg["imaging"]["dicom_peers"] = peers;
+    edit(&mut cfg);
     std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
     let up = medledger(home)
         .args(["network", "up"])

@@ -233,7 +233,7 @@ mod tests {
         assert!(matches!(e, HttpsConfigError::Identity { .. }), "{e}");
 
         // DICOM TLS: no ALPN; client authorities from a PEM file, which must hold some.
-        let roots = write("ca.pem", &ca.cert_pem());
+        let roots = write("ca.pem", ca.cert_pem());
         let dicom = dicom_tls_server_config(&cert, &key, Some(&roots)).unwrap();
         assert!(dicom.alpn_protocols.is_empty());
         assert!(dicom_tls_server_config(&cert, &key, None).is_ok());

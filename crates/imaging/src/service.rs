@@ -360,6 +360,14 @@ impl Service {
         self.inner.store.fetch_instance(entry)
     }
 
+    /// [`Service::read_instance`] as the file's pieces in order, for sending without a copy.
+    pub fn read_instance_parts(
+        &self,
+        entry: &medledger_store::InstanceEntry,
+    ) -> Result<Vec<bytes::Bytes>, StoreError> {
+        self.inner.store.fetch_instance_parts(entry)
+    }
+
     pub fn index(&self) -> std::sync::RwLockReadGuard<'_, Index> {
         self.inner.index.read().expect("not poisoned")
     }

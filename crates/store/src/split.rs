@@ -116,6 +116,43 @@ pub fn rebuild(header_object: &[u8], pixels: &[impl AsRef<[u8]>]) -> Result<Vec<
     Ok(out)
 }
 
+/// [`rebuild`] as the pieces of the file in order, without copying them: slices of the header
+/// object and the pixel objects themselves. Their concatenation is what [`rebuild`] returns.
+pub fn rebuild_parts(
+    header_object: bytes::Bytes,
+    pixels: Vec<bytes::Bytes>,
+) -> Result<Vec<bytes::Bytes>, String> {
+    let mut r = Reader::new(&header_object);
+    if r.raw(4).map_err(|e| e.to_string())? != HEADER_MAGIC {
+        return Err("not a header object".into());
+    }
+    let n = r.u32().map_err(|e| e.to_string())? as usize;
+    let mut out = Vec::with_capacity(n.min(1024));
+    let mut used = vec![false; pixels.len()];
+    for _ in 0..n {
+        match r.u8().map_err(|e| e.to_string())? {
+            0 => {
+                let piece = r.bytes().map_err(|e| e.to_string())?;
+                out.push(header_object.slice_ref(piece));
+            }
+            1 => {
+                let i = r.u32().map_err(|e| e.to_string())? as usize;
+                let p = pixels.get(i).ok_or_else(|| {
+                    format!("header refers to pixel object {i} of {}", pixels.len())
+                })?;
+                used[i] = true;
+                out.push(p.clone());
+            }
+            t => return Err(format!("unknown piece kind {t}")),
+        }
+    }
+    r.finish().map_err(|e| e.to_string())?;
+    if used.iter().any(|u| !u) {
+        return Err("a pixel object is not placed by the header".into());
+    }
+    Ok(out)
+}
+
 /// Splits a file. Never panics, whatever the bytes.
 pub fn split(file: &[u8]) -> Result<Split, SplitError> {
     let mut info = Info::default();

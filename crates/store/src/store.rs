@@ -1050,9 +1050,17 @@ impl Store {
     }
 
     /// Fetches, opens and checks one object against its reference.
+    ///
+    /// The ciphertext is not hashed against its address here: AES-GCM's tag under the
+    /// object's own key already refuses any changed bit, and the plaintext is checked against
+    /// the digest the manifest (and so the ledger's root) commits to. `verify`, which has no
+    /// keys, checks addresses.
     pub fn fetch(&self, r: &ObjectRef) -> Result<Vec<u8>, StoreError> {
-        let sealed = self.get_object(&r.address)?;
-        let plain = medledger_crypto::open(&r.key, &sealed)
+        let key = object_key(&r.address);
+        let sealed = self.backend.get(&key)?;
+        // The backend's buffer, decrypted where it lies (a copy only if it is shared).
+        let sealed = Vec::from(bytes::BytesMut::from(sealed));
+        let plain = medledger_crypto::open_owned(&r.key, sealed)
             .map_err(|e| corrupt(object_key(&r.address), e.to_string()))?;
         if plain.len() as u64 != r.len || Digest::of(&plain) != r.digest {
             return Err(corrupt(
@@ -1072,6 +1080,22 @@ impl Store {
             .map(|p| self.fetch(p))
             .collect::<Result<_, _>>()?;
         split::rebuild(&header, &pixels)
+            .map_err(|reason| corrupt(format!("instance {}", instance.sop_instance_uid), reason))
+    }
+
+    /// [`Store::fetch_instance`] as the pieces of the file in order (see
+    /// [`split::rebuild_parts`]): the same bytes, every object verified, nothing copied.
+    pub fn fetch_instance_parts(
+        &self,
+        instance: &InstanceEntry,
+    ) -> Result<Vec<bytes::Bytes>, StoreError> {
+        let header = bytes::Bytes::from(self.fetch(&instance.header)?);
+        let pixels: Vec<bytes::Bytes> = instance
+            .pixels
+            .iter()
+            .map(|p| self.fetch(p).map(bytes::Bytes::from))
+            .collect::<Result<_, _>>()?;
+        split::rebuild_parts(header, pixels)
             .map_err(|reason| corrupt(format!("instance {}", instance.sop_instance_uid), reason))
     }
 

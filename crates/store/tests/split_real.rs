@@ -53,6 +53,16 @@ fn every_file_rebuilds_byte_for_byte() {
                     bytes,
                     "{name} does not rebuild"
                 );
+                // The same file as pieces, none copied: pixel pieces are the pixel objects.
+                let parts = split::rebuild_parts(
+                    bytes::Bytes::from(header.clone()),
+                    pixels
+                        .iter()
+                        .map(|p| bytes::Bytes::copy_from_slice(p))
+                        .collect(),
+                )
+                .unwrap();
+                assert_eq!(parts.concat(), bytes, "{name} does not rebuild in pieces");
                 // Pieces cover the file in order; pixel objects are real pixel bytes.
                 let covered: usize = s
                     .pieces

@@ -85,26 +85,31 @@ impl Split {
     }
 }
 
-/// Rebuilds the Part 10 file from a header object and its pixel objects.
-pub fn rebuild(header_object: &[u8], pixels: &[impl AsRef<[u8]>]) -> Result<Vec<u8>, String> {
+/// The pieces a header object lists, in file order: its own bytes, or pixel object `i` (one
+/// of `pixels`, each placed exactly once).
+enum Placed<'a> {
+    Inline(&'a [u8]),
+    Pixels(usize),
+}
+
+fn placements(header_object: &[u8], pixels: usize) -> Result<Vec<Placed<'_>>, String> {
     let mut r = Reader::new(header_object);
     if r.raw(4).map_err(|e| e.to_string())? != HEADER_MAGIC {
         return Err("not a header object".into());
     }
     let n = r.u32().map_err(|e| e.to_string())? as usize;
-    let total: usize = header_object.len() + pixels.iter().map(|p| p.as_ref().len()).sum::<usize>();
-    let mut out = Vec::with_capacity(total);
-    let mut used = vec![false; pixels.len()];
+    let mut out = Vec::with_capacity(n.min(1024));
+    let mut used = vec![false; pixels];
     for _ in 0..n {
         match r.u8().map_err(|e| e.to_string())? {
-            0 => out.extend_from_slice(r.bytes().map_err(|e| e.to_string())?),
+            0 => out.push(Placed::Inline(r.bytes().map_err(|e| e.to_string())?)),
             1 => {
                 let i = r.u32().map_err(|e| e.to_string())? as usize;
-                let p = pixels.get(i).ok_or_else(|| {
-                    format!("header refers to pixel object {i} of {}", pixels.len())
-                })?;
+                if i >= pixels {
+                    return Err(format!("header refers to pixel object {i} of {pixels}"));
+                }
                 used[i] = true;
-                out.extend_from_slice(p.as_ref());
+                out.push(Placed::Pixels(i));
             }
             t => return Err(format!("unknown piece kind {t}")),
         }
@@ -116,41 +121,34 @@ pub fn rebuild(header_object: &[u8], pixels: &[impl AsRef<[u8]>]) -> Result<Vec<
     Ok(out)
 }
 
+/// Rebuilds the Part 10 file from a header object and its pixel objects.
+pub fn rebuild(header_object: &[u8], pixels: &[impl AsRef<[u8]>]) -> Result<Vec<u8>, String> {
+    let placed = placements(header_object, pixels.len())?;
+    let total: usize = header_object.len() + pixels.iter().map(|p| p.as_ref().len()).sum::<usize>();
+    let mut out = Vec::with_capacity(total);
+    for p in placed {
+        out.extend_from_slice(match p {
+            Placed::Inline(bytes) => bytes,
+            Placed::Pixels(i) => pixels[i].as_ref(),
+        });
+    }
+    Ok(out)
+}
+
 /// [`rebuild`] as the pieces of the file in order, without copying them: slices of the header
 /// object and the pixel objects themselves. Their concatenation is what [`rebuild`] returns.
 pub fn rebuild_parts(
     header_object: bytes::Bytes,
     pixels: Vec<bytes::Bytes>,
 ) -> Result<Vec<bytes::Bytes>, String> {
-    let mut r = Reader::new(&header_object);
-    if r.raw(4).map_err(|e| e.to_string())? != HEADER_MAGIC {
-        return Err("not a header object".into());
-    }
-    let n = r.u32().map_err(|e| e.to_string())? as usize;
-    let mut out = Vec::with_capacity(n.min(1024));
-    let mut used = vec![false; pixels.len()];
-    for _ in 0..n {
-        match r.u8().map_err(|e| e.to_string())? {
-            0 => {
-                let piece = r.bytes().map_err(|e| e.to_string())?;
-                out.push(header_object.slice_ref(piece));
-            }
-            1 => {
-                let i = r.u32().map_err(|e| e.to_string())? as usize;
-                let p = pixels.get(i).ok_or_else(|| {
-                    format!("header refers to pixel object {i} of {}", pixels.len())
-                })?;
-                used[i] = true;
-                out.push(p.clone());
-            }
-            t => return Err(format!("unknown piece kind {t}")),
-        }
-    }
-    r.finish().map_err(|e| e.to_string())?;
-    if used.iter().any(|u| !u) {
-        return Err("a pixel object is not placed by the header".into());
-    }
-    Ok(out)
+    let placed = placements(&header_object, pixels.len())?;
+    Ok(placed
+        .into_iter()
+        .map(|p| match p {
+            Placed::Inline(bytes) => header_object.slice_ref(bytes),
+            Placed::Pixels(i) => pixels[i].clone(),
+        })
+        .collect())
 }
 
 /// Splits a file. Never panics, whatever the bytes.

@@ -564,16 +564,18 @@ impl<E: Spawner + Clock> Application<E> {
         }
     }
 
-    /// Adds a transaction to the mempool unless it is there already or its signer's nonce has
-    /// moved past it (applied, or replaced): such a transaction could only be refused, and
-    /// its refusal would hide the receipt of the one that was applied. Returns whether added.
+    /// Adds a transaction to the mempool unless it is there already, its signer is not an
+    /// active member (a peer cannot fill the mempools with transactions of keys it made up),
+    /// or its signer's nonce has moved past it (applied, or replaced): such a transaction
+    /// could only be refused. Returns whether added.
     fn add_to_mempool(&mut self, tx: Tx) -> bool {
-        let spent = {
+        let refused = {
             let ledger = self.ledger.read().expect("not poisoned");
-            tx.body.nonce < ledger.next_nonce(&tx.body.signer)
+            !ledger.member(&tx.body.signer).is_some_and(|m| m.active)
+                || tx.body.nonce < ledger.next_nonce(&tx.body.signer)
         };
         let id = tx.id();
-        if spent || !self.in_mempool.insert(id) {
+        if refused || !self.in_mempool.insert(id) {
             return false;
         }
         self.mempool.push((id, tx));

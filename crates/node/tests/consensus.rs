@@ -265,6 +265,9 @@ async fn run_once(
                             senders[3].send(Recipients::All, IoBuf::from(forged.encode()), false);
                         let _ =
                             senders[4].send(Recipients::All, IoBuf::from(vec![n as u8; 32]), false);
+                        // Forwarded transactions, well signed by a key that is no member.
+                        let gossip = serde_json::to_vec(&forged.txs).unwrap();
+                        let _ = senders[5].send(Recipients::All, IoBuf::from(gossip), false);
                         ctx.sleep(Duration::from_millis(50)).await;
                     }
                 });
@@ -470,6 +473,10 @@ fn a_byzantine_organisation_flooding_garbage_and_forged_blocks_changes_nothing()
     let finals = run(&s, &txs);
     assert_agreement(&finals, Some(2));
     assert_all_applied(&s, &finals, &txs);
+    // Nothing of the flooder's reached a block: no receipt beyond the workload's.
+    for (i, f) in finals.iter().enumerate().filter(|(i, _)| *i != 2) {
+        assert_eq!(f.receipts.len(), txs.len(), "node {i}");
+    }
 }
 
 #[test]

@@ -66,7 +66,8 @@ enum Message {
     },
     /// Transactions a peer forwarded, their signatures checked on arrival.
     Gossiped {
-        txs: Vec<Tx>,
+        /// With their ids (computed with the signature checks).
+        txs: Vec<(medledger_crypto::Digest, Tx)>,
     },
     /// The time a waiting leader may wait for transactions has passed.
     Wake,
@@ -228,6 +229,12 @@ pub struct Application<E> {
     /// Pending transactions in arrival order, with their ids (computed once).
     mempool: Vec<(medledger_crypto::Digest, Tx)>,
     in_mempool: std::collections::HashSet<medledger_crypto::Digest>,
+    /// Whether a key is an active member, as of the last applied block (cleared by every
+    /// block with transactions, any of which may change membership).
+    members: HashMap<medledger_crypto::VerifyingKey, bool>,
+    /// The transaction ids of unapplied blocks, computed once for the proposals that build
+    /// on them (dropped when a block is applied, or falls below the applied height).
+    tx_ids: HashMap<Digest, Vec<medledger_crypto::Digest>>,
     /// Transactions submitted here, still to be forwarded to the peers, so that whoever
     /// leads next can propose them.
     outbox: Vec<Tx>,
@@ -262,6 +269,8 @@ impl<E: Spawner + Clock> Application<E> {
             waiting: HashMap::new(),
             mempool: Vec::new(),
             in_mempool: std::collections::HashSet::new(),
+            members: HashMap::new(),
+            tx_ids: HashMap::new(),
             outbox: Vec::new(),
             parked: None,
             wake_at: None,
@@ -480,16 +489,18 @@ impl<E: Spawner + Clock> Application<E> {
                 // Forged or foreign transactions never enter the mempool, nor duplicates.
                 // Every signature, the endorsers' too: what the mempool holds is applied
                 // without verifying its signatures again.
-                let signed = verified || Ledger::signatures_verify(&tx);
-                if signed && tx.body.chain == self.chain && self.add_to_mempool(tx.clone()) {
+                let bytes = tx.body.signing_bytes();
+                let signed = verified || signatures_verify(&tx, &bytes);
+                let id = medledger_crypto::Digest::of(&bytes);
+                if signed && tx.body.chain == self.chain && self.add_to_mempool(id, tx.clone()) {
                     self.outbox.push(tx);
                     self.unpark(requests);
                 }
             }
             Message::Gossiped { txs } => {
                 let mut added = 0;
-                for tx in txs {
-                    added += u64::from(self.add_to_mempool(tx));
+                for (id, tx) in txs {
+                    added += u64::from(self.add_to_mempool(id, tx));
                 }
                 if added > 0 {
                     let mut f = self.finalized.lock().expect("not poisoned");
@@ -568,13 +579,16 @@ impl<E: Spawner + Clock> Application<E> {
     /// active member (a peer cannot fill the mempools with transactions of keys it made up),
     /// or its signer's nonce has moved past it (applied, or replaced): such a transaction
     /// could only be refused. Returns whether added.
-    fn add_to_mempool(&mut self, tx: Tx) -> bool {
+    fn add_to_mempool(&mut self, id: medledger_crypto::Digest, tx: Tx) -> bool {
         let refused = {
             let ledger = self.ledger.read().expect("not poisoned");
-            !ledger.member(&tx.body.signer).is_some_and(|m| m.active)
-                || tx.body.nonce < ledger.next_nonce(&tx.body.signer)
+            let signer = tx.body.signer;
+            let member = *self
+                .members
+                .entry(signer)
+                .or_insert_with(|| ledger.member(&signer).is_some_and(|m| m.active));
+            !member || tx.body.nonce < ledger.next_nonce(&signer)
         };
-        let id = tx.id();
         if refused || !self.in_mempool.insert(id) {
             return false;
         }
@@ -613,7 +627,11 @@ impl<E: Spawner + Clock> Application<E> {
                 self.request(cursor, requests);
                 return;
             };
-            pending.extend(b.txs.iter().map(Tx::id));
+            let ids = self
+                .tx_ids
+                .entry(cursor)
+                .or_insert_with(|| b.txs.iter().map(Tx::id).collect());
+            pending.extend(ids.iter().copied());
             match b.parent_digest() {
                 Some(p) if b.height > self.applied_height => cursor = p,
                 _ => break,
@@ -801,6 +819,7 @@ impl<E: Spawner + Clock> Application<E> {
     fn apply(&mut self, d: Digest, block: Block) {
         // The transactions this node's mempool holds, identical to the block's, had every
         // signature verified when they were admitted.
+        let ids: Vec<medledger_crypto::Digest> = block.txs.iter().map(Tx::id).collect();
         let verified: Vec<bool> = if self.mempool.is_empty() {
             Vec::new()
         } else {
@@ -809,7 +828,8 @@ impl<E: Spawner + Clock> Application<E> {
             block
                 .txs
                 .iter()
-                .map(|t| pool.get(&t.id()).is_some_and(|m| *m == t))
+                .zip(&ids)
+                .map(|(t, id)| pool.get(id).is_some_and(|m| *m == t))
                 .collect()
         };
         let root;
@@ -819,8 +839,16 @@ impl<E: Spawner + Clock> Application<E> {
             root = ledger.root();
             r
         };
-        let applied: std::collections::HashSet<_> = block.txs.iter().map(|t| t.id()).collect();
+        let applied: std::collections::HashSet<_> = ids.into_iter().collect();
+        self.tx_ids.remove(&d);
+        if self.tx_ids.len() > 64 {
+            // Blocks of abandoned forks.
+            let (blocks, applied_height) = (&self.blocks, block.height);
+            self.tx_ids
+                .retain(|k, _| blocks.get(k).is_some_and(|b| b.height > applied_height));
+        }
         if !applied.is_empty() {
+            self.members.clear();
             self.mempool.retain(|(id, _)| !applied.contains(id));
             for id in &applied {
                 self.in_mempool.remove(id);
@@ -868,16 +896,16 @@ fn append_block(file: &mut std::fs::File, block: &Block) -> std::io::Result<u64>
     Ok(line.len() as u64)
 }
 
-/// The transactions of a peer's forwarding message: a JSON list of at most
+/// The transactions of a peer's forwarding message, with their ids: a JSON list of at most
 /// [`MAX_BLOCK_TXS`] transactions of `chain` whose every signature (the signer's and the
 /// endorsers') verifies, checked in one batch, then one by one if the batch fails, so that a
 /// forged one costs only itself. `None` for anything else.
-fn decode_gossip(bytes: &[u8], chain: &str) -> Option<Vec<Tx>> {
+fn decode_gossip(bytes: &[u8], chain: &str) -> Option<Vec<(medledger_crypto::Digest, Tx)>> {
     let txs: Vec<Tx> = serde_json::from_slice(bytes).ok()?;
     if txs.len() > MAX_BLOCK_TXS {
         return None;
     }
-    let mut txs: Vec<Tx> = txs.into_iter().filter(|t| t.body.chain == chain).collect();
+    let txs: Vec<Tx> = txs.into_iter().filter(|t| t.body.chain == chain).collect();
     let signing: Vec<Vec<u8>> = txs.iter().map(|t| t.body.signing_bytes()).collect();
     let batch: Vec<_> = txs
         .iter()
@@ -890,10 +918,23 @@ fn decode_gossip(bytes: &[u8], chain: &str) -> Option<Vec<Tx>> {
             )
         })
         .collect();
-    if !batch.is_empty() && !medledger_crypto::verify_all(&batch) {
-        txs.retain(Ledger::signatures_verify);
-    }
-    Some(txs)
+    let all = batch.is_empty() || medledger_crypto::verify_all(&batch);
+    Some(
+        txs.into_iter()
+            .zip(signing)
+            .filter(|(t, b)| all || signatures_verify(t, b))
+            .map(|(t, b)| (medledger_crypto::Digest::of(&b), t))
+            .collect(),
+    )
+}
+
+/// Whether every signature of `tx` verifies over its signing bytes `bytes`.
+fn signatures_verify(tx: &Tx, bytes: &[u8]) -> bool {
+    tx.body.signer.verify(bytes, &tx.signature)
+        && tx
+            .endorsements
+            .iter()
+            .all(|e| e.key.verify(bytes, &e.signature))
 }
 
 /// Waits for the next message from consensus or from the network.

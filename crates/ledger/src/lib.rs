@@ -198,15 +198,15 @@ impl Ledger {
             .collect()
     }
 
-    /// Whether every signature of `tx` (the signer's and each endorser's) verifies: what
+    /// Whether every signature of `tx` (the signer's and each endorser's) verifies over
+    /// `signing_bytes` (its body's [`TxBody::signing_bytes`]): what
     /// [`Ledger::apply_block_verified`] may be told about a transaction.
-    pub fn signatures_verify(tx: &Tx) -> bool {
-        let bytes = tx.body.signing_bytes();
-        tx.body.signer.verify(&bytes, &tx.signature)
+    pub fn signatures_verify(tx: &Tx, signing_bytes: &[u8]) -> bool {
+        tx.body.signer.verify(signing_bytes, &tx.signature)
             && tx
                 .endorsements
                 .iter()
-                .all(|e| e.key.verify(&bytes, &e.signature))
+                .all(|e| e.key.verify(signing_bytes, &e.signature))
     }
 
     fn apply(&mut self, tx: &Tx, signing_bytes: &[u8], signed: bool) -> Receipt {

@@ -1094,7 +1094,10 @@ fn transactions_the_node_verified_are_not_verified_again_and_get_the_same_verdic
         .collect();
     txs[4].signature = key(22).sign(&txs[4].body.signing_bytes());
     // What a node's mempool admitted: every transaction whose signatures verify.
-    let verified: Vec<bool> = txs.iter().map(Ledger::signatures_verify).collect();
+    let verified: Vec<bool> = txs
+        .iter()
+        .map(|t| Ledger::signatures_verify(t, &t.body.signing_bytes()))
+        .collect();
     assert_eq!(verified, [true, true, true, true, false, true]);
     let mut b = Net::new();
     let ra = a.ledger.apply_block(1000, &txs);

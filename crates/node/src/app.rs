@@ -490,7 +490,7 @@ impl<E: Spawner + Clock> Application<E> {
                 // Every signature, the endorsers' too: what the mempool holds is applied
                 // without verifying its signatures again.
                 let bytes = tx.body.signing_bytes();
-                let signed = verified || signatures_verify(&tx, &bytes);
+                let signed = verified || Ledger::signatures_verify(&tx, &bytes);
                 let id = medledger_crypto::Digest::of(&bytes);
                 if signed && tx.body.chain == self.chain && self.add_to_mempool(id, tx.clone()) {
                     self.outbox.push(tx);
@@ -922,19 +922,10 @@ fn decode_gossip(bytes: &[u8], chain: &str) -> Option<Vec<(medledger_crypto::Dig
     Some(
         txs.into_iter()
             .zip(signing)
-            .filter(|(t, b)| all || signatures_verify(t, b))
+            .filter(|(t, b)| all || Ledger::signatures_verify(t, b))
             .map(|(t, b)| (medledger_crypto::Digest::of(&b), t))
             .collect(),
     )
-}
-
-/// Whether every signature of `tx` verifies over its signing bytes `bytes`.
-fn signatures_verify(tx: &Tx, bytes: &[u8]) -> bool {
-    tx.body.signer.verify(bytes, &tx.signature)
-        && tx
-            .endorsements
-            .iter()
-            .all(|e| e.key.verify(bytes, &e.signature))
 }
 
 /// Waits for the next message from consensus or from the network.

@@ -41,6 +41,9 @@ pub struct Batch<'m> {
     effect: EffectKind,
     /// `slots[k][l]`: slot k (parameters, expressions, cycle, time) of lane l.
     pub slots: Vec<Lanes>,
+    /// The slots that hold one value in every lane (cycle and time), with
+    /// that value.
+    same: [(u32, f64); 2],
     stack: Vec<Lanes>,
     matrix: Vec<Lanes>,
     prev: Vec<Lanes>,
@@ -54,10 +57,38 @@ pub struct Batch<'m> {
     /// Per state: whether its cost, and its contribution to the effect, are
     /// the constant zero (such states add nothing and are skipped).
     zero: Vec<(bool, bool)>,
-    /// Structurally non-zero matrix entries (i, j) of each strategy, row by row.
-    nonzero: Vec<Vec<(usize, usize)>>,
+    /// `columns[s][j]`: the rows i of strategy s's structurally non-zero
+    /// entries (i, j) in column j, in increasing order.
+    columns: Vec<Vec<Vec<usize>>>,
     disc_cost: Vec<f64>,
     disc_effect: Vec<f64>,
+    /// The widest instruction set of this CPU that [`MarkovRun`] is compiled
+    /// for.
+    arch: pulp::Arch,
+}
+
+/// One [`Batch::run_markov`], compiled once per instruction set (SSE2, and
+/// AVX2 on x86-64 CPUs that have it, chosen at run time) so that the lane
+/// loops work on as many lanes per instruction as the CPU allows. Only the
+/// vector width differs: Rust never fuses a multiply and an add on its own,
+/// so every lane performs the same IEEE operations, in the same order, on
+/// every CPU.
+struct MarkovRun<'a, 'm> {
+    batch: &'a mut Batch<'m>,
+    s: usize,
+    strategy: &'a Strategy,
+    cost: &'a mut Lanes,
+    effect: &'a mut Lanes,
+}
+
+impl pulp::WithSimd for MarkovRun<'_, '_> {
+    type Output = bool;
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _simd: S) -> bool {
+        self.batch
+            .run_markov(self.s, self.strategy, self.cost, self.effect)
+    }
 }
 
 impl<'m> Batch<'m> {
@@ -77,13 +108,16 @@ impl<'m> Batch<'m> {
             Effect::LifeYears => EffectKind::LifeYears,
             Effect::Outcome(o) => EffectKind::Outcome(o, model.outcomes[o].discount),
         };
-        let nonzero = model
+        let columns = model
             .strategies
             .iter()
             .map(|s| {
-                (0..n * n)
-                    .filter(|&k| !matches!(s.matrix[k], Entry::Zero))
-                    .map(|k| (k / n, k % n))
+                (0..n)
+                    .map(|j| {
+                        (0..n)
+                            .filter(|&i| !matches!(s.matrix[i * n + j], Entry::Zero))
+                            .collect()
+                    })
                     .collect()
             })
             .collect();
@@ -106,6 +140,7 @@ impl<'m> Batch<'m> {
             mk,
             effect,
             slots: vec![[0.0; LANES]; model.n_slots()],
+            same: [(u32::MAX, 0.0); 2],
             stack: Vec::with_capacity(32),
             matrix: vec![[0.0; LANES]; n * n],
             prev: vec![[0.0; LANES]; n],
@@ -117,9 +152,10 @@ impl<'m> Batch<'m> {
             dyn_prev: Vec::new(),
             tmp: [0.0; LANES],
             zero,
-            nonzero,
+            columns,
             disc_cost: discount_table(model, set.discount_costs, false),
             disc_effect: discount_table(model, set.discount_effects, false),
+            arch: pulp::Arch::new(),
         })
     }
 
@@ -132,13 +168,28 @@ impl<'m> Batch<'m> {
         let cs = model.cycle_slot();
         self.slots[cs] = [0.0; LANES];
         self.slots[cs + 1] = [0.0; LANES];
+        self.same = [(cs as u32, 0.0), (cs as u32 + 1, 0.0)];
         for (slot, p) in &strategy.static_exprs {
-            p.eval_lanes(&self.slots, &model.tables, &mut self.stack, &mut self.tmp);
+            p.eval_lanes(
+                &self.slots,
+                &self.same,
+                &model.tables,
+                &mut self.stack,
+                &mut self.tmp,
+            );
             self.slots[*slot] = self.tmp;
         }
-        self.run_markov(s, strategy, cost, effect)
+        let arch = self.arch;
+        arch.dispatch(MarkovRun {
+            batch: self,
+            s,
+            strategy,
+            cost,
+            effect,
+        })
     }
 
+    #[inline(always)]
     fn run_markov(
         &mut self,
         s: usize,
@@ -168,9 +219,16 @@ impl<'m> Batch<'m> {
         for t in 1..=set.cycles {
             self.slots[cs] = [t as f64; LANES];
             self.slots[cs + 1] = [t as f64 * len; LANES];
+            self.same = [(cs as u32, t as f64), (cs as u32 + 1, t as f64 * len)];
             let mut changed = false;
             for (k, (slot, p)) in strategy.dynamic_exprs.iter().enumerate() {
-                p.eval_lanes(&self.slots, &model.tables, &mut self.stack, &mut self.tmp);
+                p.eval_lanes(
+                    &self.slots,
+                    &self.same,
+                    &model.tables,
+                    &mut self.stack,
+                    &mut self.tmp,
+                );
                 self.slots[*slot] = self.tmp;
                 let prev = &mut self.dyn_prev[k];
                 if prev
@@ -192,11 +250,13 @@ impl<'m> Batch<'m> {
             }
             // next = prev · P over the structurally non-zero entries; each
             // next[j] adds its terms in increasing i, as the evaluator does.
-            for nj in self.next.iter_mut() {
-                *nj = [0.0; LANES];
-            }
-            for &(i, j) in &self.nonzero[s] {
-                add_product(&mut self.next[j], &self.prev[i], &self.matrix[i * n + j]);
+            // Column by column, so that each sum stays in registers.
+            for (j, rows) in self.columns[s].iter().enumerate() {
+                let mut acc = [0.0; LANES];
+                for &i in rows {
+                    add_product(&mut acc, &self.prev[i], &self.matrix[i * n + j]);
+                }
+                self.next[j] = acc;
             }
 
             let fc = self.disc_cost[t];
@@ -297,8 +357,13 @@ impl<'m> Batch<'m> {
                     Entry::Complement => comp = Some(j),
                     Entry::Expr(c) => {
                         let v = &mut self.matrix[i * n + j];
-                        c.program
-                            .eval_lanes(&self.slots, &model.tables, &mut self.stack, v);
+                        c.program.eval_lanes(
+                            &self.slots,
+                            &self.same,
+                            &model.tables,
+                            &mut self.stack,
+                            v,
+                        );
                         if !v.iter().all(|v| (-PROB_TOL..=1.0 + PROB_TOL).contains(v)) {
                             return false;
                         }
@@ -333,6 +398,7 @@ impl<'m> Batch<'m> {
         for (st, def) in mk.states.iter().enumerate() {
             def.cost.program.eval_lanes(
                 &self.slots,
+                &self.same,
                 &model.tables,
                 &mut self.stack,
                 &mut self.cost[st],
@@ -344,6 +410,7 @@ impl<'m> Batch<'m> {
             };
             e.program.eval_lanes(
                 &self.slots,
+                &self.same,
                 &model.tables,
                 &mut self.stack,
                 &mut self.eff[st],
@@ -352,6 +419,7 @@ impl<'m> Batch<'m> {
         for (k, tp) in mk.on_transition.iter().enumerate() {
             tp.cost.program.eval_lanes(
                 &self.slots,
+                &self.same,
                 &model.tables,
                 &mut self.stack,
                 &mut self.tcost[k],
@@ -363,6 +431,7 @@ impl<'m> Batch<'m> {
             };
             e.program.eval_lanes(
                 &self.slots,
+                &self.same,
                 &model.tables,
                 &mut self.stack,
                 &mut self.teff[k],

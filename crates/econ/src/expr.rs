@@ -539,10 +539,19 @@ impl Program {
 }
 
 /// Parameter sets evaluated together by [`Program::eval_lanes`].
-pub const LANES: usize = 32;
+pub const LANES: usize = 64;
 
 /// One value per lane.
 pub type Lanes = [f64; LANES];
+
+/// A value on the stack of [`Program::eval_lanes`]: the same number in
+/// every lane, a slot read in place, or a scratch array.
+#[derive(Debug, Clone, Copy)]
+enum LaneValue {
+    Uniform(f64),
+    Slot(u32),
+    Scratch(u32),
+}
 
 impl Program {
     /// Evaluates the program for [`LANES`] slot vectors at once (`slots[k][l]`
@@ -550,9 +559,19 @@ impl Program {
     /// exactly the operations, in the same order, as [`Program::eval_in`]
     /// would, so the results are bit for bit the same; the interpretation is
     /// paid once per program instead of once per lane.
+    ///
+    /// Constants stay scalars (an operation on two of them is done once, on
+    /// the scalars) and slots are read where they are, so an array is
+    /// written only for the result of an operation; the value at stack depth
+    /// d that is not a scalar or a slot lives in `st[d]`.
+    ///
+    /// `same` lists slots known to hold the same value in every lane (the
+    /// cycle number and time of a cohort run), with that value: they are
+    /// treated as constants.
     pub fn eval_lanes(
         &self,
         slots: &[Lanes],
+        same: &[(u32, f64)],
         tables: &[Table],
         st: &mut Vec<Lanes>,
         out: &mut Lanes,
@@ -568,69 +587,175 @@ impl Program {
             }
             _ => {}
         }
-        st.clear();
+        if st.len() < MAX_STACK {
+            st.resize(MAX_STACK, [0.0; LANES]);
+        }
+        let mut vals = [LaneValue::Uniform(f64::NAN); MAX_STACK];
+        let mut depth = 0usize;
         let truth = |b: bool| if b { 1.0 } else { 0.0 };
+        macro_rules! un {
+            ($f:expr) => {{
+                let d = depth - 1;
+                vals[d] = lanes_un(slots, st, vals[d], d, $f);
+            }};
+        }
+        macro_rules! bin {
+            ($f:expr) => {{
+                depth -= 1;
+                let d = depth - 1;
+                vals[d] = lanes_bin(slots, st, vals[d], vals[depth], d, $f);
+            }};
+        }
         for op in &self.ops {
             match *op {
-                Op::Const(v) => st.push([v; LANES]),
-                Op::Load(i) => st.push(slots[i as usize]),
-                Op::Neg => lanes_un(st, |a| -a),
-                Op::Not => lanes_un(st, |a| truth(a == 0.0)),
-                Op::Add => lanes_bin(st, |a, b| a + b),
-                Op::Sub => lanes_bin(st, |a, b| a - b),
-                Op::Mul => lanes_bin(st, |a, b| a * b),
-                Op::Div => lanes_bin(st, |a, b| a / b),
-                Op::Pow => lanes_bin(st, pow),
-                Op::Lt => lanes_bin(st, |a, b| truth(a < b)),
-                Op::Le => lanes_bin(st, |a, b| truth(a <= b)),
-                Op::Gt => lanes_bin(st, |a, b| truth(a > b)),
-                Op::Ge => lanes_bin(st, |a, b| truth(a >= b)),
-                Op::Eq => lanes_bin(st, |a, b| truth(a == b)),
-                Op::Ne => lanes_bin(st, |a, b| truth(a != b)),
-                Op::And => lanes_bin(st, |a, b| truth(a != 0.0 && b != 0.0)),
-                Op::Or => lanes_bin(st, |a, b| truth(a != 0.0 || b != 0.0)),
-                Op::Exp => lanes_un(st, f64::exp),
-                Op::Ln => lanes_un(st, f64::ln),
-                Op::Log10 => lanes_un(st, f64::log10),
-                Op::Sqrt => lanes_un(st, f64::sqrt),
-                Op::Abs => lanes_un(st, f64::abs),
-                Op::Floor => lanes_un(st, f64::floor),
-                Op::Ceil => lanes_un(st, f64::ceil),
-                Op::Round => lanes_un(st, f64::round),
-                Op::Min => lanes_bin(st, f64::min),
-                Op::Max => lanes_bin(st, f64::max),
-                Op::If => {
-                    let b = st.pop().unwrap_or([f64::NAN; LANES]);
-                    let a = st.pop().unwrap_or([f64::NAN; LANES]);
-                    let c = st.last_mut().expect("compiled programs are balanced");
-                    for ((c, a), b) in c.iter_mut().zip(a).zip(b) {
-                        *c = if *c != 0.0 { a } else { b };
-                    }
+                Op::Const(v) => {
+                    vals[depth] = LaneValue::Uniform(v);
+                    depth += 1;
                 }
-                Op::RateToProb => lanes_bin(st, |r: f64, t: f64| 1.0 - (-r * t).exp()),
-                Op::ProbToRate => lanes_bin(st, |p: f64, t: f64| -(1.0 - p).ln() / t),
-                Op::Lookup(t, how) => lanes_un(st, |x| tables[t as usize].get(x, how)),
+                Op::Load(i) => {
+                    vals[depth] = match same.iter().find(|(k, _)| *k == i) {
+                        Some(&(_, v)) => LaneValue::Uniform(v),
+                        None => LaneValue::Slot(i),
+                    };
+                    depth += 1;
+                }
+                Op::Neg => un!(|a: f64| -a),
+                Op::Not => un!(|a: f64| truth(a == 0.0)),
+                Op::Add => bin!(|a, b| a + b),
+                Op::Sub => bin!(|a, b| a - b),
+                Op::Mul => bin!(|a, b| a * b),
+                Op::Div => bin!(|a, b| a / b),
+                Op::Pow => bin!(pow),
+                Op::Lt => bin!(|a, b| truth(a < b)),
+                Op::Le => bin!(|a, b| truth(a <= b)),
+                Op::Gt => bin!(|a, b| truth(a > b)),
+                Op::Ge => bin!(|a, b| truth(a >= b)),
+                Op::Eq => bin!(|a, b| truth(a == b)),
+                Op::Ne => bin!(|a, b| truth(a != b)),
+                Op::And => bin!(|a, b| truth(a != 0.0 && b != 0.0)),
+                Op::Or => bin!(|a, b| truth(a != 0.0 || b != 0.0)),
+                Op::Exp => un!(f64::exp),
+                Op::Ln => un!(f64::ln),
+                Op::Log10 => un!(f64::log10),
+                Op::Sqrt => un!(f64::sqrt),
+                Op::Abs => un!(f64::abs),
+                Op::Floor => un!(f64::floor),
+                Op::Ceil => un!(f64::ceil),
+                Op::Round => un!(f64::round),
+                Op::Min => bin!(f64::min),
+                Op::Max => bin!(f64::max),
+                Op::If => {
+                    depth -= 2;
+                    let d = depth - 1;
+                    let (c, a, b) = (vals[d], vals[d + 1], vals[d + 2]);
+                    vals[d] = match c {
+                        // The same branch in every lane: take it as it is.
+                        LaneValue::Uniform(c) => {
+                            let v = if c != 0.0 { a } else { b };
+                            match v {
+                                LaneValue::Scratch(k) if k as usize != d => {
+                                    st[d] = st[k as usize];
+                                    LaneValue::Scratch(d as u32)
+                                }
+                                v => v,
+                            }
+                        }
+                        _ => {
+                            let r: Lanes = {
+                                let cv = lanes_of(slots, st, c);
+                                let (ua, ub) = (uniform(a), uniform(b));
+                                let av = lanes_of(slots, st, a);
+                                let bv = lanes_of(slots, st, b);
+                                std::array::from_fn(|l| {
+                                    let x = ua.unwrap_or_else(|| av[l]);
+                                    let y = ub.unwrap_or_else(|| bv[l]);
+                                    if cv[l] != 0.0 { x } else { y }
+                                })
+                            };
+                            st[d] = r;
+                            LaneValue::Scratch(d as u32)
+                        }
+                    };
+                }
+                Op::RateToProb => bin!(|r: f64, t: f64| 1.0 - (-r * t).exp()),
+                Op::ProbToRate => bin!(|p: f64, t: f64| -(1.0 - p).ln() / t),
+                Op::Lookup(t, how) => un!(|x| tables[t as usize].get(x, how)),
             }
         }
-        *out = st.first().copied().unwrap_or([f64::NAN; LANES]);
+        *out = match vals[0] {
+            LaneValue::Uniform(v) => [v; LANES],
+            v => *lanes_of(slots, st, v),
+        };
     }
 }
 
+/// The scalar of a uniform value.
 #[inline(always)]
-fn lanes_un(st: &mut [Lanes], f: impl Fn(f64) -> f64) {
-    let a = st.last_mut().expect("compiled programs are balanced");
-    for x in a.iter_mut() {
-        *x = f(*x);
+fn uniform(v: LaneValue) -> Option<f64> {
+    match v {
+        LaneValue::Uniform(x) => Some(x),
+        _ => None,
     }
 }
 
+/// The lanes of a slot or scratch value (a uniform value has none: callers
+/// read its scalar instead, and get a dummy here).
 #[inline(always)]
-fn lanes_bin(st: &mut Vec<Lanes>, f: impl Fn(f64, f64) -> f64) {
-    let b = st.pop().unwrap_or([f64::NAN; LANES]);
-    let a = st.last_mut().expect("compiled programs are balanced");
-    for (x, y) in a.iter_mut().zip(b) {
-        *x = f(*x, y);
+fn lanes_of<'a>(slots: &'a [Lanes], st: &'a [Lanes], v: LaneValue) -> &'a Lanes {
+    match v {
+        LaneValue::Slot(i) => &slots[i as usize],
+        LaneValue::Scratch(k) => &st[k as usize],
+        LaneValue::Uniform(_) => &st[0],
     }
+}
+
+/// `f` of one value; the result goes to scratch array `d` unless it is
+/// uniform.
+#[inline(always)]
+fn lanes_un(
+    slots: &[Lanes],
+    st: &mut [Lanes],
+    a: LaneValue,
+    d: usize,
+    f: impl Fn(f64) -> f64,
+) -> LaneValue {
+    if let LaneValue::Uniform(x) = a {
+        return LaneValue::Uniform(f(x));
+    }
+    let av = lanes_of(slots, st, a);
+    let r: Lanes = std::array::from_fn(|l| f(av[l]));
+    st[d] = r;
+    LaneValue::Scratch(d as u32)
+}
+
+/// `f` of two values; the result goes to scratch array `d` unless both are
+/// uniform.
+#[inline(always)]
+fn lanes_bin(
+    slots: &[Lanes],
+    st: &mut [Lanes],
+    a: LaneValue,
+    b: LaneValue,
+    d: usize,
+    f: impl Fn(f64, f64) -> f64,
+) -> LaneValue {
+    let r: Lanes = match (a, b) {
+        (LaneValue::Uniform(x), LaneValue::Uniform(y)) => return LaneValue::Uniform(f(x, y)),
+        (LaneValue::Uniform(x), b) => {
+            let bv = lanes_of(slots, st, b);
+            std::array::from_fn(|l| f(x, bv[l]))
+        }
+        (a, LaneValue::Uniform(y)) => {
+            let av = lanes_of(slots, st, a);
+            std::array::from_fn(|l| f(av[l], y))
+        }
+        (a, b) => {
+            let (av, bv) = (lanes_of(slots, st, a), lanes_of(slots, st, b));
+            std::array::from_fn(|l| f(av[l], bv[l]))
+        }
+    };
+    st[d] = r;
+    LaneValue::Scratch(d as u32)
 }
 
 /// `a^b` with an exact result for `0^b`, b > 0, which `powf` already gives;
@@ -1007,11 +1132,24 @@ mod tests {
             "3",
         ] {
             let p = compile(&parse(src).unwrap(), &R).unwrap();
-            p.eval_lanes(&slots, &tables, &mut st, &mut out);
+            p.eval_lanes(&slots, &[], &tables, &mut st, &mut out);
             for l in 0..LANES {
                 let scalar: Vec<f64> = slots.iter().map(|s| s[l]).collect();
                 let want = p.eval(&scalar, &tables);
                 assert_eq!(out[l].to_bits(), want.to_bits(), "{src}, lane {l}");
+            }
+            // The same with slot 2 (`cycle`) declared uniform.
+            let mut uniform = slots.clone();
+            uniform[2] = [3.0; LANES];
+            p.eval_lanes(&uniform, &[(2, 3.0)], &tables, &mut st, &mut out);
+            for l in 0..LANES {
+                let scalar: Vec<f64> = uniform.iter().map(|s| s[l]).collect();
+                let want = p.eval(&scalar, &tables);
+                assert_eq!(
+                    out[l].to_bits(),
+                    want.to_bits(),
+                    "{src}, uniform cycle, lane {l}"
+                );
             }
         }
     }

@@ -23,6 +23,7 @@ pub mod model;
 pub mod psa;
 pub mod raster;
 pub mod report;
+pub mod rng;
 pub mod svg;
 
 pub use analysis::{Analysis, AnalysisOptions, run_analysis};

@@ -1,14 +1,13 @@
 //! Probabilistic sensitivity analysis: sampling, Monte Carlo runs, the CE
 //! plane, cost-effectiveness acceptability curves and frontier, and EVPI.
 //!
-//! Iteration `i` draws from its own ChaCha8 stream seeded from `(seed, i)`, so
-//! results do not depend on how the iterations are split across threads: the
-//! same seed gives the same PSA on every machine, serial or parallel.
+//! Iteration `i` draws from its own xoshiro256++ stream ([`crate::rng`])
+//! seeded from `(seed, i)`, so results do not depend on how the iterations
+//! are split across threads: the same seed gives the same PSA on every
+//! machine, serial or parallel.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::Serialize;
 
@@ -19,6 +18,7 @@ use crate::error::Result;
 use crate::expr::LANES;
 use crate::icer::nmb;
 use crate::model::Model;
+use crate::rng::Stream;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
@@ -207,7 +207,7 @@ impl Draws {
     }
 
     fn draw(&self, model: &Model, seed: u64, i: usize, out: &mut [f64], scratch: &mut Vec<f64>) {
-        let mut rng = ChaCha8Rng::seed_from_u64(iteration_seed(seed, i));
+        let mut rng = Stream::new(iteration_seed(seed, i));
         for (k, d) in &self.single {
             out[*k] = d.sample(model.params[*k].base, &mut rng);
         }
@@ -230,12 +230,10 @@ pub fn draw(model: &Model, seed: u64, i: usize, out: &mut [f64], scratch: &mut V
 /// Iterations per parallel task (a multiple of [`LANES`]).
 const TASK: usize = 8 * LANES;
 
-/// One task's share: the sampled values, iteration after iteration, and
-/// `cost[s * len + k]`, `effect[s * len + k]` for strategy s and the task's
+/// One task's share: `cost[s * len + k]`, `effect[s * len + k]` for strategy s and the task's
 /// k-th iteration.
 struct TaskResult {
     len: usize,
-    samples: Vec<f64>,
     cost: Vec<f64>,
     effect: Vec<f64>,
 }
@@ -264,9 +262,21 @@ pub fn run(
 
     // Tasks are fixed ranges of iterations and every iteration has its own
     // random stream, so the outcome does not depend on scheduling.
-    let tasks: Vec<Result<TaskResult>> = (0..iterations.div_ceil(TASK))
+    // Each task writes its rows of the sampled values straight into the
+    // result (a copy after the parallel part would run on one thread).
+    let columns = sampled.len();
+    let mut sample_values = vec![0.0; iterations * columns];
+    let mut parts = Vec::with_capacity(iterations.div_ceil(TASK));
+    let mut rest = sample_values.as_mut_slice();
+    for c in 0..iterations.div_ceil(TASK) {
+        let len = TASK.min(iterations - c * TASK);
+        let (part, tail) = std::mem::take(&mut rest).split_at_mut(len * columns);
+        parts.push((c, part));
+        rest = tail;
+    }
+    let tasks: Vec<Result<TaskResult>> = parts
         .into_par_iter()
-        .map(|c| {
+        .map(|(c, sample_rows)| {
             let start = c * TASK;
             let len = TASK.min(iterations - start);
             let mut params = vec![0.0; len * np];
@@ -328,31 +338,30 @@ pub fn run(
             if after / report_every != before / report_every || after == iterations {
                 progress(after);
             }
-            let mut samples = Vec::with_capacity(len * sampled.len());
-            for k in 0..len {
+            for (k, out) in sample_rows.chunks_exact_mut(columns.max(1)).enumerate() {
                 let row = row(k);
-                samples.extend(sampled.iter().map(|&p| row[p]));
+                for (o, &p) in out.iter_mut().zip(&sampled) {
+                    *o = row[p];
+                }
             }
             Ok(TaskResult {
                 len,
-                samples,
                 cost,
                 effect: eff,
             })
         })
         .collect();
 
-    let mut samples = Samples {
+    let samples = Samples {
         rows: iterations,
-        columns: sampled.len(),
-        values: Vec::with_capacity(iterations * sampled.len()),
+        columns,
+        values: sample_values,
     };
     let mut cost = vec![Vec::with_capacity(iterations); ns];
     let mut eff = vec![Vec::with_capacity(iterations); ns];
     for t in tasks {
         let t = t?;
         let len = t.len;
-        samples.values.extend_from_slice(&t.samples);
         for s in 0..ns {
             cost[s].extend_from_slice(&t.cost[s * len..(s + 1) * len]);
             eff[s].extend_from_slice(&t.effect[s * len..(s + 1) * len]);

@@ -22,6 +22,13 @@ fn main() {
             std::process::exit(1);
         }
     };
+    // Warm up for half a second first, as criterion does: on a shared or
+    // virtual machine the first runs also pay for waking idle cores and
+    // raising their clock, which says nothing about the code.
+    let warm = Instant::now();
+    while warm.elapsed().as_secs_f64() < 0.5 {
+        let _ = psa::run(&model, iterations, model.settings.seed, &|_| {});
+    }
     let mut best = f64::INFINITY;
     let mut last = None;
     for _ in 0..repeat.max(1) {
@@ -31,6 +38,9 @@ fn main() {
             std::process::exit(1);
         });
         best = best.min(t.elapsed().as_secs_f64());
+        if std::env::var_os("PSA_BENCH_TRACE").is_some() {
+            eprint!("{:.2} ", t.elapsed().as_secs_f64() * 1e3);
+        }
         last = Some(r);
     }
     let r = last.expect("ran at least once");

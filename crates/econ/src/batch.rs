@@ -52,14 +52,14 @@ pub struct Batch<'m> {
     eff: Vec<Lanes>,
     tcost: Vec<Lanes>,
     teff: Vec<Lanes>,
-    dyn_prev: Vec<Lanes>,
     tmp: Lanes,
     /// Per state: whether its cost, and its contribution to the effect, are
     /// the constant zero (such states add nothing and are skipped).
     zero: Vec<(bool, bool)>,
     /// `columns[s][j]`: the rows i of strategy s's structurally non-zero
-    /// entries (i, j) in column j, in increasing order.
-    columns: Vec<Vec<Vec<usize>>>,
+    /// entries (i, j) in column j, in increasing order; `None` for a state
+    /// whose occupancy nothing reads.
+    columns: Vec<Vec<Option<Vec<usize>>>>,
     disc_cost: Vec<f64>,
     disc_effect: Vec<f64>,
     /// The widest instruction set of this CPU that [`MarkovRun`] is compiled
@@ -108,21 +108,8 @@ impl<'m> Batch<'m> {
             Effect::LifeYears => EffectKind::LifeYears,
             Effect::Outcome(o) => EffectKind::Outcome(o, model.outcomes[o].discount),
         };
-        let columns = model
-            .strategies
-            .iter()
-            .map(|s| {
-                (0..n)
-                    .map(|j| {
-                        (0..n)
-                            .filter(|&i| !matches!(s.matrix[i * n + j], Entry::Zero))
-                            .collect()
-                    })
-                    .collect()
-            })
-            .collect();
         let is_zero = |c: &crate::model::Compiled| c.program.as_constant() == Some(0.0);
-        let zero = mk
+        let zero: Vec<(bool, bool)> = mk
             .states
             .iter()
             .map(|st| {
@@ -132,6 +119,29 @@ impl<'m> Batch<'m> {
                     EffectKind::Outcome(o, _) => is_zero(&st.outcomes[o]),
                 };
                 (is_zero(&st.cost), effect_zero)
+            })
+            .collect();
+        // A state that only ever stays where it is and is worth nothing
+        // (death, typically) affects no payoff and no other state: its
+        // occupancy is not computed at all (`None`).
+        let columns = model
+            .strategies
+            .iter()
+            .map(|s| {
+                (0..n)
+                    .map(|j| {
+                        let absorbing =
+                            (0..n).all(|k| k == j || matches!(s.matrix[j * n + k], Entry::Zero));
+                        let sink = absorbing
+                            && zero[j] == (true, true)
+                            && mk.on_transition.iter().all(|tp| tp.from != j);
+                        (!sink).then(|| {
+                            (0..n)
+                                .filter(|&i| !matches!(s.matrix[i * n + j], Entry::Zero))
+                                .collect()
+                        })
+                    })
+                    .collect()
             })
             .collect();
         let set = &model.settings;
@@ -149,7 +159,6 @@ impl<'m> Batch<'m> {
             eff: vec![[0.0; LANES]; n],
             tcost: vec![[0.0; LANES]; nt],
             teff: vec![[0.0; LANES]; nt],
-            dyn_prev: Vec::new(),
             tmp: [0.0; LANES],
             zero,
             columns,
@@ -206,9 +215,6 @@ impl<'m> Batch<'m> {
         for (p, &x) in self.prev.iter_mut().zip(&mk.initial) {
             *p = [x; LANES];
         }
-        self.dyn_prev.clear();
-        self.dyn_prev
-            .resize(strategy.dynamic_exprs.len(), [f64::NAN; LANES]);
         let (wp, wn) = match set.counting {
             Counting::Beginning => (1.0, 0.0),
             Counting::End => (0.0, 1.0),
@@ -221,7 +227,9 @@ impl<'m> Batch<'m> {
             self.slots[cs + 1] = [t as f64 * len; LANES];
             self.same = [(cs as u32, t as f64), (cs as u32 + 1, t as f64 * len)];
             let mut changed = false;
-            for (k, (slot, p)) in strategy.dynamic_exprs.iter().enumerate() {
+            // A slot still holds its value of the last cycle (or, in the
+            // first, one that is ignored: everything is computed then).
+            for (slot, p) in &strategy.dynamic_exprs {
                 p.eval_lanes(
                     &self.slots,
                     &self.same,
@@ -229,15 +237,14 @@ impl<'m> Batch<'m> {
                     &mut self.stack,
                     &mut self.tmp,
                 );
-                self.slots[*slot] = self.tmp;
-                let prev = &mut self.dyn_prev[k];
-                if prev
+                let old = &mut self.slots[*slot];
+                if old
                     .iter()
                     .zip(&self.tmp)
                     .any(|(a, b)| a.to_bits() != b.to_bits())
                 {
                     changed = true;
-                    *prev = self.tmp;
+                    *old = self.tmp;
                 }
             }
             if (t == 1 || (strategy.matrix_dynamic && (changed || strategy.matrix_reads_time)))
@@ -252,6 +259,7 @@ impl<'m> Batch<'m> {
             // next[j] adds its terms in increasing i, as the evaluator does.
             // Column by column, so that each sum stays in registers.
             for (j, rows) in self.columns[s].iter().enumerate() {
+                let Some(rows) = rows else { continue };
                 let mut acc = [0.0; LANES];
                 for &i in rows {
                     add_product(&mut acc, &self.prev[i], &self.matrix[i * n + j]);
@@ -345,6 +353,7 @@ impl<'m> Batch<'m> {
         true
     }
 
+    #[inline(always)]
     fn fill_matrix(&mut self, strategy: &Strategy) -> bool {
         let model = self.model;
         let n = self.mk.states.len();
@@ -392,6 +401,7 @@ impl<'m> Batch<'m> {
         true
     }
 
+    #[inline(always)]
     fn fill_values(&mut self) {
         let model = self.model;
         let mk = self.mk;

@@ -319,7 +319,7 @@ fn ziggurat() -> &'static Ziggurat {
 /// layers): one 64-bit draw gives the layer (low byte) and a signed abscissa
 /// (high 53 bits); about 99% of draws are accepted without a transcendental
 /// function.
-#[inline]
+#[inline(always)]
 pub fn std_normal<R: Rng + ?Sized>(rng: &mut R) -> f64 {
     let z = ziggurat();
     loop {
@@ -373,7 +373,7 @@ impl Gamma {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     pub fn sample<R: Rng + ?Sized>(&self, rng: &mut R) -> f64 {
         let Gamma { d, c, boost } = *self;
         let boost = boost.map(|inv| (1.0 - unit(rng)).powf(inv));

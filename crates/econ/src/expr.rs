@@ -568,6 +568,7 @@ impl Program {
     /// `same` lists slots known to hold the same value in every lane (the
     /// cycle number and time of a cohort run), with that value: they are
     /// treated as constants.
+    #[inline(always)]
     pub fn eval_lanes(
         &self,
         slots: &[Lanes],

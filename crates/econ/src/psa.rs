@@ -15,7 +15,7 @@ use crate::batch::Batch;
 use crate::dist::{self, Dist, Gamma, Sampler};
 use crate::engine::Evaluator;
 use crate::error::Result;
-use crate::expr::LANES;
+use crate::expr::{LANES, Lanes};
 use crate::icer::nmb;
 use crate::model::Model;
 use crate::rng::Stream;
@@ -221,6 +221,61 @@ impl Draws {
     }
 }
 
+impl Draws {
+    /// Draws iterations `first .. first + lanes` into lane arrays:
+    /// `slots[k][l]` is parameter k of iteration `first + l`, each iteration
+    /// from its own stream exactly as [`Draws::draw`] would draw it. Lanes
+    /// past `lanes` repeat the first iteration.
+    ///
+    /// One parameter is drawn for all lanes before the next: the lanes'
+    /// streams are independent, so the processor overlaps their draws, and
+    /// each distribution's constants stay in registers.
+    #[allow(clippy::too_many_arguments)]
+    fn draw_lanes(
+        &self,
+        base: &[f64],
+        seed: u64,
+        first: usize,
+        lanes: usize,
+        slots: &mut [Lanes],
+        streams: &mut Vec<Stream>,
+        scratch: &mut Vec<f64>,
+    ) {
+        streams.clear();
+        streams.extend((0..lanes).map(|l| Stream::new(iteration_seed(seed, first + l))));
+        for (slot, &b) in slots.iter_mut().zip(base) {
+            *slot = [b; LANES];
+        }
+        for (k, d) in &self.single {
+            let b = base[*k];
+            let slot = &mut slots[*k];
+            for (v, rng) in slot.iter_mut().zip(streams.iter_mut()) {
+                *v = d.sample(b, rng);
+            }
+        }
+        for (params, alpha) in &self.groups {
+            scratch.resize(alpha.len(), 0.0);
+            for (l, rng) in streams.iter_mut().enumerate() {
+                dist::dirichlet_prepared(alpha, rng, scratch);
+                for (&k, &v) in params.iter().zip(scratch.iter()) {
+                    slots[k][l] = v;
+                }
+            }
+        }
+        if lanes < LANES {
+            for k in self
+                .single
+                .iter()
+                .map(|(k, _)| *k)
+                .chain(self.groups.iter().flat_map(|(p, _)| p.iter().copied()))
+            {
+                let v = slots[k][0];
+                slots[k][lanes..].fill(v);
+            }
+        }
+    }
+}
+
 /// Draws one parameter vector into `out` (which starts as the base values),
 /// as iteration `i` of a PSA with `seed` does.
 pub fn draw(model: &Model, seed: u64, i: usize, out: &mut [f64], scratch: &mut Vec<f64>) {
@@ -246,6 +301,19 @@ struct TaskResult {
 /// probability run through [`Evaluator`], which gives the same numbers and
 /// names the iteration, strategy and cycle of an error.
 pub fn run(
+    model: &Model,
+    iterations: usize,
+    seed: u64,
+    progress: &(dyn Fn(usize) + Sync),
+) -> Result<PsaResult> {
+    // The whole analysis runs on a worker of the thread pool: its parallel
+    // steps then start from a running worker instead of each waking the
+    // pool from this thread and waiting to be woken again (a few tens of
+    // microseconds each, on a busy machine far more).
+    rayon::scope(|_| run_in_pool(model, iterations, seed, progress))
+}
+
+fn run_in_pool(
     model: &Model,
     iterations: usize,
     seed: u64,
@@ -279,24 +347,31 @@ pub fn run(
         .map(|(c, sample_rows)| {
             let start = c * TASK;
             let len = TASK.min(iterations - start);
-            let mut params = vec![0.0; len * np];
             let mut scratch = Vec::new();
-            for (k, p) in params.chunks_exact_mut(np.max(1)).enumerate().take(len) {
-                p.copy_from_slice(&base);
-                draws.draw(model, seed, start + k, p, &mut scratch);
-            }
-            let row = |k: usize| &params[k * np..(k + 1) * np];
+            let mut streams = Vec::with_capacity(LANES);
+            // The parameter values of the current block, one row per
+            // iteration, for the evaluator.
+            let mut params = vec![0.0; LANES * np];
             let mut cost = vec![0.0; ns * len];
             let mut eff = vec![0.0; ns * len];
             let mut batch = Batch::new(model);
             let mut evaluator: Option<Evaluator> = None;
             for first in (0..len).step_by(LANES) {
                 let lanes = LANES.min(len - first);
+                let sample_block = &mut sample_rows[first * columns..(first + lanes) * columns];
                 if let Some(b) = batch.as_mut() {
-                    // Unused lanes of the last block repeat its first iteration.
-                    for (k, slot) in b.slots[..np].iter_mut().enumerate() {
-                        for (l, v) in slot.iter_mut().enumerate() {
-                            *v = params[(first + if l < lanes { l } else { 0 }) * np + k];
+                    draws.draw_lanes(
+                        &base,
+                        seed,
+                        start + first,
+                        lanes,
+                        &mut b.slots[..np],
+                        &mut streams,
+                        &mut scratch,
+                    );
+                    for (l, out) in sample_block.chunks_exact_mut(columns.max(1)).enumerate() {
+                        for (o, &p) in out.iter_mut().zip(&sampled) {
+                            *o = b.slots[p][l];
                         }
                     }
                     let (mut c, mut e) = ([0.0; LANES], [0.0; LANES]);
@@ -312,11 +387,27 @@ pub fn run(
                     if ok {
                         continue;
                     }
+                    for (l, row) in params.chunks_exact_mut(np.max(1)).take(lanes).enumerate() {
+                        for (k, v) in row.iter_mut().enumerate() {
+                            *v = b.slots[k][l];
+                        }
+                    }
+                } else {
+                    for (l, row) in params.chunks_exact_mut(np.max(1)).take(lanes).enumerate() {
+                        row.copy_from_slice(&base);
+                        draws.draw(model, seed, start + first + l, row, &mut scratch);
+                        let out = &mut sample_block[l * columns..(l + 1) * columns];
+                        for (o, &p) in out.iter_mut().zip(&sampled) {
+                            *o = row[p];
+                        }
+                    }
                 }
                 let ev = evaluator.get_or_insert_with(|| Evaluator::new(model));
-                for k in first..first + lanes {
+                for l in 0..lanes {
+                    let k = first + l;
                     for s in 0..ns {
-                        let r = ev.run(model, s, row(k), false).map_err(|e| match e {
+                        let row = &params[l * np..(l + 1) * np];
+                        let r = ev.run(model, s, row, false).map_err(|e| match e {
                             crate::EconError::Evaluation {
                                 strategy,
                                 cycle,
@@ -337,12 +428,6 @@ pub fn run(
             let after = before + len;
             if after / report_every != before / report_every || after == iterations {
                 progress(after);
-            }
-            for (k, out) in sample_rows.chunks_exact_mut(columns.max(1)).enumerate() {
-                let row = row(k);
-                for (o, &p) in out.iter_mut().zip(&sampled) {
-                    *o = row[p];
-                }
             }
             Ok(TaskResult {
                 len,
@@ -417,6 +502,23 @@ fn sum4(xs: impl Iterator<Item = f64>) -> f64 {
     (acc[0] + acc[1]) + (acc[2] + acc[3])
 }
 
+/// [`Increments::at`] compiled for the widest instruction set of the CPU.
+struct IncrementsAt<'a> {
+    increments: &'a Increments,
+    n: usize,
+    w: f64,
+    frontier: usize,
+}
+
+impl pulp::WithSimd for IncrementsAt<'_> {
+    type Output = (Vec<usize>, [f64; 4]);
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _simd: S) -> Self::Output {
+        self.increments.at(self.n, self.w, self.frontier)
+    }
+}
+
 /// Iterations per block of [`Increments::at`] (a multiple of 4).
 const CEAC_BLOCK: usize = 64;
 
@@ -449,7 +551,9 @@ impl Increments {
     ///
     /// Iterations go a block at a time through fixed-size arrays, each step a
     /// loop that computes new arrays from old ones (no store depends on a
-    /// comparison), so the compiler vectorises them.
+    /// comparison), so the compiler vectorises them (for AVX2 where the CPU
+    /// has it, through [`IncrementsAt`]).
+    #[inline(always)]
     fn at(&self, n: usize, w: f64, frontier: usize) -> (Vec<usize>, [f64; 4]) {
         let ns = self.cost.len() + 1;
         let mut wins = vec![0usize; ns];
@@ -567,6 +671,7 @@ pub fn ceac(model: &Model, cost: &[Vec<f64>], effect: &[Vec<f64>]) -> Vec<CeacPo
         .map(|v| sum4(v.iter().copied()) / nf)
         .collect();
     let increments = Increments::new(cost, effect);
+    let arch = pulp::Arch::new();
     model
         .settings
         .wtp_grid
@@ -581,7 +686,12 @@ pub fn ceac(model: &Model, cost: &[Vec<f64>], effect: &[Vec<f64>]) -> Vec<CeacPo
                     frontier = s;
                 }
             }
-            let (wins, gap) = increments.at(n, w, frontier);
+            let (wins, gap) = arch.dispatch(IncrementsAt {
+                increments: &increments,
+                n,
+                w,
+                frontier,
+            });
             let probability: Vec<f64> = wins.iter().map(|&k| k as f64 / nf).collect();
             let evpi = ((gap[0] + gap[1]) + (gap[2] + gap[3])) / nf;
             CeacPoint {
@@ -599,6 +709,48 @@ pub fn ceac(model: &Model, cost: &[Vec<f64>], effect: &[Vec<f64>]) -> Vec<CeacPo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Drawing a block of iterations into lanes gives each iteration exactly
+    /// the values it gets drawn alone, and the unused lanes of a short block
+    /// repeat its first iteration.
+    #[test]
+    #[allow(clippy::needless_range_loop)]
+    fn lanes_draw_what_each_iteration_draws_alone() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models");
+        for file in [
+            "examples/hiv-briggs-2-5.toml",
+            "medledger-lung-screening.toml",
+        ] {
+            let model = Model::from_path(&root.join(file)).unwrap();
+            let base = model.base_values();
+            let draws = Draws::new(&model);
+            let (mut streams, mut scratch) = (Vec::new(), Vec::new());
+            for (first, lanes) in [(0, LANES), (1000, 5)] {
+                let mut slots = vec![[f64::NAN; LANES]; base.len()];
+                draws.draw_lanes(
+                    &base,
+                    99,
+                    first,
+                    lanes,
+                    &mut slots,
+                    &mut streams,
+                    &mut scratch,
+                );
+                for l in 0..LANES {
+                    let mut row = base.clone();
+                    let i = first + if l < lanes { l } else { 0 };
+                    draws.draw(&model, 99, i, &mut row, &mut scratch);
+                    for (k, want) in row.iter().enumerate() {
+                        assert_eq!(
+                            slots[k][l].to_bits(),
+                            want.to_bits(),
+                            "{file} {first}+{l} p{k}"
+                        );
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn quantiles_interpolate() {

@@ -452,28 +452,36 @@ fn run_in_pool(
             eff[s].extend_from_slice(&t.effect[s * len..(s + 1) * len]);
         }
     }
-    let ceac = ceac(model, &cost, &eff);
+    // The CEACs, the quadrants and the summaries are independent: they run
+    // side by side.
     let r = model.meta.reference;
-    let quadrants = (0..ns)
-        .map(|s| {
-            let mut q = [0.0; 4];
-            for i in 0..iterations {
-                let dc = cost[s][i] - cost[r][i];
-                let de = eff[s][i] - eff[r][i];
-                let k = match (de >= 0.0, dc >= 0.0) {
-                    (true, true) => 0,
-                    (true, false) => 1,
-                    (false, false) => 2,
-                    (false, true) => 3,
-                };
-                q[k] += 1.0 / iterations as f64;
-            }
-            q
-        })
-        .collect();
-    let (cost_summary, effect_summary) = rayon::join(
-        || cost.par_iter().map(|v| Summary::of(v)).collect(),
-        || eff.par_iter().map(|v| Summary::of(v)).collect(),
+    let quadrants = || -> Vec<[f64; 4]> {
+        (0..ns)
+            .map(|s| {
+                let mut count = [0usize; 4];
+                for i in 0..iterations {
+                    let dc = cost[s][i] - cost[r][i];
+                    let de = eff[s][i] - eff[r][i];
+                    let k = match (de >= 0.0, dc >= 0.0) {
+                        (true, true) => 0,
+                        (true, false) => 1,
+                        (false, false) => 2,
+                        (false, true) => 3,
+                    };
+                    count[k] += 1;
+                }
+                count.map(|c| c as f64 / iterations as f64)
+            })
+            .collect()
+    };
+    let ((ceac, quadrants), (cost_summary, effect_summary)) = rayon::join(
+        || (ceac(model, &cost, &eff), quadrants()),
+        || {
+            rayon::join(
+                || cost.par_iter().map(|v| Summary::of(v)).collect(),
+                || eff.par_iter().map(|v| Summary::of(v)).collect(),
+            )
+        },
     );
     Ok(PsaResult {
         iterations,

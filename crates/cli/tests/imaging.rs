@@ -633,6 +633,58 @@ fn a_node_ingests_queries_and_serves_dicom_and_keeps_what_it_acknowledged() {
     assert_eq!(parts(ask(&format!("{origin}{uri}"), "*")).len(), rle_frames);
     let r = ask(&format!("{rle_url}/frames/1"), "1.2.840.10008.1.2.4.80");
     assert_eq!(r.status().as_u16(), 406);
+    // The whole instance: as stored, or converted to Explicit VR Little Endian on request,
+    // its Pixel Data then the decoded frames.
+    let instance = |ts: &str| {
+        http()
+            .get(&rle_url)
+            .header(
+                "Accept",
+                format!("multipart/related; type=\"application/dicom\"; transfer-syntax={ts}"),
+            )
+            .send()
+            .unwrap()
+    };
+    let r = instance("*");
+    let ct = r.headers()["content-type"].to_str().unwrap().to_string();
+    let body = r.bytes().unwrap();
+    let as_stored = medledger_imaging::dicomweb::split_multipart(&ct, &body).unwrap();
+    assert_eq!(as_stored.len(), 1);
+    assert!(
+        as_stored[0]
+            .0
+            .contains("transfer-syntax=1.2.840.10008.1.2.5"),
+        "{}",
+        as_stored[0].0
+    );
+    let r = instance("1.2.840.10008.1.2.1");
+    assert_eq!(r.status().as_u16(), 200);
+    let ct = r.headers()["content-type"].to_str().unwrap().to_string();
+    let body = r.bytes().unwrap();
+    let converted = medledger_imaging::dicomweb::split_multipart(&ct, &body).unwrap();
+    assert_eq!(converted.len(), 1);
+    assert!(
+        converted[0]
+            .0
+            .contains("transfer-syntax=1.2.840.10008.1.2.1"),
+        "{}",
+        converted[0].0
+    );
+    let obj = dicom_object::OpenFileOptions::new()
+        .from_reader(&converted[0].1[..])
+        .expect("a Part 10 file");
+    assert_eq!(
+        obj.meta().transfer_syntax().trim_end_matches('\0'),
+        "1.2.840.10008.1.2.1"
+    );
+    let pixels = obj
+        .element(dicom_dictionary_std::tags::PIXEL_DATA)
+        .unwrap()
+        .to_bytes()
+        .unwrap();
+    assert_eq!(&pixels[..bulk[0].len()], &bulk[0][..]);
+    let r = instance("1.2.840.10008.1.2.4.80");
+    assert_eq!(r.status().as_u16(), 406);
 
     // The damaged files of the test data: each stored or refused with a reason, none crash.
     let damaged: Vec<PathBuf> = medledger_testkit::manifest()

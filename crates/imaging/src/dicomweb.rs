@@ -5,6 +5,7 @@
 // Handlers return early with the HTTP answer itself as the error; it is built once per request.
 #![allow(clippy::result_large_err)]
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use axum::Router;
@@ -20,7 +21,8 @@ use crate::index::{Located, Query, QueryLevel, View};
 use crate::pixels::{self, Format, Render};
 use crate::service::{IngestError, Service};
 
-/// Largest STOW-RS request body.
+/// Largest instance a STOW-RS request may carry (the request itself is read as it arrives,
+/// part by part, and has no size limit of its own).
 const MAX_STOW: usize = 2 << 30;
 
 /// The routes of the imaging service, to serve beside the node's API.
@@ -1028,68 +1030,7 @@ async fn rendered_frame(
 
 /// The parts of a multipart/related body whose boundary is given in `content_type`.
 pub fn split_multipart(content_type: &str, body: &[u8]) -> Result<Vec<(String, Bytes)>, String> {
-    let boundary = content_type
-        .split(';')
-        .map(str::trim)
-        .find_map(|p| {
-            let (k, v) = p.split_once('=')?;
-            k.trim()
-                .eq_ignore_ascii_case("boundary")
-                .then(|| v.trim().trim_matches('"').to_string())
-        })
-        .ok_or("the multipart/related content type has no boundary")?;
-    if boundary.is_empty() {
-        return Err("the multipart boundary is empty".into());
-    }
-    let delim = format!("--{boundary}");
-    let delim = delim.as_bytes();
-    let find = |from: usize| -> Option<usize> {
-        body.get(from..)?
-            .windows(delim.len())
-            .position(|w| w == delim)
-            .map(|p| p + from)
-    };
-    let mut parts = Vec::new();
-    let mut at = find(0).ok_or("the body holds no part with the declared boundary")?;
-    loop {
-        let after = at + delim.len();
-        if body.get(after..after + 2) == Some(b"--") {
-            break;
-        }
-        let start = after
-            + if body.get(after..after + 2) == Some(b"\r\n") {
-                2
-            } else {
-                return Err("a multipart delimiter is not followed by CRLF".into());
-            };
-        let next = find(start).ok_or("the multipart body ends without its closing delimiter")?;
-        // The part ends with the CRLF that precedes the next delimiter.
-        let end = if next >= 2 && &body[next - 2..next] == b"\r\n" {
-            next - 2
-        } else {
-            next
-        };
-        let part = &body[start..end.max(start)];
-        let split = part
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .map(|p| (p, p + 4))
-            .or_else(|| part.starts_with(b"\r\n").then_some((0, 2)))
-            .ok_or("a part has no header/body separator")?;
-        let head = String::from_utf8_lossy(&part[..split.0]);
-        let ct = head
-            .lines()
-            .find_map(|l| {
-                let (k, v) = l.split_once(':')?;
-                k.trim()
-                    .eq_ignore_ascii_case("content-type")
-                    .then(|| v.trim().to_string())
-            })
-            .unwrap_or_default();
-        parts.push((ct, Bytes::copy_from_slice(&part[split.1..])));
-        at = next;
-    }
-    Ok(parts)
+    crate::multipart::split(content_type, body)
 }
 
 fn sq(items: Vec<Value>) -> Value {
@@ -1100,16 +1041,138 @@ async fn stow_into(
     State(s): State<Service>,
     h: HeaderMap,
     Path(study): Path<String>,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     stow_impl(s, h, Some(study), body).await
 }
 
-async fn stow(State(s): State<Service>, h: HeaderMap, body: Bytes) -> Response {
+async fn stow(State(s): State<Service>, h: HeaderMap, body: Body) -> Response {
     stow_impl(s, h, None, body).await
 }
 
-async fn stow_impl(s: Service, h: HeaderMap, study: Option<String>, body: Bytes) -> Response {
+/// Instances of one STOW-RS request being stored at once: enough to fill a group commit of
+/// the store, few enough that a request of thousands of parts holds only these in memory.
+const STOW_PARALLEL: usize = 16;
+
+/// What a STOW-RS request's body gives: its parts, stored as each arrives.
+type StowResult = (String, Result<crate::service::Stored, IngestError>);
+
+/// Reads a STOW-RS body as it arrives and stores each part as soon as it is complete, at most
+/// [`STOW_PARALLEL`] at a time (the body is read no faster than they are stored), so neither
+/// the request nor its instances are ever held whole in memory. Returns the parts' outcomes
+/// in order, or why the body could not be read (what was stored before that stays stored).
+async fn stow_parts(
+    s: &Service,
+    ct: &str,
+    multipart: bool,
+    study: Option<String>,
+    body: Body,
+) -> Result<Vec<StowResult>, Response> {
+    use futures::StreamExt;
+    let mut splitter = if multipart {
+        match crate::multipart::boundary(ct) {
+            Ok(b) => Some(crate::multipart::Splitter::new(&b, MAX_STOW)),
+            Err(e) => return Err(problem(StatusCode::BAD_REQUEST, e)),
+        }
+    } else {
+        None
+    };
+    let permits = Arc::new(tokio::sync::Semaphore::new(STOW_PARALLEL));
+    let mut tasks = Vec::new();
+    let mut single = bytes::BytesMut::new();
+    let mut stream = body.into_data_stream();
+    let mut failure = None;
+    while let Some(chunk) = stream.next().await {
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) => {
+                failure = Some(problem(
+                    StatusCode::BAD_REQUEST,
+                    format!("the request body could not be read: {e}"),
+                ));
+                break;
+            }
+        };
+        let parts = match splitter.as_mut() {
+            Some(sp) => match sp.push(&chunk) {
+                Ok(p) => p,
+                Err(e) => {
+                    let status = if e.contains("larger than") {
+                        StatusCode::PAYLOAD_TOO_LARGE
+                    } else {
+                        StatusCode::BAD_REQUEST
+                    };
+                    failure = Some(problem(status, e));
+                    break;
+                }
+            },
+            None => {
+                single.extend_from_slice(&chunk);
+                if single.len() > MAX_STOW {
+                    failure = Some(problem(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        format!("the instance is larger than {} MiB", MAX_STOW >> 20),
+                    ));
+                    break;
+                }
+                continue;
+            }
+        };
+        for part in parts {
+            tasks.push(store_part(s, &permits, part, study.clone()).await);
+        }
+    }
+    if failure.is_none() {
+        match splitter.as_ref() {
+            Some(sp) => {
+                if let Err(e) = sp.finish() {
+                    failure = Some(problem(StatusCode::BAD_REQUEST, e));
+                }
+            }
+            None => {
+                let part = (ct.to_string(), single.freeze());
+                tasks.push(store_part(s, &permits, part, study.clone()).await);
+            }
+        }
+    }
+    let mut results = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        results.push(t.await.expect("a STOW-RS worker does not panic"));
+    }
+    match failure {
+        Some(r) => Err(r),
+        None => Ok(results),
+    }
+}
+
+/// Starts storing one part once fewer than [`STOW_PARALLEL`] are being stored.
+async fn store_part(
+    s: &Service,
+    permits: &Arc<tokio::sync::Semaphore>,
+    (pct, bytes): (String, Bytes),
+    study: Option<String>,
+) -> tokio::task::JoinHandle<StowResult> {
+    let permit = permits
+        .clone()
+        .acquire_owned()
+        .await
+        .expect("the semaphore is never closed");
+    let s = s.clone();
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let pl = pct.to_ascii_lowercase();
+        if !pl.is_empty() && !pl.starts_with("application/dicom") {
+            let e = IngestError::Malformed(format!(
+                "a part of type {pct:?} is not an instance (application/dicom)"
+            ));
+            return (pct, Err(e));
+        }
+        let r = s.ingest_into(Vec::from(bytes), study);
+        (pct, r)
+    })
+}
+
+async fn stow_impl(s: Service, h: HeaderMap, study: Option<String>, body: Body) -> Response {
     let base = format!(
         "http://{}",
         h.get(header::HOST)
@@ -1123,7 +1186,7 @@ async fn stow_impl(s: Service, h: HeaderMap, study: Option<String>, body: Bytes)
         .unwrap_or("")
         .to_string();
     let lower = ct.to_ascii_lowercase();
-    let parts = if lower.starts_with("multipart/related") {
+    let multipart = if lower.starts_with("multipart/related") {
         if lower.contains("application/dicom+")
             || (lower.contains("type=") && !lower.contains("application/dicom"))
         {
@@ -1132,48 +1195,23 @@ async fn stow_impl(s: Service, h: HeaderMap, study: Option<String>, body: Bytes)
                 "STOW-RS here takes multipart/related; type=\"application/dicom\" (instances as Part 10 files)",
             );
         }
-        match split_multipart(&ct, &body) {
-            Ok(p) => p,
-            Err(e) => return problem(StatusCode::BAD_REQUEST, e),
-        }
+        true
     } else if lower.starts_with("application/dicom") && !lower.starts_with("application/dicom+") {
-        vec![(ct.clone(), body)]
+        false
     } else {
         return problem(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             format!("STOW-RS takes multipart/related; type=\"application/dicom\", not {ct:?}"),
         );
     };
-    if parts.is_empty() {
+    let results = match stow_parts(&s, &ct, multipart, study, body).await {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    if results.is_empty() {
         return problem(StatusCode::BAD_REQUEST, "the request holds no instance");
     }
-    blocking(move || {
-        // Parts are stored concurrently, so that one request fills a group commit.
-        let results: Vec<(String, Result<crate::service::Stored, IngestError>)> =
-            std::thread::scope(|scope| {
-                let handles: Vec<_> = parts
-                    .into_iter()
-                    .map(|(pct, bytes)| {
-                        let s = &s;
-                        let study = study.clone();
-                        scope.spawn(move || {
-                            let pl = pct.to_ascii_lowercase();
-                            if !pl.is_empty() && !pl.starts_with("application/dicom") {
-                                let e = IngestError::Malformed(format!(
-                                    "a part of type {pct:?} is not an instance (application/dicom)"
-                                ));
-                                return (pct, Err(e));
-                            }
-                            let r = s.ingest_into(bytes.to_vec(), study);
-                            (pct, r)
-                        })
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| h.join().expect("no panic"))
-                    .collect()
-            });
+    {
         let mut referenced = Vec::new();
         let mut failed = Vec::new();
         let mut warnings = false;
@@ -1242,8 +1280,7 @@ async fn stow_impl(s: Service, h: HeaderMap, study: Option<String>, body: Bytes)
             Value::Object(out).to_string(),
         )
             .into_response()
-    })
-    .await
+    }
 }
 
 #[cfg(test)]

@@ -174,9 +174,20 @@ async fn submit(State(s): State<ApiState>, body: axum::body::Bytes) -> ApiResult
             ));
         }
     }
+    if s.mailbox.mempool_full() {
+        return Err(mempool_full());
+    }
     let id = tx.id().to_hex();
     s.mailbox.submit_verified(tx);
     Ok(Json(json!({ "tx": id, "status": "pending" })))
+}
+
+/// 503: the mempool holds [`crate::app::MEMPOOL_LIMIT`] transactions; the client retries.
+fn mempool_full() -> (StatusCode, Json<Value>) {
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "this node's mempool is full: retry in a second, once blocks have drained it",
+    )
 }
 
 /// Many transactions at once (a JSON array); each is checked as by `/api/tx`, and the answer
@@ -188,6 +199,9 @@ async fn submit_many(State(s): State<ApiState>, body: axum::body::Bytes) -> ApiR
             format!("not a JSON array of transactions: {e}"),
         )
     })?;
+    if s.mailbox.mempool_full() {
+        return Err(mempool_full());
+    }
     let mut out = Vec::with_capacity(txs.len());
     for tx in txs {
         let refused = {

@@ -37,6 +37,11 @@ pub const IDLE_BLOCK_MS: u64 = 500;
 /// Most transactions forwarded to the peers in one message.
 const GOSSIP_BATCH: usize = 100;
 
+/// Most transactions a node's mempool holds (some 20 s of the ledger's throughput). Past it,
+/// the API answers 503 and forwarded transactions are dropped until blocks drain the pool:
+/// a flood costs the flooder retries, not the node its memory.
+pub const MEMPOOL_LIMIT: usize = 100_000;
+
 /// The log of unfinalised blocks is rewritten without the finalised ones past this size.
 const UNFINALISED_LOG_MAX: u64 = 64 << 20;
 
@@ -105,13 +110,22 @@ pub struct Finalized {
 /// The handle consensus and clients talk to.
 pub struct Mailbox<S> {
     sender: mpsc::UnboundedSender<Message>,
+    mempool: Arc<MempoolGauge>,
     _scheme: PhantomData<fn() -> S>,
+}
+
+/// How full the mempool is, for whoever submits transactions.
+#[derive(Debug)]
+struct MempoolGauge {
+    len: std::sync::atomic::AtomicUsize,
+    limit: usize,
 }
 
 impl<S> Clone for Mailbox<S> {
     fn clone(&self) -> Self {
         Mailbox {
             sender: self.sender.clone(),
+            mempool: self.mempool.clone(),
             _scheme: PhantomData,
         }
     }
@@ -136,6 +150,12 @@ impl<S> Mailbox<S> {
     /// transactions with the ledger's own checks first), sparing a second verification.
     pub fn submit_verified(&self, tx: Tx) {
         let _ = self.sender.send(Message::Submit { tx, verified: true });
+    }
+
+    /// Whether the mempool is full ([`MEMPOOL_LIMIT`]): a transaction submitted now would be
+    /// dropped, so the API asks the client to retry instead.
+    pub fn mempool_full(&self) -> bool {
+        self.mempool.len.load(std::sync::atomic::Ordering::Relaxed) >= self.mempool.limit
     }
 }
 
@@ -229,6 +249,8 @@ pub struct Application<E> {
     /// Pending transactions in arrival order, with their ids (computed once).
     mempool: Vec<(medledger_crypto::Digest, Tx)>,
     in_mempool: std::collections::HashSet<medledger_crypto::Digest>,
+    /// The mempool's length as the submitters see it, and its limit.
+    gauge: Arc<MempoolGauge>,
     /// Whether a key is an active member, as of the last applied block (cleared by every
     /// block with transactions, any of which may change membership).
     members: HashMap<medledger_crypto::VerifyingKey, bool>,
@@ -255,6 +277,10 @@ impl<E: Spawner + Clock> Application<E> {
         let chain = ledger.chain().to_string();
         let genesis = genesis_digest(&chain);
         let finalized = Arc::new(Mutex::new(Finalized::default()));
+        let gauge = Arc::new(MempoolGauge {
+            len: std::sync::atomic::AtomicUsize::new(0),
+            limit: MEMPOOL_LIMIT,
+        });
         let app = Application {
             context,
             receiver,
@@ -269,6 +295,7 @@ impl<E: Spawner + Clock> Application<E> {
             waiting: HashMap::new(),
             mempool: Vec::new(),
             in_mempool: std::collections::HashSet::new(),
+            gauge: gauge.clone(),
             members: HashMap::new(),
             tx_ids: HashMap::new(),
             outbox: Vec::new(),
@@ -281,9 +308,30 @@ impl<E: Spawner + Clock> Application<E> {
         };
         let mailbox = Mailbox {
             sender,
+            mempool: gauge,
             _scheme: PhantomData,
         };
         (app, mailbox, finalized)
+    }
+
+    /// The same application with a mempool of at most `limit` transactions instead of
+    /// [`MEMPOOL_LIMIT`] (for tests). Call before cloning the mailbox.
+    pub fn with_mempool_limit<S>(
+        mut self,
+        mailbox: Mailbox<S>,
+        limit: usize,
+    ) -> (Self, Mailbox<S>) {
+        let gauge = Arc::new(MempoolGauge {
+            len: std::sync::atomic::AtomicUsize::new(0),
+            limit,
+        });
+        self.gauge = gauge.clone();
+        let mailbox = Mailbox {
+            sender: mailbox.sender,
+            mempool: gauge,
+            _scheme: PhantomData,
+        };
+        (self, mailbox)
     }
 
     /// The ledger this node applies blocks to (read it for queries).
@@ -578,7 +626,8 @@ impl<E: Spawner + Clock> Application<E> {
     /// Adds a transaction to the mempool unless it is there already, its signer is not an
     /// active member (a peer cannot fill the mempools with transactions of keys it made up),
     /// or its signer's nonce has moved past it (applied, or replaced): such a transaction
-    /// could only be refused. Returns whether added.
+    /// could only be refused; nor when the mempool is full ([`MEMPOOL_LIMIT`]). Returns
+    /// whether added.
     fn add_to_mempool(&mut self, id: medledger_crypto::Digest, tx: Tx) -> bool {
         let refused = {
             let ledger = self.ledger.read().expect("not poisoned");
@@ -589,10 +638,13 @@ impl<E: Spawner + Clock> Application<E> {
                 .or_insert_with(|| ledger.member(&signer).is_some_and(|m| m.active));
             !member || tx.body.nonce < ledger.next_nonce(&signer)
         };
-        if refused || !self.in_mempool.insert(id) {
+        if refused || self.mempool.len() >= self.gauge.limit || !self.in_mempool.insert(id) {
             return false;
         }
         self.mempool.push((id, tx));
+        self.gauge
+            .len
+            .store(self.mempool.len(), std::sync::atomic::Ordering::Relaxed);
         true
     }
 
@@ -853,6 +905,9 @@ impl<E: Spawner + Clock> Application<E> {
             for id in &applied {
                 self.in_mempool.remove(id);
             }
+            self.gauge
+                .len
+                .store(self.mempool.len(), std::sync::atomic::Ordering::Relaxed);
         }
         self.applied = d;
         self.applied_height = block.height;
@@ -947,4 +1002,80 @@ async fn tokio_select(
         }
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use commonware_runtime::{Runner as _, deterministic};
+    use medledger_crypto::SigningKey;
+    use medledger_ledger::identity::{self, OrgCa};
+    use medledger_ledger::{Genesis, Op, OrgClass, Role};
+
+    use super::*;
+
+    const CHAIN: &str = "medledger-mempool-test";
+
+    /// A mempool at its limit takes no more transactions, says so to submitters, and does
+    /// not take the same transaction twice on the way.
+    #[test]
+    fn a_full_mempool_takes_nothing_more_and_says_so() {
+        deterministic::Runner::default().start(|context| async move {
+            let admin = SigningKey::from_seed([1; 32]);
+            let ca = OrgCa::new(
+                "org-a",
+                SigningKey::from_seed([2; 32]),
+                identity::FOREVER_MS,
+            )
+            .unwrap();
+            let genesis = Genesis {
+                chain: CHAIN.into(),
+                time_ms: 0,
+                orgs: vec![
+                    ca.genesis_org(
+                        OrgClass::Hospital,
+                        &admin.verifying_key(),
+                        &SigningKey::from_seed([3; 32]).verifying_key(),
+                        &[],
+                        identity::FOREVER_MS,
+                    )
+                    .unwrap(),
+                ],
+            };
+            let ledger = Ledger::genesis(&genesis).unwrap();
+            let (app, mailbox, _) = Application::new::<()>(context, ledger);
+            let (mut app, mailbox) = app.with_mempool_limit(mailbox, 3);
+            let txs: Vec<Tx> = (1..=5u8)
+                .map(|n| {
+                    let member = SigningKey::from_seed([10 + n; 32]);
+                    let certificate = ca
+                        .issue(
+                            &member.verifying_key(),
+                            "clinician",
+                            &[Role::Clinician],
+                            None,
+                            &[],
+                            identity::FOREVER_MS,
+                        )
+                        .unwrap()
+                        .to_pem();
+                    Tx::sign(CHAIN, &admin, u64::from(n), Op::AddMember { certificate })
+                })
+                .collect();
+            assert!(!mailbox.mempool_full());
+            assert!(app.add_to_mempool(txs[0].id(), txs[0].clone()));
+            assert!(
+                !app.add_to_mempool(txs[0].id(), txs[0].clone()),
+                "a duplicate"
+            );
+            assert!(app.add_to_mempool(txs[1].id(), txs[1].clone()));
+            assert!(!mailbox.mempool_full());
+            assert!(app.add_to_mempool(txs[2].id(), txs[2].clone()));
+            assert!(mailbox.mempool_full());
+            for tx in &txs[3..] {
+                assert!(!app.add_to_mempool(tx.id(), tx.clone()), "past the limit");
+            }
+            assert_eq!(app.mempool.len(), 3);
+            assert!(!app.in_mempool.contains(&txs[3].id()));
+        });
+    }
 }

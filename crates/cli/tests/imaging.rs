@@ -686,10 +686,14 @@ fn a_node_ingests_queries_and_serves_dicom_and_keeps_what_it_acknowledged() {
             .send()
             .unwrap()
     };
-    let r = instance("*");
-    let ct = r.headers()["content-type"].to_str().unwrap().to_string();
-    let body = r.bytes().unwrap();
-    let as_stored = medledger_imaging::dicomweb::split_multipart(&ct, &body).unwrap();
+    // Each part with its content type.
+    let typed_parts = |r: reqwest::blocking::Response| {
+        assert_eq!(r.status().as_u16(), 200);
+        let ct = r.headers()["content-type"].to_str().unwrap().to_string();
+        let body = r.bytes().unwrap();
+        medledger_imaging::dicomweb::split_multipart(&ct, &body).unwrap()
+    };
+    let as_stored = typed_parts(instance("*"));
     assert_eq!(as_stored.len(), 1);
     assert!(
         as_stored[0]
@@ -698,11 +702,7 @@ fn a_node_ingests_queries_and_serves_dicom_and_keeps_what_it_acknowledged() {
         "{}",
         as_stored[0].0
     );
-    let r = instance("1.2.840.10008.1.2.1");
-    assert_eq!(r.status().as_u16(), 200);
-    let ct = r.headers()["content-type"].to_str().unwrap().to_string();
-    let body = r.bytes().unwrap();
-    let converted = medledger_imaging::dicomweb::split_multipart(&ct, &body).unwrap();
+    let converted = typed_parts(instance("1.2.840.10008.1.2.1"));
     assert_eq!(converted.len(), 1);
     assert!(
         converted[0]

@@ -179,13 +179,7 @@ impl<'m> Batch<'m> {
         self.slots[cs + 1] = [0.0; LANES];
         self.same = [(cs as u32, 0.0), (cs as u32 + 1, 0.0)];
         for (slot, p) in &strategy.static_exprs {
-            p.eval_lanes(
-                &self.slots,
-                &self.same,
-                &model.tables,
-                &mut self.stack,
-                &mut self.tmp,
-            );
+            self.eval_to_tmp(p);
             self.slots[*slot] = self.tmp;
         }
         let arch = self.arch;
@@ -230,13 +224,7 @@ impl<'m> Batch<'m> {
             // A slot still holds its value of the last cycle (or, in the
             // first, one that is ignored: everything is computed then).
             for (slot, p) in &strategy.dynamic_exprs {
-                p.eval_lanes(
-                    &self.slots,
-                    &self.same,
-                    &model.tables,
-                    &mut self.stack,
-                    &mut self.tmp,
-                );
+                self.eval_to_tmp(p);
                 let old = &mut self.slots[*slot];
                 if old
                     .iter()
@@ -351,6 +339,18 @@ impl<'m> Batch<'m> {
         *cost_out = out_cost;
         *effect_out = out_eff;
         true
+    }
+
+    /// Evaluates `p` for every lane into `self.tmp`.
+    #[inline(always)]
+    fn eval_to_tmp(&mut self, p: &crate::expr::Program) {
+        p.eval_lanes(
+            &self.slots,
+            &self.same,
+            &self.model.tables,
+            &mut self.stack,
+            &mut self.tmp,
+        );
     }
 
     #[inline(always)]

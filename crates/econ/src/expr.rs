@@ -437,6 +437,48 @@ enum Op {
     Lookup(u32, Interpolation),
 }
 
+/// The operations that compute a value from the values on top of the stack, written once
+/// for the scalar and the lane evaluators (so that both perform the same IEEE operations):
+/// each caller defines `$un!(f)` and `$bin!(f)` to apply `f` to its own stack.
+macro_rules! arithmetic {
+    ($op:expr, $tables:expr, $un:ident, $bin:ident) => {{
+        let truth = |b: bool| if b { 1.0 } else { 0.0 };
+        match $op {
+            Op::Neg => $un!(|a: f64| -a),
+            Op::Not => $un!(|a: f64| truth(a == 0.0)),
+            Op::Add => $bin!(|a, b| a + b),
+            Op::Sub => $bin!(|a, b| a - b),
+            Op::Mul => $bin!(|a, b| a * b),
+            Op::Div => $bin!(|a, b| a / b),
+            Op::Pow => $bin!(pow),
+            Op::Lt => $bin!(|a, b| truth(a < b)),
+            Op::Le => $bin!(|a, b| truth(a <= b)),
+            Op::Gt => $bin!(|a, b| truth(a > b)),
+            Op::Ge => $bin!(|a, b| truth(a >= b)),
+            Op::Eq => $bin!(|a, b| truth(a == b)),
+            Op::Ne => $bin!(|a, b| truth(a != b)),
+            Op::And => $bin!(|a, b| truth(a != 0.0 && b != 0.0)),
+            Op::Or => $bin!(|a, b| truth(a != 0.0 || b != 0.0)),
+            Op::Exp => $un!(f64::exp),
+            Op::Ln => $un!(f64::ln),
+            Op::Log10 => $un!(f64::log10),
+            Op::Sqrt => $un!(f64::sqrt),
+            Op::Abs => $un!(f64::abs),
+            Op::Floor => $un!(f64::floor),
+            Op::Ceil => $un!(f64::ceil),
+            Op::Round => $un!(f64::round),
+            Op::Min => $bin!(f64::min),
+            Op::Max => $bin!(f64::max),
+            Op::RateToProb => $bin!(|r: f64, t: f64| 1.0 - (-r * t).exp()),
+            Op::ProbToRate => $bin!(|p: f64, t: f64| -(1.0 - p).ln() / t),
+            Op::Lookup(t, how) => $un!(|x| $tables[t as usize].get(x, how)),
+            Op::Const(_) | Op::Load(_) | Op::If => {
+                unreachable!("the evaluators handle constants, loads and `if` themselves")
+            }
+        }
+    }};
+}
+
 /// A compiled expression: a stack program over a slot array.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Program {
@@ -493,45 +535,17 @@ impl Program {
                 *a = $f(*a);
             }};
         }
-        let truth = |b: bool| if b { 1.0 } else { 0.0 };
         for op in &self.ops {
             match *op {
                 Op::Const(v) => st.push(v),
                 Op::Load(i) => st.push(slots[i as usize]),
-                Op::Neg => un!(|a: f64| -a),
-                Op::Not => un!(|a: f64| truth(a == 0.0)),
-                Op::Add => bin!(|a, b| a + b),
-                Op::Sub => bin!(|a, b| a - b),
-                Op::Mul => bin!(|a, b| a * b),
-                Op::Div => bin!(|a, b| a / b),
-                Op::Pow => bin!(pow),
-                Op::Lt => bin!(|a, b| truth(a < b)),
-                Op::Le => bin!(|a, b| truth(a <= b)),
-                Op::Gt => bin!(|a, b| truth(a > b)),
-                Op::Ge => bin!(|a, b| truth(a >= b)),
-                Op::Eq => bin!(|a, b| truth(a == b)),
-                Op::Ne => bin!(|a, b| truth(a != b)),
-                Op::And => bin!(|a, b| truth(a != 0.0 && b != 0.0)),
-                Op::Or => bin!(|a, b| truth(a != 0.0 || b != 0.0)),
-                Op::Exp => un!(f64::exp),
-                Op::Ln => un!(f64::ln),
-                Op::Log10 => un!(f64::log10),
-                Op::Sqrt => un!(f64::sqrt),
-                Op::Abs => un!(f64::abs),
-                Op::Floor => un!(f64::floor),
-                Op::Ceil => un!(f64::ceil),
-                Op::Round => un!(f64::round),
-                Op::Min => bin!(f64::min),
-                Op::Max => bin!(f64::max),
                 Op::If => {
                     let b = st.pop().unwrap_or(f64::NAN);
                     let a = st.pop().unwrap_or(f64::NAN);
                     let c = st.last_mut().expect("compiled programs are balanced");
                     *c = if *c != 0.0 { a } else { b };
                 }
-                Op::RateToProb => bin!(|r: f64, t: f64| 1.0 - (-r * t).exp()),
-                Op::ProbToRate => bin!(|p: f64, t: f64| -(1.0 - p).ln() / t),
-                Op::Lookup(t, how) => un!(|x| tables[t as usize].get(x, how)),
+                arithmetic => arithmetic!(arithmetic, tables, un, bin),
             }
         }
         st.first().copied().unwrap_or(f64::NAN)
@@ -593,7 +607,6 @@ impl Program {
         }
         let mut vals = [LaneValue::Uniform(f64::NAN); MAX_STACK];
         let mut depth = 0usize;
-        let truth = |b: bool| if b { 1.0 } else { 0.0 };
         macro_rules! un {
             ($f:expr) => {{
                 let d = depth - 1;
@@ -620,31 +633,6 @@ impl Program {
                     };
                     depth += 1;
                 }
-                Op::Neg => un!(|a: f64| -a),
-                Op::Not => un!(|a: f64| truth(a == 0.0)),
-                Op::Add => bin!(|a, b| a + b),
-                Op::Sub => bin!(|a, b| a - b),
-                Op::Mul => bin!(|a, b| a * b),
-                Op::Div => bin!(|a, b| a / b),
-                Op::Pow => bin!(pow),
-                Op::Lt => bin!(|a, b| truth(a < b)),
-                Op::Le => bin!(|a, b| truth(a <= b)),
-                Op::Gt => bin!(|a, b| truth(a > b)),
-                Op::Ge => bin!(|a, b| truth(a >= b)),
-                Op::Eq => bin!(|a, b| truth(a == b)),
-                Op::Ne => bin!(|a, b| truth(a != b)),
-                Op::And => bin!(|a, b| truth(a != 0.0 && b != 0.0)),
-                Op::Or => bin!(|a, b| truth(a != 0.0 || b != 0.0)),
-                Op::Exp => un!(f64::exp),
-                Op::Ln => un!(f64::ln),
-                Op::Log10 => un!(f64::log10),
-                Op::Sqrt => un!(f64::sqrt),
-                Op::Abs => un!(f64::abs),
-                Op::Floor => un!(f64::floor),
-                Op::Ceil => un!(f64::ceil),
-                Op::Round => un!(f64::round),
-                Op::Min => bin!(f64::min),
-                Op::Max => bin!(f64::max),
                 Op::If => {
                     depth -= 2;
                     let d = depth - 1;
@@ -678,9 +666,7 @@ impl Program {
                         }
                     };
                 }
-                Op::RateToProb => bin!(|r: f64, t: f64| 1.0 - (-r * t).exp()),
-                Op::ProbToRate => bin!(|p: f64, t: f64| -(1.0 - p).ln() / t),
-                Op::Lookup(t, how) => un!(|x| tables[t as usize].get(x, how)),
+                arithmetic => arithmetic!(arithmetic, tables, un, bin),
             }
         }
         *out = match vals[0] {

@@ -283,7 +283,7 @@ pub fn draw(model: &Model, seed: u64, i: usize, out: &mut [f64], scratch: &mut V
 }
 
 /// Iterations per parallel task (a multiple of [`LANES`]).
-const TASK: usize = 8 * LANES;
+const TASK: usize = 4 * LANES;
 
 /// One task's share: `cost[s * len + k]`, `effect[s * len + k]` for strategy s and the task's
 /// k-th iteration.

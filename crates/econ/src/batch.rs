@@ -490,6 +490,73 @@ mod tests {
     use super::*;
     use crate::engine::Evaluator;
 
+    /// A state nobody enters may be worth an infinite amount: the evaluator
+    /// skips it, and so does every lane (the totals stay finite and equal).
+    #[test]
+    fn an_empty_state_with_an_infinite_payoff_adds_nothing() {
+        let text = r#"
+[model]
+title = "unreachable"
+kind = "markov"
+effect = "qalys"
+
+[settings]
+cycles = 5
+counting = "half-cycle"
+
+[parameters]
+p = { value = 0.2, dist = { type = "beta", mean = 0.2, sd = 0.05 } }
+c = { value = 100, dist = { type = "gamma", mean = 100, sd = 30 } }
+
+[markov]
+states = ["well", "sick", "never"]
+initial = [1, 0, 0]
+transitions = [
+  ["C", "p", 0],
+  [0, 1, 0],
+  [0, 0, 1],
+]
+
+[markov.state.well]
+cost = "c"
+utility = 1
+[markov.state.sick]
+cost = "2 * c"
+utility = 0.5
+[markov.state.never]
+cost = "1e308 * 10"
+utility = "1e308 * 10"
+
+[[strategy]]
+name = "only"
+"#;
+        let model = Model::from_toml(text).unwrap();
+        let mut batch = Batch::new(&model).unwrap();
+        let mut ev = Evaluator::new(&model);
+        let base = model.base_values();
+        let mut scratch = Vec::new();
+        let params: Vec<Vec<f64>> = (0..LANES)
+            .map(|i| {
+                let mut p = base.clone();
+                crate::psa::draw(&model, 5, i, &mut p, &mut scratch);
+                p
+            })
+            .collect();
+        for k in 0..base.len() {
+            for l in 0..LANES {
+                batch.slots[k][l] = params[l][k];
+            }
+        }
+        let (mut c, mut e) = ([0.0; LANES], [0.0; LANES]);
+        assert!(batch.run(0, &mut c, &mut e));
+        for l in 0..LANES {
+            let o = ev.run(&model, 0, &params[l], false).unwrap().outcome;
+            assert!(c[l].is_finite() && e[l].is_finite(), "lane {l}");
+            assert_eq!(c[l].to_bits(), o.cost.to_bits(), "lane {l}");
+            assert_eq!(e[l].to_bits(), o.effect(model.meta.effect).to_bits(), "lane {l}");
+        }
+    }
+
     /// Every lane equals the evaluator bit for bit, for each example Markov
     /// model and each counting convention the batch handles.
     #[test]

@@ -553,7 +553,11 @@ name = "only"
             let o = ev.run(&model, 0, &params[l], false).unwrap().outcome;
             assert!(c[l].is_finite() && e[l].is_finite(), "lane {l}");
             assert_eq!(c[l].to_bits(), o.cost.to_bits(), "lane {l}");
-            assert_eq!(e[l].to_bits(), o.effect(model.meta.effect).to_bits(), "lane {l}");
+            assert_eq!(
+                e[l].to_bits(),
+                o.effect(model.meta.effect).to_bits(),
+                "lane {l}"
+            );
         }
     }
 

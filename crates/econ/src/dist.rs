@@ -247,6 +247,27 @@ pub enum Sampler {
 }
 
 impl Sampler {
+    /// Draws one value from each stream into `out` (the same as [`Sampler::sample`] on each
+    /// in turn), with the choice of distribution made once rather than per draw.
+    #[inline]
+    pub fn sample_each<R: Rng>(&self, base: f64, rngs: &mut [R], out: &mut [f64]) {
+        macro_rules! each {
+            ($rng:ident => $draw:expr) => {
+                for (o, $rng) in out.iter_mut().zip(rngs.iter_mut()) {
+                    *o = $draw;
+                }
+            };
+        }
+        match *self {
+            Sampler::Gamma(g, scale) => each!(rng => g.sample(rng) * scale),
+            Sampler::LogNormal { meanlog, sdlog } => {
+                each!(rng => (meanlog + sdlog * std_normal(rng)).exp())
+            }
+            Sampler::Normal { mean, sd } => each!(rng => mean + sd * std_normal(rng)),
+            _ => each!(rng => self.sample(base, rng)),
+        }
+    }
+
     /// Draws one value; `base` is returned for a fixed parameter.
     #[inline]
     pub fn sample<R: Rng + ?Sized>(&self, base: f64, rng: &mut R) -> f64 {

@@ -230,7 +230,6 @@ impl Draws {
     /// One parameter is drawn for all lanes before the next: the lanes'
     /// streams are independent, so the processor overlaps their draws, and
     /// each distribution's constants stay in registers.
-    #[allow(clippy::too_many_arguments)]
     fn draw_lanes(
         &self,
         base: &[f64],
@@ -239,7 +238,6 @@ impl Draws {
         lanes: usize,
         slots: &mut [Lanes],
         streams: &mut Vec<Stream>,
-        scratch: &mut Vec<f64>,
     ) {
         streams.clear();
         streams.extend((0..lanes).map(|l| Stream::new(iteration_seed(seed, first + l))));
@@ -247,18 +245,27 @@ impl Draws {
             *slot = [b; LANES];
         }
         for (k, d) in &self.single {
-            let b = base[*k];
-            let slot = &mut slots[*k];
-            for (v, rng) in slot.iter_mut().zip(streams.iter_mut()) {
-                *v = d.sample(b, rng);
-            }
+            d.sample_each(base[*k], streams, &mut slots[*k][..lanes]);
         }
+        // A Dirichlet group component by component, each for all lanes (every stream still
+        // draws the components in order), then each lane divided by its sum, added in
+        // component order as `dist::dirichlet_prepared` adds them.
         for (params, alpha) in &self.groups {
-            scratch.resize(alpha.len(), 0.0);
-            for (l, rng) in streams.iter_mut().enumerate() {
-                dist::dirichlet_prepared(alpha, rng, scratch);
-                for (&k, &v) in params.iter().zip(scratch.iter()) {
-                    slots[k][l] = v;
+            for (&k, g) in params.iter().zip(alpha) {
+                let slot = &mut slots[k];
+                for (v, rng) in slot[..lanes].iter_mut().zip(streams.iter_mut()) {
+                    *v = g.sample(rng);
+                }
+            }
+            let mut sums = [-0.0; LANES];
+            for &k in params {
+                for (s, v) in sums.iter_mut().zip(&slots[k]) {
+                    *s += v;
+                }
+            }
+            for &k in params {
+                for (v, s) in slots[k][..lanes].iter_mut().zip(&sums) {
+                    *v /= s;
                 }
             }
         }
@@ -367,7 +374,6 @@ fn run_in_pool(
                         lanes,
                         &mut b.slots[..np],
                         &mut streams,
-                        &mut scratch,
                     );
                     for (l, out) in sample_block.chunks_exact_mut(columns.max(1)).enumerate() {
                         for (o, &p) in out.iter_mut().zip(&sampled) {
@@ -735,15 +741,7 @@ mod tests {
             let (mut streams, mut scratch) = (Vec::new(), Vec::new());
             for (first, lanes) in [(0, LANES), (1000, 5)] {
                 let mut slots = vec![[f64::NAN; LANES]; base.len()];
-                draws.draw_lanes(
-                    &base,
-                    99,
-                    first,
-                    lanes,
-                    &mut slots,
-                    &mut streams,
-                    &mut scratch,
-                );
+                draws.draw_lanes(&base, 99, first, lanes, &mut slots, &mut streams);
                 for l in 0..LANES {
                     let mut row = base.clone();
                     let i = first + if l < lanes { l } else { 0 };

@@ -349,20 +349,27 @@ fn run_in_pool(
         parts.push((c, part));
         rest = tail;
     }
+    // Each worker's buffers serve all the tasks it runs: a batch keeps nothing from one run
+    // to the next that the next does not set again.
+    let buffers = || {
+        (
+            Batch::new(model),
+            Vec::with_capacity(LANES),
+            // The parameter values of the current block, one row per iteration, for the
+            // evaluator.
+            vec![0.0; LANES * np],
+            Vec::new(),
+            None::<Evaluator>,
+        )
+    };
     let tasks: Vec<Result<TaskResult>> = parts
         .into_par_iter()
-        .map(|(c, sample_rows)| {
+        .map_init(buffers, |buffers, (c, sample_rows)| {
+            let (batch, streams, params, scratch, evaluator) = buffers;
             let start = c * TASK;
             let len = TASK.min(iterations - start);
-            let mut scratch = Vec::new();
-            let mut streams = Vec::with_capacity(LANES);
-            // The parameter values of the current block, one row per
-            // iteration, for the evaluator.
-            let mut params = vec![0.0; LANES * np];
             let mut cost = vec![0.0; ns * len];
             let mut eff = vec![0.0; ns * len];
-            let mut batch = Batch::new(model);
-            let mut evaluator: Option<Evaluator> = None;
             for first in (0..len).step_by(LANES) {
                 let lanes = LANES.min(len - first);
                 let sample_block = &mut sample_rows[first * columns..(first + lanes) * columns];
@@ -373,7 +380,7 @@ fn run_in_pool(
                         start + first,
                         lanes,
                         &mut b.slots[..np],
-                        &mut streams,
+                        streams,
                     );
                     for (l, out) in sample_block.chunks_exact_mut(columns.max(1)).enumerate() {
                         for (o, &p) in out.iter_mut().zip(&sampled) {
@@ -401,7 +408,7 @@ fn run_in_pool(
                 } else {
                     for (l, row) in params.chunks_exact_mut(np.max(1)).take(lanes).enumerate() {
                         row.copy_from_slice(&base);
-                        draws.draw(model, seed, start + first + l, row, &mut scratch);
+                        draws.draw(model, seed, start + first + l, row, scratch);
                         let out = &mut sample_block[l * columns..(l + 1) * columns];
                         for (o, &p) in out.iter_mut().zip(&sampled) {
                             *o = row[p];

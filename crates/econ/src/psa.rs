@@ -300,13 +300,19 @@ struct TaskResult {
     effect: Vec<f64>,
 }
 
-/// Runs the PSA. `progress` is called with the number of iterations done so
-/// far (from worker threads, roughly every 1% of the work).
-///
-/// Markov models run [`LANES`] iterations at a time through [`Batch`];
-/// decision trees, Simpson's rule and any batch that meets an invalid
-/// probability run through [`Evaluator`], which gives the same numbers and
-/// names the iteration, strategy and cycle of an error.
+/// The Monte Carlo part of a PSA: every iteration's sampled values, and each
+/// strategy's cost and effect in it.
+#[derive(Debug, Clone)]
+pub struct Simulation {
+    pub samples: Samples,
+    /// `cost[s][i]`, `effect[s][i]`: strategy s, iteration i.
+    pub cost: Vec<Vec<f64>>,
+    pub effect: Vec<Vec<f64>>,
+}
+
+/// Runs the PSA: [`simulate`], then the CE plane, CEACs, EVPI and summaries.
+/// `progress` is called with the number of iterations done so far (from
+/// worker threads, roughly every 1% of the work).
 pub fn run(
     model: &Model,
     iterations: usize,
@@ -317,15 +323,34 @@ pub fn run(
     // steps then start from a running worker instead of each waking the
     // pool from this thread and waiting to be woken again (a few tens of
     // microseconds each, on a busy machine far more).
-    rayon::scope(|_| run_in_pool(model, iterations, seed, progress))
+    rayon::scope(|_| {
+        let sim = simulate_in_pool(model, iterations, seed, progress)?;
+        Ok(analyse(model, iterations, seed, sim))
+    })
 }
 
-fn run_in_pool(
+/// Draws the iterations of a PSA and runs every strategy on each: the work a
+/// hand-written Monte Carlo loop does, without the analyses [`run`] adds.
+///
+/// Markov models run [`LANES`] iterations at a time through [`Batch`];
+/// decision trees, Simpson's rule and any batch that meets an invalid
+/// probability run through [`Evaluator`], which gives the same numbers and
+/// names the iteration, strategy and cycle of an error.
+pub fn simulate(
     model: &Model,
     iterations: usize,
     seed: u64,
     progress: &(dyn Fn(usize) + Sync),
-) -> Result<PsaResult> {
+) -> Result<Simulation> {
+    rayon::scope(|_| simulate_in_pool(model, iterations, seed, progress))
+}
+
+fn simulate_in_pool(
+    model: &Model,
+    iterations: usize,
+    seed: u64,
+    progress: &(dyn Fn(usize) + Sync),
+) -> Result<Simulation> {
     let ns = model.strategies.len();
     let base = model.base_values();
     let np = base.len();
@@ -465,6 +490,22 @@ fn run_in_pool(
             eff[s].extend_from_slice(&t.effect[s * len..(s + 1) * len]);
         }
     }
+    Ok(Simulation {
+        samples,
+        cost,
+        effect: eff,
+    })
+}
+
+/// The analyses of a PSA's simulation.
+fn analyse(model: &Model, iterations: usize, seed: u64, sim: Simulation) -> PsaResult {
+    let Simulation {
+        samples,
+        cost,
+        effect: eff,
+    } = sim;
+    let ns = model.strategies.len();
+    let sampled = sampled_params(model);
     // The CEACs, the quadrants and the summaries are independent: they run
     // side by side.
     let r = model.meta.reference;
@@ -496,7 +537,7 @@ fn run_in_pool(
             )
         },
     );
-    Ok(PsaResult {
+    PsaResult {
         iterations,
         seed,
         sampled: sampled
@@ -510,7 +551,7 @@ fn run_in_pool(
         effect: eff,
         ceac,
         quadrants,
-    })
+    }
 }
 
 /// Sum in a fixed order with four running totals (so the additions need not

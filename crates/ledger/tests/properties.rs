@@ -192,6 +192,10 @@ proptest! {
                         let r = run(&mut l, now, 25, Op::RevokeConsent { consent: c.id.clone() });
                         prop_assert_eq!(r.is_ok(), !c.revoked);
                         c.revoked = true;
+                    } else {
+                        // Nothing to revoke: an empty block, so that the ledger's clock (the
+                        // time of its last block) is the model's `now`.
+                        l.apply_block(now, &[]);
                     }
                 }
                 Action::Grant { research, break_glass, expires_in } => {
@@ -215,6 +219,8 @@ proptest! {
                         let r = run(&mut l, now, 21, Op::RevokeAccess { grant: g.id.clone() });
                         prop_assert_eq!(r.is_ok(), !g.revoked);
                         g.revoked = true;
+                    } else {
+                        l.apply_block(now, &[]);
                     }
                 }
                 Action::Wait(ms) => {

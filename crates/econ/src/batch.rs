@@ -490,6 +490,27 @@ mod tests {
     use super::*;
     use crate::engine::Evaluator;
 
+    /// Draws PSA iterations 0..LANES with `seed` into the batch's parameter slots; returns
+    /// each iteration's parameter values, for the evaluator.
+    #[allow(clippy::needless_range_loop)]
+    fn draw_into_lanes(model: &Model, batch: &mut Batch<'_>, seed: u64) -> Vec<Vec<f64>> {
+        let base = model.base_values();
+        let mut scratch = Vec::new();
+        let params: Vec<Vec<f64>> = (0..LANES)
+            .map(|i| {
+                let mut p = base.clone();
+                crate::psa::draw(model, seed, i, &mut p, &mut scratch);
+                p
+            })
+            .collect();
+        for k in 0..base.len() {
+            for l in 0..LANES {
+                batch.slots[k][l] = params[l][k];
+            }
+        }
+        params
+    }
+
     /// A state nobody enters may be worth an infinite amount: the evaluator
     /// skips it, and so does every lane (the totals stay finite and equal).
     #[test]
@@ -533,20 +554,7 @@ name = "only"
         let model = Model::from_toml(text).unwrap();
         let mut batch = Batch::new(&model).unwrap();
         let mut ev = Evaluator::new(&model);
-        let base = model.base_values();
-        let mut scratch = Vec::new();
-        let params: Vec<Vec<f64>> = (0..LANES)
-            .map(|i| {
-                let mut p = base.clone();
-                crate::psa::draw(&model, 5, i, &mut p, &mut scratch);
-                p
-            })
-            .collect();
-        for k in 0..base.len() {
-            for l in 0..LANES {
-                batch.slots[k][l] = params[l][k];
-            }
-        }
+        let params = draw_into_lanes(&model, &mut batch, 5);
         let (mut c, mut e) = ([0.0; LANES], [0.0; LANES]);
         assert!(batch.run(0, &mut c, &mut e));
         for l in 0..LANES {
@@ -588,21 +596,7 @@ name = "only"
                 let model = Model::from_toml(&text).unwrap_or_else(|e| panic!("{file}: {e}"));
                 let mut batch = Batch::new(&model).expect("a Markov model");
                 let mut ev = Evaluator::new(&model);
-                let base = model.base_values();
-                let np = base.len();
-                let mut scratch = Vec::new();
-                let params: Vec<Vec<f64>> = (0..LANES)
-                    .map(|i| {
-                        let mut p = base.clone();
-                        crate::psa::draw(&model, 11, i, &mut p, &mut scratch);
-                        p
-                    })
-                    .collect();
-                for k in 0..np {
-                    for l in 0..LANES {
-                        batch.slots[k][l] = params[l][k];
-                    }
-                }
+                let params = draw_into_lanes(&model, &mut batch, 11);
                 for s in 0..model.strategies.len() {
                     let (mut c, mut e) = ([0.0; LANES], [0.0; LANES]);
                     assert!(batch.run(s, &mut c, &mut e), "{file} {counting}");

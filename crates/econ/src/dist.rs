@@ -320,19 +320,37 @@ struct Ziggurat {
     f: [f64; ZIG_LAYERS + 1],
 }
 
+impl Ziggurat {
+    /// The 256 layers of equal area `v` under a decreasing `density` whose tail starts at
+    /// `r`: each layer's edge is where the density reaches the top of the layer below
+    /// (`inverse` is the density's inverse).
+    fn build(
+        r: f64,
+        v: f64,
+        density: impl Fn(f64) -> f64,
+        inverse: impl Fn(f64) -> f64,
+    ) -> Ziggurat {
+        let mut x = [0.0; ZIG_LAYERS + 1];
+        x[0] = v / density(r);
+        x[1] = r;
+        for i in 1..ZIG_LAYERS - 1 {
+            x[i + 1] = inverse(v / x[i] + density(x[i]));
+        }
+        x[ZIG_LAYERS] = 0.0;
+        let f = x.map(&density);
+        Ziggurat { x, f }
+    }
+}
+
 fn ziggurat() -> &'static Ziggurat {
     static TABLE: std::sync::OnceLock<Ziggurat> = std::sync::OnceLock::new();
     TABLE.get_or_init(|| {
-        let density = |x: f64| (-0.5 * x * x).exp();
-        let mut x = [0.0; ZIG_LAYERS + 1];
-        x[0] = ZIG_V / density(ZIG_R);
-        x[1] = ZIG_R;
-        for i in 1..ZIG_LAYERS - 1 {
-            x[i + 1] = (-2.0 * (ZIG_V / x[i] + density(x[i])).ln()).sqrt();
-        }
-        x[ZIG_LAYERS] = 0.0;
-        let f = x.map(density);
-        Ziggurat { x, f }
+        Ziggurat::build(
+            ZIG_R,
+            ZIG_V,
+            |x| (-0.5 * x * x).exp(),
+            |y| (-2.0 * y.ln()).sqrt(),
+        )
     })
 }
 
@@ -378,18 +396,7 @@ const EXP_ZIG_V: f64 = 3.949_659_822_581_557e-3;
 /// [`Ziggurat`]'s are for the normal one.
 fn exp_ziggurat() -> &'static Ziggurat {
     static TABLE: std::sync::OnceLock<Ziggurat> = std::sync::OnceLock::new();
-    TABLE.get_or_init(|| {
-        let density = |x: f64| (-x).exp();
-        let mut x = [0.0; ZIG_LAYERS + 1];
-        x[0] = EXP_ZIG_V / density(EXP_ZIG_R);
-        x[1] = EXP_ZIG_R;
-        for i in 1..ZIG_LAYERS - 1 {
-            x[i + 1] = -(EXP_ZIG_V / x[i] + density(x[i])).ln();
-        }
-        x[ZIG_LAYERS] = 0.0;
-        let f = x.map(density);
-        Ziggurat { x, f }
-    })
+    TABLE.get_or_init(|| Ziggurat::build(EXP_ZIG_R, EXP_ZIG_V, |x| (-x).exp(), |y| -y.ln()))
 }
 
 /// Exponential with rate one by the ziggurat method (Marsaglia & Tsang 2000,

@@ -312,7 +312,7 @@ impl PutOutcome {
 /// Limits on a write batch: objects are sealed and flushed in batches of about this size,
 /// so memory stays bounded however large the study.
 const BATCH_BYTES: u64 = 8 << 20;
-const BATCH_OBJECTS: usize = 64;
+const BATCH_OBJECTS: usize = 4096;
 
 /// [`Store::put_studies`] writes studies in groups of up to this many bytes of files (or
 /// [`GROUP_STUDIES`] studies), each group's manifests and records in shared batches.
@@ -1289,7 +1289,16 @@ impl Store {
             .collect();
         let mut resealed = 0u64;
         let mut written_bytes = 0u64;
-        for chunk in slots.chunks_mut(BATCH_OBJECTS) {
+        let mut rest: &mut [&mut ObjectRef] = &mut slots;
+        while !rest.is_empty() {
+            let mut take = 0;
+            let mut bytes = 0;
+            while take < rest.len() && bytes < BATCH_BYTES && take < BATCH_OBJECTS {
+                bytes += rest[take].len;
+                take += 1;
+            }
+            let (chunk, tail) = std::mem::take(&mut rest).split_at_mut(take);
+            rest = tail;
             let batch: Vec<(String, Bytes)> = chunk
                 .par_iter_mut()
                 .map(|slot| {
@@ -1313,16 +1322,17 @@ impl Store {
             still_used.extend(r.objects);
             still_used.insert(r.manifest);
         }
-        let mut deleted = 0;
         let mut kept_shared = 0;
+        let mut doomed = Vec::new();
         for address in old_record.objects.iter().chain([&old_record.manifest]) {
             if still_used.contains(address) {
                 kept_shared += 1;
             } else {
-                self.backend.delete(&object_key(address))?;
-                deleted += 1;
+                doomed.push(object_key(address));
             }
         }
+        self.backend.delete_many(&doomed)?;
+        let deleted = doomed.len() as u64;
         Ok(RekeyOutcome {
             objects_resealed: resealed,
             objects_deleted: deleted,
@@ -1341,17 +1351,19 @@ impl Store {
             used.insert(r.manifest);
         }
         let mut out = GcOutcome::default();
+        let mut doomed = Vec::new();
         for (key, len) in self.backend.list("objects/")? {
             let referenced = key
                 .strip_prefix("objects/")
                 .and_then(|h| Digest::from_hex(h).ok())
                 .is_some_and(|d| used.contains(&d));
             if !referenced {
-                self.backend.delete(&key)?;
+                doomed.push(key);
                 out.objects_deleted += 1;
                 out.bytes_freed += len;
             }
         }
+        self.backend.delete_many(&doomed)?;
         Ok(out)
     }
 

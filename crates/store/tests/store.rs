@@ -2,6 +2,7 @@
 //! pixel objects, and every kind of damage found by `verify` and refused by `get`.
 
 use std::collections::HashMap;
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
@@ -294,37 +295,45 @@ fn every_damaged_object_is_reported_and_refused() {
     let (dir, store) = fs_store();
     let out = put_one(&store, &files, &owner);
     let root = out.root;
-    let object_path = |a: &Digest| {
-        let h = a.to_hex();
-        dir.path().join("store/objects").join(&h[..2]).join(&h)
-    };
+    let key = |a: &Digest| format!("objects/{}", a.to_hex());
     let refs: Vec<_> = out
         .manifest
         .instances()
         .flat_map(|(_, i)| i.objects().cloned())
         .collect();
-    // A bit flip, a truncation, a deletion, a zero-length object.
-    let flipped = &refs[1];
-    let mut b = std::fs::read(object_path(&flipped.address)).unwrap();
-    let mid = b.len() / 2;
-    b[mid] ^= 0x10;
-    std::fs::write(object_path(&flipped.address), b).unwrap();
-    let truncated = &refs[4];
-    let b = std::fs::read(object_path(&truncated.address)).unwrap();
-    std::fs::write(object_path(&truncated.address), &b[..b.len() - 100]).unwrap();
+    // A deletion, a bit flip, an object overwritten with zeros, and a pack cut off in the
+    // middle of its last object. The deletion first: it writes the pack again elsewhere.
     let deleted = &refs[7];
-    std::fs::remove_file(object_path(&deleted.address)).unwrap();
-    let emptied = &refs[10];
-    std::fs::write(object_path(&emptied.address), b"").unwrap();
+    store.backend().delete(&key(&deleted.address)).unwrap();
+    let disk = FsBackend::open_existing(dir.path().join("store")).unwrap();
+    let locate = |a: &Digest| disk.locate(&key(a)).unwrap().expect("stored");
+    let flipped = &refs[1];
+    let at = locate(&flipped.address);
+    at.flip_bit(at.len / 2).unwrap();
+    let zeroed = &refs[10];
+    let at = locate(&zeroed.address);
+    let f = std::fs::OpenOptions::new().write(true).open(&at.path).unwrap();
+    f.write_all_at(&vec![0; at.len as usize], at.offset).unwrap();
+    // The object stored last in the pack, so that the cut damages it alone.
+    let truncated = refs
+        .iter()
+        .filter(|r| r.address != deleted.address)
+        .max_by_key(|r| locate(&r.address).offset)
+        .unwrap();
+    let at = locate(&truncated.address);
+    assert_ne!(at.offset, 0, "objects of a batch are packed");
+    assert!(truncated.address != flipped.address && truncated.address != zeroed.address);
+    let f = std::fs::OpenOptions::new().write(true).open(&at.path).unwrap();
+    f.set_len(at.offset + at.len - 100).unwrap();
+    drop(f);
 
     let report = store.verify(Some(&owner), true, &|_, _| {}).unwrap();
-    let key = |a: &Digest| format!("objects/{}", a.to_hex());
     let mut corrupt: Vec<String> = report.corrupt.iter().map(|p| p.key.clone()).collect();
     corrupt.dedup();
     let mut expected = vec![
         key(&flipped.address),
         key(&truncated.address),
-        key(&emptied.address),
+        key(&zeroed.address),
     ];
     expected.sort();
     assert_eq!(corrupt, expected, "{report:#?}");
@@ -344,9 +353,11 @@ fn every_damaged_object_is_reported_and_refused() {
 
     // A damaged manifest is found too, and the study cannot be opened.
     let manifest = store.study_ref(&root).unwrap().manifest;
-    let mut b = std::fs::read(object_path(&manifest)).unwrap();
-    b[10] ^= 1;
-    std::fs::write(object_path(&manifest), b).unwrap();
+    disk.locate(&key(&manifest))
+        .unwrap()
+        .expect("stored")
+        .flip_bit(10)
+        .unwrap();
     let report = store.verify(Some(&owner), false, &|_, _| {}).unwrap();
     assert!(report.corrupt.iter().any(|p| p.key == key(&manifest)));
     assert!(store.open_manifest(&root, &owner).is_err());

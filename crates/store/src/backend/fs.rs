@@ -1,24 +1,44 @@
-//! The filesystem backend: one file per object, written crash-safely.
+//! The filesystem backend: objects written crash-safely, in pack files or one file each.
 //!
-//! A put writes a temporary file in `tmp/`, flushes it to disk (`fdatasync`), renames it into
-//! place and flushes the directory, so after a crash an object is either whole or absent.
-//! Objects fan out by the first two hex digits of their name (`objects/ab/ab12...`) to keep
-//! directories small. Temporary files left by a crash are never read as objects; `verify`
+//! A batch of content-addressed objects (`objects/<hex>`) goes into one pack file (see
+//! [`pack`](super::pack)): written in `tmp/`, flushed (`fdatasync`), renamed into `packs/` and
+//! the directory flushed, so a batch costs one file and two flushes however many objects it
+//! holds. Anything else, and a lone object, is one file: a temporary file in `tmp/`, flushed,
+//! renamed into place, its directory flushed. Either way, after a crash a write is whole or
+//! absent. Lone objects fan out by the first two hex digits of their name
+//! (`objects/ab/ab12...`). Temporary files left by a crash are never read as objects; `verify`
 //! counts them and `clean_tmp` removes them.
+//!
+//! Which pack holds which object is kept in memory, read from the packs' indexes when the
+//! store is opened and again when a key is not found (another process may have written it).
+//! Deleting a packed object writes its pack again without it (the new pack in place before
+//! the old one goes, so a crash leaves a duplicate, never a loss).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::{self, File};
-use std::io::{ErrorKind, Write};
+use std::io::{BufWriter, ErrorKind, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
 use rand::RngCore;
 use rayon::prelude::*;
 
+use super::pack::{self, Entry};
 use super::{Backend, BackendError, check_key};
 
 const MARKER: &str = "MEDLEDGER-STORE";
 const MARKER_TEXT: &str = "medledger object store, layout 1\n";
+const PACKS: &str = "packs";
+
+/// A batch with at least this many objects goes into a pack; fewer are written one file each
+/// (a pack of one would cost the same as the file).
+const PACK_MIN: usize = 2;
+
+/// A pack written again without deleted objects is split into packs of about this size, so a
+/// rewrite never holds more than this in memory.
+const REWRITE_BYTES: u64 = 64 << 20;
 
 /// Threads that write and flush files at once: flushes wait on the disk, not the CPU, and
 /// the disk merges concurrent flushes into fewer journal commits.
@@ -28,6 +48,84 @@ const IO_THREADS: usize = 16;
 pub struct FsBackend {
     root: PathBuf,
     pool: rayon::ThreadPool,
+    packs: RwLock<Packs>,
+    /// Held while packs are written again without deleted objects.
+    rewriting: Mutex<()>,
+}
+
+/// Where an object's bytes are on disk: a whole file, or a range of a pack.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Location {
+    pub path: PathBuf,
+    pub offset: u64,
+    pub len: u64,
+}
+
+impl Location {
+    /// Flips one bit of the object's byte `at`, in place: for showing and testing that damage
+    /// is caught.
+    pub fn flip_bit(&self, at: u64) -> std::io::Result<()> {
+        if at >= self.len {
+            return Err(std::io::Error::new(
+                ErrorKind::InvalidInput,
+                format!("byte {at} is past the object's {} bytes", self.len),
+            ));
+        }
+        let file = fs::OpenOptions::new().read(true).write(true).open(&self.path)?;
+        let mut b = [0u8; 1];
+        file.read_exact_at(&mut b, self.offset + at)?;
+        file.write_all_at(&[b[0] ^ 0x10], self.offset + at)?;
+        file.sync_data()
+    }
+}
+
+/// What this process knows of the store's packs.
+#[derive(Debug, Default)]
+struct Packs {
+    /// Pack file name to its entries.
+    files: HashMap<Arc<str>, Arc<[Entry]>>,
+    /// Object key to the pack that holds it, and where.
+    by_key: HashMap<String, Loc>,
+}
+
+#[derive(Clone, Debug)]
+struct Loc {
+    pack: Arc<str>,
+    offset: u64,
+    len: u64,
+}
+
+impl Packs {
+    fn add(&mut self, name: Arc<str>, entries: Arc<[Entry]>) {
+        for e in entries.iter() {
+            self.by_key.insert(
+                e.key.clone(),
+                Loc {
+                    pack: name.clone(),
+                    offset: e.offset,
+                    len: e.len,
+                },
+            );
+        }
+        self.files.insert(name, entries);
+    }
+
+    /// Forgets a pack whose objects are all deleted or held by other packs already indexed.
+    fn drop_pack(&mut self, name: &str) {
+        if let Some(entries) = self.files.remove(name) {
+            for e in entries.iter() {
+                if self.by_key.get(&e.key).is_some_and(|l| &*l.pack == name) {
+                    self.by_key.remove(&e.key);
+                }
+            }
+        }
+    }
+}
+
+/// The file name of a lone object under its fan-out folder, for keys `objects/<name>`.
+fn object_name(key: &str) -> Option<&str> {
+    key.strip_prefix("objects/")
+        .filter(|name| !name.contains('/') && name.len() >= 2)
 }
 
 impl FsBackend {
@@ -59,7 +157,14 @@ impl FsBackend {
             .thread_name(|i| format!("store-io-{i}"))
             .build()
             .map_err(|e| BackendError::Config(format!("cannot start I/O threads: {e}")))?;
-        Ok(FsBackend { root, pool })
+        let backend = FsBackend {
+            root,
+            pool,
+            packs: RwLock::default(),
+            rewriting: Mutex::new(()),
+        };
+        backend.refresh()?;
+        Ok(backend)
     }
 
     pub fn root(&self) -> &Path {
@@ -68,11 +173,9 @@ impl FsBackend {
 
     fn path(&self, key: &str) -> Result<PathBuf, BackendError> {
         check_key(key)?;
-        Ok(match key.strip_prefix("objects/") {
-            Some(name) if !name.contains('/') && name.len() >= 2 => {
-                self.root.join("objects").join(&name[..2]).join(name)
-            }
-            _ => self.root.join(key),
+        Ok(match object_name(key) {
+            Some(name) => self.root.join("objects").join(&name[..2]).join(name),
+            None => self.root.join(key),
         })
     }
 
@@ -81,7 +184,7 @@ impl FsBackend {
         let parts: Vec<&str> = rel.iter().map(|s| s.to_str()).collect::<Option<_>>()?;
         match parts.as_slice() {
             ["objects", _, name] => Some(format!("objects/{name}")),
-            ["tmp", ..] | [MARKER] => None,
+            ["tmp", ..] | [PACKS, ..] | [MARKER] => None,
             _ => Some(parts.join("/")),
         }
     }
@@ -133,6 +236,223 @@ impl FsBackend {
         sync_dir(&dir)
     }
 
+    fn packs_dir(&self) -> PathBuf {
+        self.root.join(PACKS)
+    }
+
+    /// Reads the indexes of packs this process has not seen yet, and forgets packs that are
+    /// gone (written again by a delete, possibly in another process).
+    fn refresh(&self) -> Result<(), BackendError> {
+        let dir = self.packs_dir();
+        let mut on_disk: HashSet<String> = HashSet::new();
+        match fs::read_dir(&dir) {
+            Ok(rd) => {
+                for entry in rd {
+                    let entry = entry.map_err(|e| BackendError::io(dir.display().to_string(), e))?;
+                    if let Some(name) = entry.file_name().to_str()
+                        && name.ends_with(".pack")
+                    {
+                        on_disk.insert(name.to_string());
+                    }
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(BackendError::io(dir.display().to_string(), e)),
+        }
+        let (new, gone): (Vec<String>, bool) = {
+            let packs = self.packs.read().expect("not poisoned");
+            let new = on_disk
+                .iter()
+                .filter(|n| !packs.files.contains_key(n.as_str()))
+                .cloned()
+                .collect();
+            let gone = packs.files.keys().any(|n| !on_disk.contains(&**n));
+            (new, gone)
+        };
+        if new.is_empty() && !gone {
+            return Ok(());
+        }
+        let mut loaded = Vec::with_capacity(new.len());
+        for name in new {
+            let path = dir.join(&name);
+            let file = match File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                Err(e) => return Err(BackendError::io(path.display().to_string(), e)),
+            };
+            match pack::read(&file) {
+                Ok((entries, how)) => {
+                    if how == pack::Read::Scan {
+                        tracing::warn!(
+                            pack = %path.display(),
+                            objects = entries.len(),
+                            "pack index damaged or missing; its objects were found by reading it whole"
+                        );
+                    }
+                    loaded.push((Arc::<str>::from(name), Arc::<[Entry]>::from(entries)));
+                }
+                Err(e) => {
+                    tracing::warn!(pack = %path.display(), error = %e, "unreadable pack skipped");
+                }
+            }
+        }
+        let mut packs = self.packs.write().expect("not poisoned");
+        if gone {
+            let mut fresh = Packs::default();
+            for (name, entries) in packs.files.drain() {
+                if on_disk.contains(&*name) {
+                    fresh.add(name, entries);
+                }
+            }
+            *packs = fresh;
+        }
+        for (name, entries) in loaded {
+            if !packs.files.contains_key(&name) {
+                packs.add(name, entries);
+            }
+        }
+        Ok(())
+    }
+
+    fn packed(&self, key: &str) -> Option<Loc> {
+        self.packs
+            .read()
+            .expect("not poisoned")
+            .by_key
+            .get(key)
+            .cloned()
+    }
+
+    /// An object's bytes from its pack; `None` if the pack is gone.
+    fn read_packed(&self, loc: &Loc) -> Result<Option<Bytes>, BackendError> {
+        let path = self.packs_dir().join(&*loc.pack);
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(BackendError::io(path.display().to_string(), e)),
+        };
+        read_range(&file, loc.offset, loc.len)
+            .map(|b| Some(Bytes::from(b)))
+            .map_err(|e| BackendError::io(path.display().to_string(), e))
+    }
+
+    /// Writes `items` as one pack, durably, and indexes it.
+    fn write_pack(&self, items: &[(String, Bytes)]) -> Result<(), BackendError> {
+        let mut id = [0u8; 16];
+        rand::rngs::OsRng.fill_bytes(&mut id);
+        let name = format!("{}.pack", hex::encode(id));
+        let tmp = self.root.join("tmp").join(format!("{name}.tmp"));
+        let io = |p: &Path, e| BackendError::io(p.display().to_string(), e);
+        let written = (|| {
+            let mut out = BufWriter::with_capacity(
+                256 << 10,
+                File::create(&tmp).map_err(|e| io(&tmp, e))?,
+            );
+            let entries = pack::write(&mut out, items).map_err(|e| io(&tmp, e))?;
+            let file = out.into_inner().map_err(|e| io(&tmp, e.into_error()))?;
+            file.sync_data().map_err(|e| io(&tmp, e))?;
+            Ok::<_, BackendError>(entries)
+        })();
+        let entries = match written {
+            Ok(entries) => entries,
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
+        let dir = self.packs_dir();
+        if !dir.is_dir() {
+            // A store made before packs existed.
+            fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
+            sync_dir(&self.root)?;
+        }
+        let dest = dir.join(&name);
+        fs::rename(&tmp, &dest).map_err(|e| io(&dest, e))?;
+        sync_dir(&dir)?;
+        self.packs
+            .write()
+            .expect("not poisoned")
+            .add(Arc::from(name), Arc::from(entries));
+        Ok(())
+    }
+
+    /// Deletes packed objects: every pack that holds one is written again without them (in
+    /// packs of at most [`REWRITE_BYTES`]), then removed.
+    fn delete_packed(&self, keys: &HashSet<&str>) -> Result<(), BackendError> {
+        let _rewriting = self.rewriting.lock().expect("not poisoned");
+        self.refresh()?;
+        let victims: Vec<(Arc<str>, Arc<[Entry]>)> = self
+            .packs
+            .read()
+            .expect("not poisoned")
+            .files
+            .iter()
+            .filter(|(_, entries)| entries.iter().any(|e| keys.contains(e.key.as_str())))
+            .map(|(n, e)| (n.clone(), e.clone()))
+            .collect();
+        if victims.is_empty() {
+            return Ok(());
+        }
+        let dir = self.packs_dir();
+        for (name, entries) in victims {
+            let path = dir.join(&*name);
+            let file = File::open(&path).map_err(|e| BackendError::io(path.display().to_string(), e))?;
+            let mut items: Vec<(String, Bytes)> = Vec::new();
+            let mut bytes = 0u64;
+            for e in entries.iter().filter(|e| !keys.contains(e.key.as_str())) {
+                let buf = read_range(&file, e.offset, e.len)
+                    .map_err(|err| BackendError::io(path.display().to_string(), err))?;
+                bytes += e.len;
+                items.push((e.key.clone(), Bytes::from(buf)));
+                if bytes >= REWRITE_BYTES {
+                    self.write_pack(&std::mem::take(&mut items))?;
+                    bytes = 0;
+                }
+            }
+            if !items.is_empty() {
+                self.write_pack(&items)?;
+            }
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(BackendError::io(path.display().to_string(), e)),
+            }
+            self.packs.write().expect("not poisoned").drop_pack(&name);
+        }
+        sync_dir(&dir)
+    }
+
+    /// Where an object's bytes are on disk, or `None` if it is not stored: for tools and
+    /// tests that inspect or damage a store on purpose.
+    pub fn locate(&self, key: &str) -> Result<Option<Location>, BackendError> {
+        let path = self.path(key)?;
+        for attempt in 0..2 {
+            if let Some(loc) = self.packed(key) {
+                let pack = self.packs_dir().join(&*loc.pack);
+                if pack.is_file() {
+                    return Ok(Some(Location {
+                        path: pack,
+                        offset: loc.offset,
+                        len: loc.len,
+                    }));
+                }
+            }
+            if let Ok(meta) = fs::metadata(&path)
+                && meta.is_file()
+            {
+                return Ok(Some(Location {
+                    path,
+                    offset: 0,
+                    len: meta.len(),
+                }));
+            }
+            if attempt == 0 {
+                self.refresh()?;
+            }
+        }
+        Ok(None)
+    }
+
     /// Temporary files a crashed writer left behind.
     pub fn stale_tmp_files(&self) -> Result<Vec<PathBuf>, BackendError> {
         let dir = self.root.join("tmp");
@@ -175,13 +495,8 @@ fn create(root: &Path) -> Result<(), BackendError> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let staging = parent.join(format!(".{name}.creating-{}", hex::encode(suffix)));
-    for d in ["objects", "refs", "tmp"] {
+    for d in ["objects", PACKS, "refs", "tmp"] {
         fs::create_dir_all(staging.join(d)).map_err(|e| io(&staging, e))?;
-    }
-    // All 256 fan-out folders up front: a put never has to create (and flush) one.
-    for i in 0..=255u8 {
-        let d = staging.join("objects").join(format!("{i:02x}"));
-        fs::create_dir(&d).map_err(|e| io(&d, e))?;
     }
     let marker = staging.join(MARKER);
     File::create(&marker)
@@ -190,7 +505,7 @@ fn create(root: &Path) -> Result<(), BackendError> {
             f.sync_all()
         })
         .map_err(|e| io(&marker, e))?;
-    for d in ["objects", "refs", "tmp", ""] {
+    for d in ["objects", PACKS, "refs", "tmp", ""] {
         sync_dir(&staging.join(d))?;
     }
     // Renaming onto an empty directory replaces it; onto a store another process has just
@@ -209,6 +524,24 @@ fn create(root: &Path) -> Result<(), BackendError> {
 /// per file and per directory: the same guarantee (nothing is in place before its bytes are
 /// on disk; everything is on disk when the batch returns) for far fewer device flushes.
 const SYNCFS_BATCH: usize = 4;
+
+/// Reads `len` bytes at `offset`, or fewer if the file has been cut short since its index was
+/// read: a damaged object, which then fails verification, rather than an I/O error that would
+/// hide which object it is.
+fn read_range(file: &File, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; len as usize];
+    let mut got = 0;
+    while got < buf.len() {
+        match file.read_at(&mut buf[got..], offset + got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(got);
+    Ok(buf)
+}
 
 fn sync_fs(root: &Path) -> Result<(), BackendError> {
     File::open(root)
@@ -241,6 +574,20 @@ impl Backend for FsBackend {
     }
 
     fn put_batch(&self, items: Vec<(String, Bytes)>) -> Result<(), BackendError> {
+        for (key, _) in &items {
+            check_key(key)?;
+        }
+        let (packed, mut items): (Vec<_>, Vec<_>) = items
+            .into_iter()
+            .partition(|(key, _)| object_name(key).is_some());
+        if packed.len() >= PACK_MIN {
+            self.write_pack(&packed)?;
+        } else {
+            items.extend(packed);
+        }
+        if items.is_empty() {
+            return Ok(());
+        }
         let dests: Vec<PathBuf> = items
             .iter()
             .map(|(k, _)| self.path(k))
@@ -279,16 +626,40 @@ impl Backend for FsBackend {
 
     fn get(&self, key: &str) -> Result<Bytes, BackendError> {
         let path = self.path(key)?;
-        fs::read(&path)
-            .map(Bytes::from)
-            .map_err(|e| not_found(key, e, &path))
+        if object_name(key).is_none() {
+            return fs::read(&path)
+                .map(Bytes::from)
+                .map_err(|e| not_found(key, e, &path));
+        }
+        // A packed object, else a lone file; if neither, the packs may have changed since
+        // they were read (a write or a delete by another process): read them again, once.
+        for attempt in 0..2 {
+            if let Some(loc) = self.packed(key)
+                && let Some(bytes) = self.read_packed(&loc)?
+            {
+                return Ok(bytes);
+            }
+            match fs::read(&path) {
+                Ok(bytes) => return Ok(Bytes::from(bytes)),
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(BackendError::io(path.display().to_string(), e)),
+            }
+            if attempt == 0 {
+                self.refresh()?;
+            }
+        }
+        Err(BackendError::NotFound(key.to_string()))
     }
 
     fn exists(&self, key: &str) -> Result<bool, BackendError> {
-        Ok(self.path(key)?.is_file())
+        if object_name(key).is_none() {
+            return Ok(self.path(key)?.is_file());
+        }
+        Ok(self.locate(key)?.is_some())
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>, BackendError> {
+        self.refresh()?;
         let mut out = Vec::new();
         let mut stack = vec![self.root.clone()];
         while let Some(dir) = stack.pop() {
@@ -304,7 +675,9 @@ impl Backend for FsBackend {
                     .file_type()
                     .map_err(|e| BackendError::io(path.display().to_string(), e))?;
                 if ft.is_dir() {
-                    if path.file_name().is_some_and(|n| n != "tmp") {
+                    if path.parent() != Some(self.root.as_path())
+                        || path.file_name().is_some_and(|n| n != "tmp" && n != PACKS)
+                    {
                         stack.push(path);
                     }
                 } else if let Some(key) = self.key_of(&path)
@@ -318,15 +691,45 @@ impl Backend for FsBackend {
                 }
             }
         }
+        let loose: HashSet<&str> = out.iter().map(|(k, _)| k.as_str()).collect();
+        let packs = self.packs.read().expect("not poisoned");
+        let packed: Vec<(String, u64)> = packs
+            .by_key
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix) && !loose.contains(k.as_str()))
+            .map(|(k, loc)| (k.clone(), loc.len))
+            .collect();
+        out.extend(packed);
         Ok(out)
     }
 
     fn delete(&self, key: &str) -> Result<(), BackendError> {
-        let path = self.path(key)?;
-        match fs::remove_file(&path) {
-            Ok(()) => sync_dir(path.parent().expect("object paths have a parent")),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(BackendError::io(path.display().to_string(), e)),
+        self.delete_many(&[key.to_string()])
+    }
+
+    fn delete_many(&self, keys: &[String]) -> Result<(), BackendError> {
+        let mut dirs = BTreeSet::new();
+        for key in keys {
+            let path = self.path(key)?;
+            match fs::remove_file(&path) {
+                Ok(()) => {
+                    dirs.insert(path.parent().expect("object paths have a parent").to_path_buf());
+                }
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(BackendError::io(path.display().to_string(), e)),
+            }
         }
+        for dir in &dirs {
+            sync_dir(dir)?;
+        }
+        let packed: HashSet<&str> = keys
+            .iter()
+            .map(String::as_str)
+            .filter(|k| object_name(k).is_some())
+            .collect();
+        if packed.is_empty() {
+            return Ok(());
+        }
+        self.delete_packed(&packed)
     }
 }

@@ -2,6 +2,7 @@
 //! same conformance suite ([`conformance`]); the store above never depends on which one.
 
 mod fs;
+mod pack;
 mod s3;
 
 pub mod conformance;
@@ -10,7 +11,7 @@ use std::fmt;
 
 use bytes::Bytes;
 
-pub use fs::FsBackend;
+pub use fs::{FsBackend, Location};
 pub use s3::{S3Backend, S3Config};
 
 /// Why a backend operation failed.
@@ -53,7 +54,10 @@ impl BackendError {
 /// - `put_batch` returns only once every object of the batch is durable;
 /// - `get` of a missing key is [`BackendError::NotFound`];
 /// - `list(prefix)` returns every key under the prefix with its size, in no set order;
-/// - `delete` of a missing key succeeds.
+/// - `delete` of a missing key succeeds;
+/// - keys under `objects/` are content-addressed and written once: a key written again gets
+///   the same bytes, so a backend may keep them in packs (the filesystem does) and need not
+///   say which of two writes of one key a reader sees.
 ///
 /// Calls block; backends that talk to a network run their own runtime, so they may be called
 /// from any thread (an async caller uses `spawn_blocking`).
@@ -77,6 +81,10 @@ pub trait Backend: Send + Sync + fmt::Debug {
     }
     fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>, BackendError>;
     fn delete(&self, key: &str) -> Result<(), BackendError>;
+    /// Deletes several keys; a backend may do it in fewer steps than one delete each.
+    fn delete_many(&self, keys: &[String]) -> Result<(), BackendError> {
+        keys.iter().try_for_each(|k| self.delete(k))
+    }
 }
 
 /// Checks a key: non-empty segments of lowercase ASCII letters, digits, `.`, `_`, `-`.

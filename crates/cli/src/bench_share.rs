@@ -177,26 +177,27 @@ pub fn run(args: BenchShareArgs) -> Result<()> {
     let (record, manifest) = store_a.open_manifest(&original.root, &owner_a)?;
     let mut objects: Vec<Digest> = record.objects.clone();
     objects.push(record.manifest);
-    let object_path = |store: &str, d: &Digest| {
-        let h = d.to_hex();
-        Path::new(store).join("objects").join(&h[..2]).join(h)
-    };
-    let sources: Vec<PathBuf> = objects
+    let keys: Vec<String> = objects
         .iter()
-        .map(|d| object_path(&a_im.store, d))
+        .map(|d| format!("objects/{}", d.to_hex()))
         .collect();
-    let sealed_bytes: u64 = sources
+    let disk_a = medledger_store::FsBackend::open_existing(&a_im.store)?;
+    let sources: Vec<medledger_store::Location> = keys
         .iter()
-        .map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
-        .sum();
+        .map(|k| {
+            disk_a
+                .locate(k)?
+                .with_context(|| format!("{k} is not in {}", a_im.store))
+        })
+        .collect::<Result<_>>()?;
+    let sealed_bytes: u64 = sources.iter().map(|l| l.len).sum();
+    let disk_b = medledger_store::FsBackend::open_existing(&b_im.store)?;
 
     let b = Client::new(&api(B));
     let mut runs = Vec::new();
     for i in 0..args.repeat.max(1) {
         // B starts without the study.
-        for d in &objects {
-            let _ = std::fs::remove_file(object_path(&b_im.store, d));
-        }
+        medledger_store::Backend::delete_many(&disk_b, &keys)?;
         let _ = std::fs::remove_file(
             Path::new(&b_im.store).join(format!("refs/{}.json", original.root.to_hex())),
         );
@@ -344,7 +345,7 @@ pub fn run(args: BenchShareArgs) -> Result<()> {
 
 /// Sends the files over one loopback TCP connection; the receiver writes each to a file and
 /// flushes the file system at the end. Returns the seconds it took.
-fn plain_copy(files: &[PathBuf], tmp: &Path) -> Result<f64> {
+fn plain_copy(files: &[medledger_store::Location], tmp: &Path) -> Result<f64> {
     let out = tmp.join(format!("plain-{}", rand::random::<u32>()));
     std::fs::create_dir_all(&out)?;
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -367,7 +368,7 @@ fn plain_copy(files: &[PathBuf], tmp: &Path) -> Result<f64> {
     let mut s = std::net::TcpStream::connect(addr)?;
     s.set_nodelay(true)?;
     for f in files {
-        let bytes = std::fs::read(f).with_context(|| format!("{}", f.display()))?;
+        let bytes = f.read().with_context(|| format!("{}", f.path.display()))?;
         s.write_all(&(bytes.len() as u64).to_be_bytes())?;
         s.write_all(&bytes)?;
     }

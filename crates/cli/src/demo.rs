@@ -982,13 +982,11 @@ fn flip_bit(net: &Net, org: &str, root: &Digest) -> Result<String> {
         .next()
         .context("the study has no instances")?;
     let object = first.header.address.to_hex();
-    let path = Path::new(&im.store)
-        .join("objects")
-        .join(&object[..2])
-        .join(&object);
-    let mut bytes = std::fs::read(&path).with_context(|| format!("{}", path.display()))?;
-    let i = bytes.len() / 2;
-    bytes[i] ^= 0x01;
-    std::fs::write(&path, bytes).with_context(|| format!("{}", path.display()))?;
+    let key = format!("objects/{object}");
+    let at = medledger_store::FsBackend::open_existing(&im.store)?
+        .locate(&key)?
+        .with_context(|| format!("{key} is not in {}", im.store))?;
+    at.flip_bit(at.len / 2)
+        .with_context(|| format!("{}", at.path.display()))?;
     Ok(object)
 }

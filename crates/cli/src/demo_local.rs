@@ -363,12 +363,11 @@ fn demo_store(
 
     // A flipped bit in the store is caught, and the study is refused rather than served.
     let record = store.study_ref(&root)?;
-    let victim = record.objects[0].to_hex();
-    let path = store_dir.join("objects").join(&victim[..2]).join(&victim);
-    let mut bytes = fs::read(&path)?;
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 0x01;
-    fs::write(&path, &bytes)?;
+    let victim = format!("objects/{}", record.objects[0].to_hex());
+    let at = medledger_store::FsBackend::open_existing(store_dir)?
+        .locate(&victim)?
+        .with_context(|| format!("{victim} is not in the store"))?;
+    at.flip_bit(at.len / 2)?;
     let report = store.verify(Some(&hospital), false, &|_, _| {})?;
     for p in &report.corrupt {
         println!("    tampering caught by verify: {} {}", p.key, p.reason);
@@ -377,8 +376,7 @@ fn demo_store(
         Err(e) => println!("    retrieval of the tampered study refused: {e}"),
         Ok(_) => bail!("a tampered study was served"),
     }
-    bytes[mid] ^= 0x01;
-    fs::write(&path, &bytes)?;
+    at.flip_bit(at.len / 2)?;
     let report = store.verify(Some(&hospital), true, &|_, _| {})?;
     if !report.is_clean() {
         bail!("the store should verify clean once the bit is restored: {report:?}");

@@ -655,13 +655,13 @@ fn every_refusal_is_explained_and_audited() {
         .header
         .address
         .to_hex();
-    let path = Path::new(&store_dir)
-        .join("objects")
-        .join(&header[..2])
-        .join(&header);
-    let mut bytes = std::fs::read(&path).unwrap();
-    bytes[40] ^= 0x80;
-    std::fs::write(&path, bytes).unwrap();
+    medledger_store::FsBackend::open_existing(&store_dir)
+        .unwrap()
+        .locate(&format!("objects/{header}"))
+        .unwrap()
+        .expect("the header object is stored")
+        .flip_bit(40)
+        .unwrap();
     w.consent(
         &patient,
         Purpose::Research,
@@ -740,13 +740,16 @@ fn a_node_down_mid_transfer_resumes_and_one_series_is_proven_alone() {
     let b_cfg: Value =
         serde_json::from_slice(&std::fs::read(w.dir.join(B).join("node.json")).unwrap()).unwrap();
     let b_store = b_cfg["imaging"]["store"].as_str().unwrap().to_string();
-    for (_, i) in manifest.instances() {
-        for o in i.objects() {
-            let h = o.address.to_hex();
-            let _ =
-                std::fs::remove_file(Path::new(&b_store).join("objects").join(&h[..2]).join(&h));
-        }
-    }
+    let brought: Vec<String> = manifest
+        .instances()
+        .flat_map(|(_, i)| i.objects())
+        .map(|o| format!("objects/{}", o.address.to_hex()))
+        .collect();
+    medledger_store::Backend::delete_many(
+        &medledger_store::FsBackend::open_existing(&b_store).unwrap(),
+        &brought,
+    )
+    .unwrap();
     let pid_a = w.pid(A);
     let api_b = w.api(B);
     let g = grant.id.clone();

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use medledger_crypto::{Digest, SecretKey};
-use medledger_store::Store;
+use medledger_store::{Backend, Store};
 use medledger_testkit::garage::Garage;
 use medledger_testkit::synth::{CtStudySpec, FakePatient, ct_study};
 use rand::{Rng, SeedableRng};
@@ -223,11 +223,20 @@ fn put_get_verify_share_on_a_folder() {
     }
 
     // Damage: flip a bit in one object, delete another: verify names both, exits 1.
-    let objects: Vec<PathBuf> = files_in(&store.join("objects"));
-    let mut b = std::fs::read(&objects[3]).unwrap();
-    b[20] ^= 4;
-    std::fs::write(&objects[3], b).unwrap();
-    std::fs::remove_file(&objects[5]).unwrap();
+    let disk = medledger_store::FsBackend::open_existing(&store).unwrap();
+    let mut objects: Vec<String> = disk
+        .list("objects/")
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    objects.sort();
+    disk.locate(&objects[3])
+        .unwrap()
+        .unwrap()
+        .flip_bit(20)
+        .unwrap();
+    disk.delete(&objects[5]).unwrap();
     let verify = medledger(tmp.path())
         .args(["store", "verify", "--deep", "--store"])
         .arg(&store)
@@ -237,7 +246,7 @@ fn put_get_verify_share_on_a_folder() {
         .unwrap();
     let v = String::from_utf8_lossy(&verify.stdout);
     assert_eq!(verify.status.code(), Some(1), "{}", text(&verify));
-    let name = |p: &Path| p.file_name().unwrap().to_string_lossy().to_string();
+    let name = |k: &str| k.trim_start_matches("objects/").to_string();
     assert!(
         v.lines()
             .any(|l| l.starts_with("CORRUPT") && l.contains(&name(&objects[3]))),

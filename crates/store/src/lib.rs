@@ -11,7 +11,7 @@ pub mod manifest;
 pub mod split;
 mod store;
 
-pub use backend::{Backend, BackendError, FsBackend, S3Backend};
+pub use backend::{Backend, BackendError, BatchWriter, FsBackend, Location, S3Backend};
 pub use codec::DecodeError;
 pub use manifest::{
     InstanceEntry, InstanceProof, ObjectRef, SeriesEntry, SeriesProof, StudyManifest,

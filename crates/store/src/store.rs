@@ -19,7 +19,7 @@ use medledger_crypto::{Digest, ObjectKey, PublicKey, SecretKey, WrappedKey};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{Backend, BackendError};
+use crate::backend::{Backend, BackendError, BatchWriter};
 use crate::codec::DecodeError;
 use crate::manifest::{InstanceEntry, ObjectRef, SeriesEntry, StudyManifest};
 use crate::split::{self, InstanceIds, Split, SplitError};
@@ -312,6 +312,7 @@ impl PutOutcome {
 /// Limits on a write batch: objects are sealed and flushed in batches of about this size,
 /// so memory stays bounded however large the study.
 const BATCH_BYTES: u64 = 8 << 20;
+const FIRST_BATCH_BYTES: u64 = 1 << 20;
 const BATCH_OBJECTS: usize = 4096;
 
 /// [`Store::put_studies`] writes studies in groups of up to this many bytes of files (or
@@ -542,22 +543,25 @@ impl Store {
                     .map(move |(s, e)| (i, s, e))
             })
             .collect();
-        let counts = self.write_instances(work, plans.len(), opts, progress)?;
+        // Objects and manifests go into one batch, durable at once when it is committed.
+        let mut batch = self.backend.batch();
+        let counts = self.write_instances(work, plans.len(), opts, progress, batch.as_mut())?;
 
-        // Manifests, then the reference records: a study exists once its record is durable.
-        let mut manifest_writes = Vec::new();
-        let mut records = Vec::new();
-        for (i, manifest) in manifests.iter().enumerate() {
-            if let Some(manifest) = manifest {
+        // Manifests with the objects, then the reference records: a study exists once its
+        // record is durable. Wrapping each manifest key is public-key work: in parallel.
+        let sealed: Vec<((String, Bytes), StudyRef)> = manifests
+            .par_iter()
+            .enumerate()
+            .filter_map(|(i, m)| m.as_ref().map(|m| (i, m)))
+            .map(|(i, manifest)| {
                 debug_assert_eq!(manifest.root(), plans[i].root);
-                let (object, record) =
-                    seal_manifest(manifest, owner, opts.recipients, counts[i].bytes);
-                manifest_writes.push(object);
-                records.push(record);
-            }
-        }
-        if !manifest_writes.is_empty() {
-            self.backend.put_batch(manifest_writes)?;
+                seal_manifest(manifest, owner, opts.recipients, counts[i].bytes)
+            })
+            .collect();
+        let (manifest_writes, records): (Vec<_>, Vec<_>) = sealed.into_iter().unzip();
+        batch.add(manifest_writes)?;
+        batch.commit()?;
+        if !records.is_empty() {
             self.backend.put_batch(
                 records
                     .iter()
@@ -607,29 +611,34 @@ impl Store {
         studies: usize,
         opts: &PutOptions<'_>,
         progress: &(dyn Fn(u64) + Sync),
+        sink: &mut dyn BatchWriter,
     ) -> Result<Vec<WriteCounts>, StoreError> {
         let counters: Vec<[AtomicU64; 3]> = (0..studies).map(|_| Default::default()).collect();
         let write_error: Mutex<Option<StoreError>> = Mutex::new(None);
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<(String, Bytes)>>(1);
         std::thread::scope(|s| -> Result<(), StoreError> {
-            let writer = s.spawn(|| {
+            let write_error = &write_error;
+            let writer = s.spawn(move || {
                 for batch in rx {
-                    if let Err(e) = self.backend.put_batch(batch) {
+                    if let Err(e) = sink.add(batch) {
                         *write_error.lock().expect("not poisoned") = Some(e.into());
                         return;
                     }
                 }
             });
             let mut pending = work;
+            // Small batches first, so the disk starts early; then larger ones.
+            let mut limit = FIRST_BATCH_BYTES;
             while !pending.is_empty() {
                 let mut take = 0;
                 let mut bytes = 0;
                 let mut objects = 0;
-                while take < pending.len() && bytes < BATCH_BYTES && objects < BATCH_OBJECTS {
+                while take < pending.len() && bytes < limit && objects < BATCH_OBJECTS {
                     bytes += pending[take].1.file_len;
                     objects += 1 + pending[take].1.pixels.len();
                     take += 1;
                 }
+                limit = (limit * 2).min(BATCH_BYTES);
                 let rest = pending.split_off(take);
                 let sealed: Vec<Vec<(String, Bytes)>> = pending
                     .into_par_iter()

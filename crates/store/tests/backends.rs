@@ -61,7 +61,11 @@ fn filesystem_batches_go_into_one_pack_that_other_openers_see() {
     let reader = FsBackend::open_existing(&root).unwrap();
     let batch = packed_objects(30, 1);
     writer.put_batch(batch.clone()).unwrap();
-    assert_eq!(files_under(&root.join("packs")).len(), 1, "one pack for the batch");
+    assert_eq!(
+        files_under(&root.join("packs")).len(),
+        1,
+        "one pack for the batch"
+    );
     assert!(files_under(&root.join("objects")).is_empty());
     assert!(writer.stale_tmp_files().unwrap().is_empty());
     for (k, v) in &batch {
@@ -78,6 +82,26 @@ fn filesystem_batches_go_into_one_pack_that_other_openers_see() {
     // A fresh opener reads the same from the packs' indexes.
     let again = FsBackend::open_existing(&root).unwrap();
     assert_eq!(again.list("objects/").unwrap().len(), 29);
+}
+
+#[test]
+fn an_uncommitted_batch_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = FsBackend::open(dir.path().join("store")).unwrap();
+    let objects = packed_objects(5, 3);
+    let mut w = b.batch();
+    w.add(objects.clone()).unwrap();
+    assert_eq!(
+        b.stale_tmp_files().unwrap().len(),
+        1,
+        "the pack being written"
+    );
+    drop(w);
+    assert!(b.stale_tmp_files().unwrap().is_empty());
+    for (k, _) in &objects {
+        assert!(!b.exists(k).unwrap());
+    }
+    assert!(files_under(&dir.path().join("store/packs")).is_empty());
 }
 
 #[test]

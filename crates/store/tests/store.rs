@@ -312,29 +312,36 @@ fn every_damaged_object_is_reported_and_refused() {
     at.flip_bit(at.len / 2).unwrap();
     let zeroed = &refs[10];
     let at = locate(&zeroed.address);
-    let f = std::fs::OpenOptions::new().write(true).open(&at.path).unwrap();
-    f.write_all_at(&vec![0; at.len as usize], at.offset).unwrap();
-    // The object stored last in the pack, so that the cut damages it alone.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&at.path)
+        .unwrap();
+    f.write_all_at(&vec![0; at.len as usize], at.offset)
+        .unwrap();
+    // The pack cut short in the middle of its last record: the study's manifest, which is
+    // written after its objects, in the same pack.
+    let manifest = store.study_ref(&root).unwrap().manifest;
     let truncated = refs
         .iter()
-        .filter(|r| r.address != deleted.address)
-        .max_by_key(|r| locate(&r.address).offset)
+        .map(|r| r.address)
+        .chain([manifest])
+        .filter(|a| *a != deleted.address)
+        .max_by_key(|a| locate(a).offset)
         .unwrap();
-    let at = locate(&truncated.address);
-    assert_ne!(at.offset, 0, "objects of a batch are packed");
-    assert!(truncated.address != flipped.address && truncated.address != zeroed.address);
-    let f = std::fs::OpenOptions::new().write(true).open(&at.path).unwrap();
+    assert_eq!(truncated, manifest);
+    let at = locate(&truncated);
+    assert_eq!(at.path, locate(&refs[0].address).path, "one pack");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&at.path)
+        .unwrap();
     f.set_len(at.offset + at.len - 100).unwrap();
     drop(f);
 
     let report = store.verify(Some(&owner), true, &|_, _| {}).unwrap();
     let mut corrupt: Vec<String> = report.corrupt.iter().map(|p| p.key.clone()).collect();
     corrupt.dedup();
-    let mut expected = vec![
-        key(&flipped.address),
-        key(&truncated.address),
-        key(&zeroed.address),
-    ];
+    let mut expected = vec![key(&flipped.address), key(&truncated), key(&zeroed.address)];
     expected.sort();
     assert_eq!(corrupt, expected, "{report:#?}");
     let missing: Vec<String> = report.missing.iter().map(|p| p.key.clone()).collect();
@@ -351,16 +358,16 @@ fn every_damaged_object_is_reported_and_refused() {
         "{err}"
     );
 
-    // A damaged manifest is found too, and the study cannot be opened.
-    let manifest = store.study_ref(&root).unwrap().manifest;
-    disk.locate(&key(&manifest))
-        .unwrap()
-        .expect("stored")
-        .flip_bit(10)
-        .unwrap();
-    let report = store.verify(Some(&owner), false, &|_, _| {}).unwrap();
-    assert!(report.corrupt.iter().any(|p| p.key == key(&manifest)));
+    // The damaged manifest is found, and the study cannot be opened, also by a new opener
+    // (which reads the records of the cut pack one by one).
+    assert_eq!(report.studies_opened, 0);
     assert!(store.open_manifest(&root, &owner).is_err());
+    let reopened = Store::new(Box::new(
+        FsBackend::open_existing(dir.path().join("store")).unwrap(),
+    ));
+    let report = reopened.verify(Some(&owner), false, &|_, _| {}).unwrap();
+    assert!(report.corrupt.iter().any(|p| p.key == key(&manifest)));
+    assert!(reopened.open_manifest(&root, &owner).is_err());
 
     // A reference record that is not JSON is reported, not a crash.
     std::fs::write(

@@ -104,6 +104,27 @@ pub fn run(b: &dyn Backend) {
         .unwrap();
     assert!(kept.iter().all(|(k, _)| !b.exists(k).unwrap()));
 
+    // A batch filled in steps, objects and other keys mixed: all there once committed.
+    let steps: Vec<(String, Bytes)> = (0..6u64)
+        .map(|i| {
+            let key = if i == 5 {
+                k("batch-record")
+            } else {
+                format!("objects/{run_id:08x}{:056x}", 1000 + i)
+            };
+            (key, random_bytes(i as usize * 777, 300 + i))
+        })
+        .collect();
+    let mut w = b.batch();
+    w.add(steps[..2].to_vec()).unwrap();
+    w.add(steps[2..].to_vec()).unwrap();
+    w.commit().unwrap();
+    for (key, v) in &steps {
+        assert_eq!(&b.get(key).unwrap(), v, "{key} after commit");
+    }
+    b.delete_many(&steps.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>())
+        .unwrap();
+
     // Delete, and delete of a missing key.
     b.delete(&k("over")).unwrap();
     assert!(b.get(&k("over")).unwrap_err().is_not_found());

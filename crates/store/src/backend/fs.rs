@@ -26,7 +26,7 @@ use rand::RngCore;
 use rayon::prelude::*;
 
 use super::pack::{self, Entry};
-use super::{Backend, BackendError, check_key};
+use super::{Backend, BackendError, BatchWriter, check_key};
 
 const MARKER: &str = "MEDLEDGER-STORE";
 const MARKER_TEXT: &str = "medledger object store, layout 1\n";
@@ -62,6 +62,11 @@ pub struct Location {
 }
 
 impl Location {
+    /// The object's bytes as they are on disk.
+    pub fn read(&self) -> std::io::Result<Vec<u8>> {
+        read_range(&File::open(&self.path)?, self.offset, self.len)
+    }
+
     /// Flips one bit of the object's byte `at`, in place: for showing and testing that damage
     /// is caught.
     pub fn flip_bit(&self, at: u64) -> std::io::Result<()> {
@@ -71,7 +76,10 @@ impl Location {
                 format!("byte {at} is past the object's {} bytes", self.len),
             ));
         }
-        let file = fs::OpenOptions::new().read(true).write(true).open(&self.path)?;
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&self.path)?;
         let mut b = [0u8; 1];
         file.read_exact_at(&mut b, self.offset + at)?;
         file.write_all_at(&[b[0] ^ 0x10], self.offset + at)?;
@@ -248,7 +256,8 @@ impl FsBackend {
         match fs::read_dir(&dir) {
             Ok(rd) => {
                 for entry in rd {
-                    let entry = entry.map_err(|e| BackendError::io(dir.display().to_string(), e))?;
+                    let entry =
+                        entry.map_err(|e| BackendError::io(dir.display().to_string(), e))?;
                     if let Some(name) = entry.file_name().to_str()
                         && name.ends_with(".pack")
                     {
@@ -338,42 +347,11 @@ impl FsBackend {
 
     /// Writes `items` as one pack, durably, and indexes it.
     fn write_pack(&self, items: &[(String, Bytes)]) -> Result<(), BackendError> {
-        let mut id = [0u8; 16];
-        rand::rngs::OsRng.fill_bytes(&mut id);
-        let name = format!("{}.pack", hex::encode(id));
-        let tmp = self.root.join("tmp").join(format!("{name}.tmp"));
-        let io = |p: &Path, e| BackendError::io(p.display().to_string(), e);
-        let written = (|| {
-            let mut out = BufWriter::with_capacity(
-                256 << 10,
-                File::create(&tmp).map_err(|e| io(&tmp, e))?,
-            );
-            let entries = pack::write(&mut out, items).map_err(|e| io(&tmp, e))?;
-            let file = out.into_inner().map_err(|e| io(&tmp, e.into_error()))?;
-            file.sync_data().map_err(|e| io(&tmp, e))?;
-            Ok::<_, BackendError>(entries)
-        })();
-        let entries = match written {
-            Ok(entries) => entries,
-            Err(e) => {
-                let _ = fs::remove_file(&tmp);
-                return Err(e);
-            }
-        };
-        let dir = self.packs_dir();
-        if !dir.is_dir() {
-            // A store made before packs existed.
-            fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
-            sync_dir(&self.root)?;
+        let mut batch = PackBatch::new(self);
+        for (key, data) in items {
+            batch.add_object(key, data)?;
         }
-        let dest = dir.join(&name);
-        fs::rename(&tmp, &dest).map_err(|e| io(&dest, e))?;
-        sync_dir(&dir)?;
-        self.packs
-            .write()
-            .expect("not poisoned")
-            .add(Arc::from(name), Arc::from(entries));
-        Ok(())
+        batch.finish_pack()
     }
 
     /// Deletes packed objects: every pack that holds one is written again without them (in
@@ -396,7 +374,8 @@ impl FsBackend {
         let dir = self.packs_dir();
         for (name, entries) in victims {
             let path = dir.join(&*name);
-            let file = File::open(&path).map_err(|e| BackendError::io(path.display().to_string(), e))?;
+            let file =
+                File::open(&path).map_err(|e| BackendError::io(path.display().to_string(), e))?;
             let mut items: Vec<(String, Bytes)> = Vec::new();
             let mut bytes = 0u64;
             for e in entries.iter().filter(|e| !keys.contains(e.key.as_str())) {
@@ -525,6 +504,158 @@ fn create(root: &Path) -> Result<(), BackendError> {
 /// on disk; everything is on disk when the batch returns) for far fewer device flushes.
 const SYNCFS_BATCH: usize = 4;
 
+/// Loose batches whose files average less than this are written by one thread.
+const SMALL_BATCH: usize = 64 << 10;
+
+/// A batch whose objects go into one pack as they come: each addition is written at once and
+/// its writeback started, so the disk works while the writer prepares the next; the commit
+/// adds the index, flushes the file once, and moves it into `packs/`. Other keys are written
+/// at the commit, after the pack is durable.
+struct PackBatch<'a> {
+    backend: &'a FsBackend,
+    pack: Option<OpenPack>,
+    loose: Vec<(String, Bytes)>,
+}
+
+struct OpenPack {
+    name: String,
+    tmp: PathBuf,
+    writer: pack::Writer<BufWriter<File>>,
+    /// Where writeback was last started.
+    started: u64,
+}
+
+impl<'a> PackBatch<'a> {
+    fn new(backend: &'a FsBackend) -> PackBatch<'a> {
+        PackBatch {
+            backend,
+            pack: None,
+            loose: Vec::new(),
+        }
+    }
+
+    fn open(&mut self) -> Result<&mut OpenPack, BackendError> {
+        if self.pack.is_none() {
+            let mut id = [0u8; 16];
+            rand::rngs::OsRng.fill_bytes(&mut id);
+            let name = format!("{}.pack", hex::encode(id));
+            let tmp = self.backend.root.join("tmp").join(format!("{name}.tmp"));
+            let io = |e| BackendError::io(tmp.display().to_string(), e);
+            let file = File::create(&tmp).map_err(io)?;
+            let writer = pack::Writer::new(BufWriter::with_capacity(256 << 10, file));
+            // From here on, a failure leaves the file for `Drop` to remove.
+            self.pack = Some(OpenPack {
+                name,
+                tmp: tmp.clone(),
+                writer: writer.map_err(|e| BackendError::io(tmp.display().to_string(), e))?,
+                started: 0,
+            });
+        }
+        Ok(self.pack.as_mut().expect("just opened"))
+    }
+
+    fn add_object(&mut self, key: &str, data: &[u8]) -> Result<(), BackendError> {
+        let pack = self.open()?;
+        pack.writer
+            .add(key, data)
+            .map_err(|e| BackendError::io(pack.tmp.display().to_string(), e))
+    }
+
+    /// Starts writeback of what was written since the last call, without waiting for it
+    /// (on Linux, "don't need" on dirty pages starts their writeback); failure is harmless.
+    fn start_writeback(&mut self) -> Result<(), BackendError> {
+        let Some(pack) = self.pack.as_mut() else {
+            return Ok(());
+        };
+        let out = pack.writer.get_mut();
+        out.flush()
+            .map_err(|e| BackendError::io(pack.tmp.display().to_string(), e))?;
+        let end = pack.writer.position();
+        let len = std::num::NonZeroU64::new(end - pack.started);
+        let _ = rustix::fs::fadvise(
+            pack.writer.get_mut().get_ref(),
+            pack.started,
+            len,
+            rustix::fs::Advice::DontNeed,
+        );
+        pack.started = end;
+        Ok(())
+    }
+
+    /// Finishes the pack (if any object was added): durable, in place and indexed.
+    fn finish_pack(&mut self) -> Result<(), BackendError> {
+        let Some(pack) = self.pack.take() else {
+            return Ok(());
+        };
+        let io = |p: &Path, e| BackendError::io(p.display().to_string(), e);
+        let done = (|| {
+            let (out, entries) = pack.writer.finish().map_err(|e| io(&pack.tmp, e))?;
+            let file = out
+                .into_inner()
+                .map_err(|e| io(&pack.tmp, e.into_error()))?;
+            file.sync_data().map_err(|e| io(&pack.tmp, e))?;
+            Ok::<_, BackendError>(entries)
+        })();
+        let entries = match done {
+            Ok(entries) => entries,
+            Err(e) => {
+                let _ = fs::remove_file(&pack.tmp);
+                return Err(e);
+            }
+        };
+        let dir = self.backend.packs_dir();
+        if !dir.is_dir() {
+            // A store made before packs existed.
+            fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
+            sync_dir(&self.backend.root)?;
+        }
+        let dest = dir.join(&pack.name);
+        if let Err(e) = fs::rename(&pack.tmp, &dest) {
+            let _ = fs::remove_file(&pack.tmp);
+            return Err(io(&dest, e));
+        }
+        sync_dir(&dir)?;
+        self.backend
+            .packs
+            .write()
+            .expect("not poisoned")
+            .add(Arc::from(pack.name), Arc::from(entries));
+        Ok(())
+    }
+}
+
+impl BatchWriter for PackBatch<'_> {
+    fn add(&mut self, items: Vec<(String, Bytes)>) -> Result<(), BackendError> {
+        for (key, data) in items {
+            check_key(&key)?;
+            if object_name(&key).is_some() {
+                self.add_object(&key, &data)?;
+            } else {
+                self.loose.push((key, data));
+            }
+        }
+        self.start_writeback()
+    }
+
+    fn commit(mut self: Box<Self>) -> Result<(), BackendError> {
+        self.finish_pack()?;
+        let loose = std::mem::take(&mut self.loose);
+        if loose.is_empty() {
+            Ok(())
+        } else {
+            self.backend.put_batch(loose)
+        }
+    }
+}
+
+impl Drop for PackBatch<'_> {
+    fn drop(&mut self) {
+        if let Some(pack) = &self.pack {
+            let _ = fs::remove_file(&pack.tmp);
+        }
+    }
+}
+
 /// Reads `len` bytes at `offset`, or fewer if the file has been cut short since its index was
 /// read: a damaged object, which then fails verification, rather than an I/O error that would
 /// hide which object it is.
@@ -593,12 +724,17 @@ impl Backend for FsBackend {
             .map(|(k, _)| self.path(k))
             .collect::<Result<_, _>>()?;
         if items.len() >= SYNCFS_BATCH {
-            let tmps: Vec<PathBuf> = self.pool.install(|| {
-                items
-                    .par_iter()
-                    .map(|(_, data)| self.write_tmp_with(data, false))
-                    .collect::<Result<_, _>>()
-            })?;
+            // Small files (reference records) one after another: creating files is bound by
+            // the directory's lock and the inode allocator, and threads only contend for them.
+            let small =
+                items.iter().map(|(_, d)| d.len()).sum::<usize>() < SMALL_BATCH * items.len();
+            let write = |(_, data): &(String, Bytes)| self.write_tmp_with(data, false);
+            let tmps: Vec<PathBuf> = if small {
+                items.iter().map(write).collect::<Result<_, _>>()?
+            } else {
+                self.pool
+                    .install(|| items.par_iter().map(write).collect::<Result<_, _>>())?
+            };
             sync_fs(&self.root)?;
             for (tmp, dest) in tmps.iter().zip(&dests) {
                 self.install(tmp, dest)?;
@@ -703,6 +839,10 @@ impl Backend for FsBackend {
         Ok(out)
     }
 
+    fn batch(&self) -> Box<dyn BatchWriter + '_> {
+        Box::new(PackBatch::new(self))
+    }
+
     fn delete(&self, key: &str) -> Result<(), BackendError> {
         self.delete_many(&[key.to_string()])
     }
@@ -713,7 +853,11 @@ impl Backend for FsBackend {
             let path = self.path(key)?;
             match fs::remove_file(&path) {
                 Ok(()) => {
-                    dirs.insert(path.parent().expect("object paths have a parent").to_path_buf());
+                    dirs.insert(
+                        path.parent()
+                            .expect("object paths have a parent")
+                            .to_path_buf(),
+                    );
                 }
                 Err(e) if e.kind() == ErrorKind::NotFound => {}
                 Err(e) => return Err(BackendError::io(path.display().to_string(), e)),

@@ -81,9 +81,34 @@ pub trait Backend: Send + Sync + fmt::Debug {
     }
     fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>, BackendError>;
     fn delete(&self, key: &str) -> Result<(), BackendError>;
+    /// Starts a batch filled over time (by a writer that produces objects while earlier ones
+    /// are written) and made durable all at once by [`BatchWriter::commit`]. By default each
+    /// addition is a [`Backend::put_batch`].
+    fn batch(&self) -> Box<dyn BatchWriter + '_> {
+        Box::new(EachAdd(self))
+    }
     /// Deletes several keys; a backend may do it in fewer steps than one delete each.
     fn delete_many(&self, keys: &[String]) -> Result<(), BackendError> {
         keys.iter().try_for_each(|k| self.delete(k))
+    }
+}
+
+/// Writes added over time, durable once [`BatchWriter::commit`] returns. Until then nothing
+/// added need be durable or visible; after an error, or when the writer is dropped without a
+/// commit, any of it may be absent.
+pub trait BatchWriter: Send {
+    fn add(&mut self, items: Vec<(String, Bytes)>) -> Result<(), BackendError>;
+    fn commit(self: Box<Self>) -> Result<(), BackendError>;
+}
+
+struct EachAdd<'a, B: ?Sized>(&'a B);
+
+impl<B: Backend + ?Sized> BatchWriter for EachAdd<'_, B> {
+    fn add(&mut self, items: Vec<(String, Bytes)>) -> Result<(), BackendError> {
+        self.0.put_batch(items)
+    }
+    fn commit(self: Box<Self>) -> Result<(), BackendError> {
+        Ok(())
     }
 }
 

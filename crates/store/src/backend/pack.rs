@@ -22,7 +22,6 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 
-use bytes::Bytes;
 use medledger_crypto::Digest;
 
 use super::check_key;
@@ -52,43 +51,72 @@ pub(super) enum Read {
     Scan,
 }
 
-/// Writes `items` as a pack to `out` (buffered by the caller or not); returns the entries.
-pub(super) fn write(out: &mut impl Write, items: &[(String, Bytes)]) -> io::Result<Vec<Entry>> {
-    out.write_all(MAGIC)?;
-    let mut pos = MAGIC.len() as u64;
-    let mut entries = Vec::with_capacity(items.len());
-    let mut head = Vec::new();
-    for (key, data) in items {
-        head.clear();
-        head.push(RECORD);
-        head.extend_from_slice(&key_len(key)?.to_le_bytes());
-        head.extend_from_slice(key.as_bytes());
-        head.extend_from_slice(&(data.len() as u64).to_le_bytes());
-        out.write_all(&head)?;
-        pos += head.len() as u64;
-        entries.push(Entry {
-            key: key.clone(),
-            offset: pos,
+/// Writes a pack record by record; [`Writer::finish`] adds the index and trailer.
+pub(super) struct Writer<W: Write> {
+    out: W,
+    pos: u64,
+    entries: Vec<Entry>,
+    head: Vec<u8>,
+}
+
+impl<W: Write> Writer<W> {
+    pub fn new(mut out: W) -> io::Result<Writer<W>> {
+        out.write_all(MAGIC)?;
+        Ok(Writer {
+            out,
+            pos: MAGIC.len() as u64,
+            entries: Vec::new(),
+            head: Vec::new(),
+        })
+    }
+
+    pub fn add(&mut self, key: &str, data: &[u8]) -> io::Result<()> {
+        self.head.clear();
+        self.head.push(RECORD);
+        self.head.extend_from_slice(&key_len(key)?.to_le_bytes());
+        self.head.extend_from_slice(key.as_bytes());
+        self.head
+            .extend_from_slice(&(data.len() as u64).to_le_bytes());
+        self.out.write_all(&self.head)?;
+        self.pos += self.head.len() as u64;
+        self.entries.push(Entry {
+            key: key.to_string(),
+            offset: self.pos,
             len: data.len() as u64,
         });
-        out.write_all(data)?;
-        pos += data.len() as u64;
+        self.out.write_all(data)?;
+        self.pos += data.len() as u64;
+        Ok(())
     }
-    let count = u32::try_from(entries.len())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "too many objects for a pack"))?;
-    let mut index = vec![INDEX];
-    index.extend_from_slice(&count.to_le_bytes());
-    for e in &entries {
-        index.extend_from_slice(&key_len(&e.key)?.to_le_bytes());
-        index.extend_from_slice(e.key.as_bytes());
-        index.extend_from_slice(&e.offset.to_le_bytes());
-        index.extend_from_slice(&e.len.to_le_bytes());
+
+    /// Bytes written so far.
+    pub fn position(&self) -> u64 {
+        self.pos
     }
-    out.write_all(&index)?;
-    out.write_all(&(index.len() as u64).to_le_bytes())?;
-    out.write_all(Digest::of(&index).as_bytes())?;
-    out.write_all(TRAILER_MAGIC)?;
-    Ok(entries)
+
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.out
+    }
+
+    /// Writes the index and trailer; returns the output and the entries.
+    pub fn finish(mut self) -> io::Result<(W, Vec<Entry>)> {
+        let count = u32::try_from(self.entries.len()).map_err(|_| {
+            io::Error::new(io::ErrorKind::InvalidInput, "too many objects for a pack")
+        })?;
+        let mut index = vec![INDEX];
+        index.extend_from_slice(&count.to_le_bytes());
+        for e in &self.entries {
+            index.extend_from_slice(&key_len(&e.key)?.to_le_bytes());
+            index.extend_from_slice(e.key.as_bytes());
+            index.extend_from_slice(&e.offset.to_le_bytes());
+            index.extend_from_slice(&e.len.to_le_bytes());
+        }
+        self.out.write_all(&index)?;
+        self.out.write_all(&(index.len() as u64).to_le_bytes())?;
+        self.out.write_all(Digest::of(&index).as_bytes())?;
+        self.out.write_all(TRAILER_MAGIC)?;
+        Ok((self.out, self.entries))
+    }
 }
 
 fn key_len(key: &str) -> io::Result<u16> {
@@ -229,6 +257,8 @@ impl Reader<'_> {
 
 #[cfg(test)]
 mod tests {
+    use bytes::Bytes;
+
     use super::*;
 
     fn items() -> Vec<(String, Bytes)> {
@@ -244,7 +274,11 @@ mod tests {
 
     fn packed(items: &[(String, Bytes)]) -> (tempfile::NamedTempFile, Vec<Entry>) {
         let mut f = tempfile::NamedTempFile::new().unwrap();
-        let entries = write(f.as_file_mut(), items).unwrap();
+        let mut w = Writer::new(f.as_file_mut()).unwrap();
+        for (key, data) in items {
+            w.add(key, data).unwrap();
+        }
+        let (_, entries) = w.finish().unwrap();
         (f, entries)
     }
 

@@ -356,6 +356,12 @@ fn rewrap(
 
 /// Seals a manifest and makes the study's reference record (envelopes for the owner and
 /// `recipients`): (the manifest object to write, the record to write after it).
+/// A reference record as written: its key and its JSON.
+fn ref_write(record: &StudyRef) -> (String, Bytes) {
+    let json = serde_json::to_vec_pretty(record).expect("a study reference serialises");
+    (ref_key(&record.root), Bytes::from(json))
+}
+
 fn seal_manifest(
     manifest: &StudyManifest,
     owner: &SecretKey,
@@ -560,19 +566,8 @@ impl Store {
             .collect();
         let (manifest_writes, records): (Vec<_>, Vec<_>) = sealed.into_iter().unzip();
         batch.add(manifest_writes)?;
+        batch.add(records.iter().map(ref_write).collect())?;
         batch.commit()?;
-        if !records.is_empty() {
-            self.backend.put_batch(
-                records
-                    .iter()
-                    .map(|r| {
-                        let json =
-                            serde_json::to_vec_pretty(r).expect("a study reference serialises");
-                        (ref_key(&r.root), Bytes::from(json))
-                    })
-                    .collect(),
-            )?;
-        }
         let mut records = records.into_iter();
         Ok(manifests
             .into_iter()
@@ -700,28 +695,26 @@ impl Store {
         Ok((staged.outcome, staged.skipped))
     }
 
-    /// Writes staged versions: every object and manifest in one durable batch, then every
-    /// reference record in a second, so several versions (an original and its derivative)
-    /// cost two rounds of flushes between them.
+    /// Writes staged versions: every object and manifest, then every reference record, in one
+    /// batch made durable at once (on the filesystem, one pack), so several versions (an
+    /// original and its derivative) cost one round of flushes between them. A record is never
+    /// durable without the objects it names.
     pub fn write_staged(&self, staged: &[&Staged]) -> Result<(), StoreError> {
-        let objects: Vec<(String, Bytes)> = staged
-            .iter()
-            .flat_map(|s| s.writes.iter().cloned())
-            .collect();
-        if !objects.is_empty() {
-            self.backend.put_batch(objects)?;
-        }
-        let refs: Vec<(String, Bytes)> = staged
-            .iter()
-            .filter_map(|s| s.record.as_ref())
-            .map(|r| {
-                let json = serde_json::to_vec_pretty(r).expect("a study reference serialises");
-                (ref_key(&r.root), Bytes::from(json))
-            })
-            .collect();
-        if !refs.is_empty() {
-            self.backend.put_batch(refs)?;
-        }
+        let mut batch = self.backend.batch();
+        batch.add(
+            staged
+                .iter()
+                .flat_map(|s| s.writes.iter().cloned())
+                .collect(),
+        )?;
+        batch.add(
+            staged
+                .iter()
+                .filter_map(|s| s.record.as_ref())
+                .map(ref_write)
+                .collect(),
+        )?;
+        batch.commit()?;
         Ok(())
     }
 
@@ -953,9 +946,8 @@ impl Store {
     }
 
     fn write_ref(&self, record: &StudyRef) -> Result<(), StoreError> {
-        let json = serde_json::to_vec_pretty(record).expect("a study reference serialises");
-        self.backend
-            .put(&ref_key(&record.root), Bytes::from(json))?;
+        let (key, json) = ref_write(record);
+        self.backend.put(&key, json)?;
         Ok(())
     }
 
@@ -1419,6 +1411,18 @@ impl Store {
         report.objects_checked = listed.len() as u64;
         report.bytes_checked = total;
         report.corrupt = problems;
+        // Damage the backend found in its own structures (a pack with a damaged index, whose
+        // later objects and records may be lost with it).
+        report.corrupt.extend(
+            self.backend
+                .damage()?
+                .into_iter()
+                .map(|(key, reason)| Problem {
+                    key,
+                    study: None,
+                    reason,
+                }),
+        );
         let bad: HashSet<String> = report.corrupt.iter().map(|p| p.key.clone()).collect();
         let present: HashSet<&str> = listed.iter().map(|(k, _)| k.as_str()).collect();
         let mut referenced: HashSet<String> = HashSet::new();

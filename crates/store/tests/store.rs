@@ -301,8 +301,8 @@ fn every_damaged_object_is_reported_and_refused() {
         .instances()
         .flat_map(|(_, i)| i.objects().cloned())
         .collect();
-    // A deletion, a bit flip, an object overwritten with zeros, and a pack cut off in the
-    // middle of its last object. The deletion first: it writes the pack again elsewhere.
+    // A deletion, a bit flip, an object overwritten with zeros. The deletion first: it
+    // writes the pack again without the object.
     let deleted = &refs[7];
     store.backend().delete(&key(&deleted.address)).unwrap();
     let disk = FsBackend::open_existing(dir.path().join("store")).unwrap();
@@ -312,36 +312,18 @@ fn every_damaged_object_is_reported_and_refused() {
     at.flip_bit(at.len / 2).unwrap();
     let zeroed = &refs[10];
     let at = locate(&zeroed.address);
-    let f = std::fs::OpenOptions::new()
+    assert_ne!(at.offset, 0, "objects of a batch are packed");
+    std::fs::OpenOptions::new()
         .write(true)
         .open(&at.path)
+        .unwrap()
+        .write_all_at(&vec![0; at.len as usize], at.offset)
         .unwrap();
-    f.write_all_at(&vec![0; at.len as usize], at.offset)
-        .unwrap();
-    // The pack cut short in the middle of its last record: the study's manifest, which is
-    // written after its objects, in the same pack.
-    let manifest = store.study_ref(&root).unwrap().manifest;
-    let truncated = refs
-        .iter()
-        .map(|r| r.address)
-        .chain([manifest])
-        .filter(|a| *a != deleted.address)
-        .max_by_key(|a| locate(a).offset)
-        .unwrap();
-    assert_eq!(truncated, manifest);
-    let at = locate(&truncated);
-    assert_eq!(at.path, locate(&refs[0].address).path, "one pack");
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&at.path)
-        .unwrap();
-    f.set_len(at.offset + at.len - 100).unwrap();
-    drop(f);
 
     let report = store.verify(Some(&owner), true, &|_, _| {}).unwrap();
     let mut corrupt: Vec<String> = report.corrupt.iter().map(|p| p.key.clone()).collect();
     corrupt.dedup();
-    let mut expected = vec![key(&flipped.address), key(&truncated), key(&zeroed.address)];
+    let mut expected = vec![key(&flipped.address), key(&zeroed.address)];
     expected.sort();
     assert_eq!(corrupt, expected, "{report:#?}");
     let missing: Vec<String> = report.missing.iter().map(|p| p.key.clone()).collect();
@@ -358,16 +340,51 @@ fn every_damaged_object_is_reported_and_refused() {
         "{err}"
     );
 
-    // The damaged manifest is found, and the study cannot be opened, also by a new opener
-    // (which reads the records of the cut pack one by one).
-    assert_eq!(report.studies_opened, 0);
+    // A damaged manifest is found too, and the study cannot be opened.
+    let manifest = store.study_ref(&root).unwrap().manifest;
+    locate(&manifest).flip_bit(10).unwrap();
+    let report = store.verify(Some(&owner), false, &|_, _| {}).unwrap();
+    assert!(report.corrupt.iter().any(|p| p.key == key(&manifest)));
     assert!(store.open_manifest(&root, &owner).is_err());
+
+    // A pack cut short in the middle of a study's manifest (written after its objects, in
+    // the same pack, before its reference record): a new opener reads the pack record by
+    // record, reports the pack as damaged and the manifest as corrupt.
+    let other = store
+        .put_study(
+            derivative_plans(&files, 9).remove(0),
+            &owner,
+            &PutOptions::default(),
+            &|_| {},
+        )
+        .unwrap();
+    let other_manifest = store.study_ref(&other.root).unwrap().manifest;
+    let at = locate(&other_manifest);
+    let first = other.manifest.instances().next().unwrap().1.header.address;
+    assert_eq!(at.path, locate(&first).path, "one pack");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&at.path)
+        .unwrap()
+        .set_len(at.offset + at.len / 2)
+        .unwrap();
     let reopened = Store::new(Box::new(
         FsBackend::open_existing(dir.path().join("store")).unwrap(),
     ));
     let report = reopened.verify(Some(&owner), false, &|_, _| {}).unwrap();
-    assert!(report.corrupt.iter().any(|p| p.key == key(&manifest)));
-    assert!(reopened.open_manifest(&root, &owner).is_err());
+    let pack = format!("packs/{}", at.path.file_name().unwrap().to_string_lossy());
+    assert!(
+        report
+            .corrupt
+            .iter()
+            .any(|p| p.key == pack && p.reason.contains("index damaged")),
+        "{report:#?}"
+    );
+    assert!(
+        report.corrupt.iter().any(|p| p.key == key(&other_manifest)),
+        "{report:#?}"
+    );
+    assert!(!report.is_clean());
 
     // A reference record that is not JSON is reported, not a crash.
     std::fs::write(

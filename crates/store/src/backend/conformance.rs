@@ -122,6 +122,19 @@ pub fn run(b: &dyn Backend) {
     for (key, v) in &steps {
         assert_eq!(&b.get(key).unwrap(), v, "{key} after commit");
     }
+    // A later put of a key the batch wrote replaces its value.
+    b.put(&k("batch-record"), Bytes::from_static(b"replaced"))
+        .unwrap();
+    assert_eq!(
+        b.get(&k("batch-record")).unwrap(),
+        Bytes::from_static(b"replaced")
+    );
+    assert!(
+        b.list(&k("batch-record"))
+            .unwrap()
+            .iter()
+            .any(|(key, n)| key == &k("batch-record") && *n == 8)
+    );
     b.delete_many(&steps.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>())
         .unwrap();
 

@@ -3,8 +3,11 @@
 //! A batch of content-addressed objects (`objects/<hex>`) goes into one pack file (see
 //! [`pack`](super::pack)): written in `tmp/`, flushed (`fdatasync`), renamed into `packs/` and
 //! the directory flushed, so a batch costs one file and two flushes however many objects it
-//! holds. Anything else, and a lone object, is one file: a temporary file in `tmp/`, flushed,
-//! renamed into place, its directory flushed. Either way, after a crash a write is whole or
+//! holds; a batch written through [`Backend::batch`] also packs the new keys that are not
+//! objects (a new study's reference record), after the objects. Anything else, and a lone
+//! object, is one file: a temporary file in `tmp/`, flushed, renamed into place, its
+//! directory flushed. Objects are looked up in the packs first, other keys in their own file
+//! first, so a file written later replaces a packed value. Either way, after a crash a write is whole or
 //! absent. Lone objects fan out by the first two hex digits of their name
 //! (`objects/ab/ab12...`). Temporary files left by a crash are never read as objects; `verify`
 //! counts them and `clean_tmp` removes them.
@@ -94,6 +97,8 @@ struct Packs {
     files: HashMap<Arc<str>, Arc<[Entry]>>,
     /// Object key to the pack that holds it, and where.
     by_key: HashMap<String, Loc>,
+    /// Packs whose index was damaged (read record by record) or that could not be read.
+    damaged: HashMap<Arc<str>, String>,
 }
 
 #[derive(Clone, Debug)]
@@ -120,6 +125,7 @@ impl Packs {
 
     /// Forgets a pack whose objects are all deleted or held by other packs already indexed.
     fn drop_pack(&mut self, name: &str) {
+        self.damaged.remove(name);
         if let Some(entries) = self.files.remove(name) {
             for e in entries.iter() {
                 if self.by_key.get(&e.key).is_some_and(|l| &*l.pack == name) {
@@ -289,19 +295,26 @@ impl FsBackend {
                 Err(e) if e.kind() == ErrorKind::NotFound => continue,
                 Err(e) => return Err(BackendError::io(path.display().to_string(), e)),
             };
+            let name = Arc::<str>::from(name);
             match pack::read(&file) {
                 Ok((entries, how)) => {
-                    if how == pack::Read::Scan {
+                    let damage = (how == pack::Read::Scan).then(|| {
                         tracing::warn!(
                             pack = %path.display(),
-                            objects = entries.len(),
-                            "pack index damaged or missing; its objects were found by reading it whole"
+                            records = entries.len(),
+                            "pack index damaged or missing; its records were read one by one"
                         );
-                    }
-                    loaded.push((Arc::<str>::from(name), Arc::<[Entry]>::from(entries)));
+                        format!(
+                            "index damaged or missing: {} records found by reading the pack, \
+                             any after the damage are lost",
+                            entries.len()
+                        )
+                    });
+                    loaded.push((name, Arc::<[Entry]>::from(entries), damage));
                 }
                 Err(e) => {
                     tracing::warn!(pack = %path.display(), error = %e, "unreadable pack skipped");
+                    loaded.push((name, Arc::from([]), Some(format!("unreadable: {e}"))));
                 }
             }
         }
@@ -313,10 +326,15 @@ impl FsBackend {
                     fresh.add(name, entries);
                 }
             }
+            fresh.damaged = std::mem::take(&mut packs.damaged);
+            fresh.damaged.retain(|name, _| on_disk.contains(&**name));
             *packs = fresh;
         }
-        for (name, entries) in loaded {
+        for (name, entries, damage) in loaded {
             if !packs.files.contains_key(&name) {
+                if let Some(why) = damage {
+                    packs.damaged.insert(name.clone(), why);
+                }
                 packs.add(name, entries);
             }
         }
@@ -349,7 +367,7 @@ impl FsBackend {
     fn write_pack(&self, items: &[(String, Bytes)]) -> Result<(), BackendError> {
         let mut batch = PackBatch::new(self);
         for (key, data) in items {
-            batch.add_object(key, data)?;
+            batch.add_record(key, data)?;
         }
         batch.finish_pack()
     }
@@ -404,26 +422,52 @@ impl FsBackend {
     /// Where an object's bytes are on disk, or `None` if it is not stored: for tools and
     /// tests that inspect or damage a store on purpose.
     pub fn locate(&self, key: &str) -> Result<Option<Location>, BackendError> {
-        let path = self.path(key)?;
-        for attempt in 0..2 {
-            if let Some(loc) = self.packed(key) {
+        self.find(
+            key,
+            |path| {
+                Ok(fs::metadata(path)
+                    .ok()
+                    .filter(|m| m.is_file())
+                    .map(|m| Location {
+                        path: path.to_path_buf(),
+                        offset: 0,
+                        len: m.len(),
+                    }))
+            },
+            |loc| {
                 let pack = self.packs_dir().join(&*loc.pack);
-                if pack.is_file() {
-                    return Ok(Some(Location {
-                        path: pack,
-                        offset: loc.offset,
-                        len: loc.len,
-                    }));
-                }
+                Ok(pack.is_file().then_some(Location {
+                    path: pack,
+                    offset: loc.offset,
+                    len: loc.len,
+                }))
+            },
+        )
+    }
+
+    /// Looks a key up: objects in the packs first (where nearly all of them are), other keys
+    /// in their own file first (a file written after a pack replaces the packed value). If
+    /// neither has it, the packs may have changed since they were read (a write or a delete by
+    /// another process): they are read again, once.
+    fn find<T>(
+        &self,
+        key: &str,
+        loose: impl Fn(&Path) -> Result<Option<T>, BackendError>,
+        packed: impl Fn(&Loc) -> Result<Option<T>, BackendError>,
+    ) -> Result<Option<T>, BackendError> {
+        let path = self.path(key)?;
+        let object = object_name(key).is_some();
+        for attempt in 0..2 {
+            if !object && let Some(found) = loose(&path)? {
+                return Ok(Some(found));
             }
-            if let Ok(meta) = fs::metadata(&path)
-                && meta.is_file()
+            if let Some(loc) = self.packed(key)
+                && let Some(found) = packed(&loc)?
             {
-                return Ok(Some(Location {
-                    path,
-                    offset: 0,
-                    len: meta.len(),
-                }));
+                return Ok(Some(found));
+            }
+            if object && let Some(found) = loose(&path)? {
+                return Ok(Some(found));
             }
             if attempt == 0 {
                 self.refresh()?;
@@ -554,7 +598,7 @@ impl<'a> PackBatch<'a> {
         Ok(self.pack.as_mut().expect("just opened"))
     }
 
-    fn add_object(&mut self, key: &str, data: &[u8]) -> Result<(), BackendError> {
+    fn add_record(&mut self, key: &str, data: &[u8]) -> Result<(), BackendError> {
         let pack = self.open()?;
         pack.writer
             .add(key, data)
@@ -629,7 +673,7 @@ impl BatchWriter for PackBatch<'_> {
         for (key, data) in items {
             check_key(&key)?;
             if object_name(&key).is_some() {
-                self.add_object(&key, &data)?;
+                self.add_record(&key, &data)?;
             } else {
                 self.loose.push((key, data));
             }
@@ -638,8 +682,18 @@ impl BatchWriter for PackBatch<'_> {
     }
 
     fn commit(mut self: Box<Self>) -> Result<(), BackendError> {
+        // Other keys (a new study's reference record) join the pack, after the objects they
+        // name, unless a file of theirs exists: a file is read before the packs, so a new
+        // value for it must be a file too.
+        let mut loose = Vec::new();
+        for (key, data) in std::mem::take(&mut self.loose) {
+            if self.backend.path(&key)?.exists() {
+                loose.push((key, data));
+            } else {
+                self.add_record(&key, &data)?;
+            }
+        }
         self.finish_pack()?;
-        let loose = std::mem::take(&mut self.loose);
         if loose.is_empty() {
             Ok(())
         } else {
@@ -684,14 +738,6 @@ fn sync_dir(dir: &Path) -> Result<(), BackendError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| BackendError::io(format!("flushing directory {}", dir.display()), e))
-}
-
-fn not_found(key: &str, e: std::io::Error, path: &Path) -> BackendError {
-    if e.kind() == ErrorKind::NotFound {
-        BackendError::NotFound(key.to_string())
-    } else {
-        BackendError::io(path.display().to_string(), e)
-    }
 }
 
 impl Backend for FsBackend {
@@ -761,36 +807,19 @@ impl Backend for FsBackend {
     }
 
     fn get(&self, key: &str) -> Result<Bytes, BackendError> {
-        let path = self.path(key)?;
-        if object_name(key).is_none() {
-            return fs::read(&path)
-                .map(Bytes::from)
-                .map_err(|e| not_found(key, e, &path));
-        }
-        // A packed object, else a lone file; if neither, the packs may have changed since
-        // they were read (a write or a delete by another process): read them again, once.
-        for attempt in 0..2 {
-            if let Some(loc) = self.packed(key)
-                && let Some(bytes) = self.read_packed(&loc)?
-            {
-                return Ok(bytes);
-            }
-            match fs::read(&path) {
-                Ok(bytes) => return Ok(Bytes::from(bytes)),
-                Err(e) if e.kind() == ErrorKind::NotFound => {}
-                Err(e) => return Err(BackendError::io(path.display().to_string(), e)),
-            }
-            if attempt == 0 {
-                self.refresh()?;
-            }
-        }
-        Err(BackendError::NotFound(key.to_string()))
+        let found = self.find(
+            key,
+            |path| match fs::read(path) {
+                Ok(bytes) => Ok(Some(Bytes::from(bytes))),
+                Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(BackendError::io(path.display().to_string(), e)),
+            },
+            |loc| self.read_packed(loc),
+        )?;
+        found.ok_or_else(|| BackendError::NotFound(key.to_string()))
     }
 
     fn exists(&self, key: &str) -> Result<bool, BackendError> {
-        if object_name(key).is_none() {
-            return Ok(self.path(key)?.is_file());
-        }
         Ok(self.locate(key)?.is_some())
     }
 
@@ -843,6 +872,18 @@ impl Backend for FsBackend {
         Box::new(PackBatch::new(self))
     }
 
+    fn damage(&self) -> Result<Vec<(String, String)>, BackendError> {
+        self.refresh()?;
+        let packs = self.packs.read().expect("not poisoned");
+        let mut out: Vec<(String, String)> = packs
+            .damaged
+            .iter()
+            .map(|(name, why)| (format!("{PACKS}/{name}"), why.clone()))
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
     fn delete(&self, key: &str) -> Result<(), BackendError> {
         self.delete_many(&[key.to_string()])
     }
@@ -866,11 +907,7 @@ impl Backend for FsBackend {
         for dir in &dirs {
             sync_dir(dir)?;
         }
-        let packed: HashSet<&str> = keys
-            .iter()
-            .map(String::as_str)
-            .filter(|k| object_name(k).is_some())
-            .collect();
+        let packed: HashSet<&str> = keys.iter().map(String::as_str).collect();
         if packed.is_empty() {
             return Ok(());
         }

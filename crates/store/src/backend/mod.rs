@@ -87,6 +87,12 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn batch(&self) -> Box<dyn BatchWriter + '_> {
         Box::new(EachAdd(self))
     }
+    /// Damage the backend found in its own structures, as (what, why): on the filesystem,
+    /// packs whose index is damaged or that cannot be read. For `verify` to report; objects
+    /// themselves are checked against their addresses by the store.
+    fn damage(&self) -> Result<Vec<(String, String)>, BackendError> {
+        Ok(Vec::new())
+    }
     /// Deletes several keys; a backend may do it in fewer steps than one delete each.
     fn delete_many(&self, keys: &[String]) -> Result<(), BackendError> {
         keys.iter().try_for_each(|k| self.delete(k))
@@ -95,7 +101,7 @@ pub trait Backend: Send + Sync + fmt::Debug {
 
 /// Writes added over time, durable once [`BatchWriter::commit`] returns. Until then nothing
 /// added need be durable or visible; after an error, or when the writer is dropped without a
-/// commit, any of it may be absent.
+/// commit, any of it may be absent. Nothing is durable before what was added ahead of it.
 pub trait BatchWriter: Send {
     fn add(&mut self, items: Vec<(String, Bytes)>) -> Result<(), BackendError>;
     fn commit(self: Box<Self>) -> Result<(), BackendError>;

@@ -11,9 +11,7 @@ use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use clap::Args;
 use medledger_crypto::SecretKey;
-use medledger_store::{
-    FsBackend, PutOptions, PutOutcome, Source, Store, plan, scan_all, scan_memory,
-};
+use medledger_store::{FsBackend, PutOptions, PutOutcome, Source, Store, plan, scan_memory};
 use rayon::prelude::*;
 use serde::Serialize;
 
@@ -178,15 +176,25 @@ fn measure(args: &BenchStoreArgs, sets: &[(String, PathBuf)], work: &Path) -> Re
             let _ = std::fs::remove_dir_all(dir);
             let store = Store::new(Box::new(FsBackend::open(dir)?));
             let t = Instant::now();
-            let (scanned, _) = scan_all(files.iter().cloned().map(Source::File).collect(), &|_| {});
-            let (plans, _) = plan(scanned);
-            let mb = plans.iter().map(|p| p.file_bytes()).sum::<u64>() as f64 / 1e6;
-            let n = plans.len();
-            let outs = store
-                .put_studies(plans, &owner, &PutOptions::default(), &|_| {}, &|_, _| {})
+            let sources: Vec<Source> = files.iter().cloned().map(Source::File).collect();
+            let (results, skipped) =
+                store.put_files(sources, &owner, &PutOptions::default(), &|_| {}, &|_, _| {});
+            let secs = t.elapsed().as_secs_f64();
+            let outs: Vec<PutOutcome> = results
                 .into_iter()
+                .map(|(_, r)| r)
                 .collect::<Result<_, _>>()?;
-            Ok((t.elapsed().as_secs_f64(), mb, n, outs))
+            let not_stored: std::collections::HashSet<&str> =
+                skipped.iter().map(|s| s.source.as_str()).collect();
+            let mb = files
+                .iter()
+                .filter(|f| !not_stored.contains(f.display().to_string().as_str()))
+                .filter_map(|f| std::fs::metadata(f).ok())
+                .map(|m| m.len())
+                .sum::<u64>() as f64
+                / 1e6;
+            let n = outs.len();
+            Ok((secs, mb, n, outs))
         };
         for _ in 0..repeat {
             let (secs, mb, n, outs) = put_once(&store_dir)?;

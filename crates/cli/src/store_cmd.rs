@@ -323,41 +323,46 @@ fn put(args: PutArgs) -> Result<ExitCode> {
         .filter_map(|f| fs::metadata(f).ok())
         .map(|m| m.len())
         .sum();
-    let pb = bar(total, args.quiet, "scan");
-    let (scanned, refused) = scan_all(files.into_iter().map(Source::File).collect(), &|n| {
-        pb.inc(n)
-    });
-    pb.finish_and_clear();
-    skipped.extend(refused.into_iter().map(skipped_line));
-    let (plans, dups) = plan(scanned);
-    skipped.extend(dups.into_iter().map(skipped_line));
-
-    let total: u64 = plans.iter().map(StudyPlan::file_bytes).sum();
-    let pb = bar(total, args.quiet, "put ");
+    let sources: Vec<Source> = files.into_iter().map(Source::File).collect();
     let mut lines = Vec::new();
     let put_opts = PutOptions {
         recipients: &recipients,
         ..PutOptions::default()
     };
+    let pb;
     match &deid {
         None => {
-            // Studies in parallel; each line is printed once its study is durable.
+            // Each line is printed once its study is durable.
+            pb = bar(
+                total * Store::put_passes(&sources, &put_opts),
+                args.quiet,
+                "put ",
+            );
             let done = |uid: &str, r: &Result<PutOutcome, medledger_store::StoreError>| {
                 if let (Ok(out), false) = (r, args.json) {
                     pb.suspend(|| print_line("stored ", &study_line(out, uid, 0)));
                 }
             };
-            let uids: Vec<String> = plans.iter().map(|p| p.study_uid.clone()).collect();
-            for (r, uid) in store
-                .put_studies(plans, &owner, &put_opts, &|n| pb.inc(n), &done)
-                .into_iter()
-                .zip(uids)
-            {
+            let (results, refused) =
+                store.put_files(sources, &owner, &put_opts, &|n| pb.inc(n), &done);
+            skipped.extend(refused.into_iter().map(skipped_line));
+            for (uid, r) in results {
                 let out = r.with_context(|| format!("storing study {uid}"))?;
                 lines.push(study_line(&out, &uid, 0));
             }
         }
         Some(deid) => {
+            let scan_bar = bar(total, args.quiet, "scan");
+            let (scanned, refused) = scan_all(sources, &|n| scan_bar.inc(n));
+            scan_bar.finish_and_clear();
+            skipped.extend(refused.into_iter().map(skipped_line));
+            let (plans, dups) = plan(scanned);
+            skipped.extend(dups.into_iter().map(skipped_line));
+            pb = bar(
+                plans.iter().map(StudyPlan::file_bytes).sum(),
+                args.quiet,
+                "put ",
+            );
             for p in plans {
                 let study_uid = p.study_uid.clone();
                 let sources: Vec<Scanned> = p.instances().to_vec();

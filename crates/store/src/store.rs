@@ -83,6 +83,14 @@ impl Source {
         }
     }
 
+    /// The file's size as far as it can be known without reading it (0 if unknown).
+    pub fn len_hint(&self) -> u64 {
+        match self {
+            Source::File(p) => std::fs::metadata(p).map(|m| m.len()).unwrap_or(0),
+            Source::Memory { bytes, .. } => bytes.len() as u64,
+        }
+    }
+
     fn load(&self) -> Result<Bytes, StoreError> {
         match self {
             Source::File(p) => std::fs::read(p)
@@ -107,6 +115,17 @@ pub struct Scanned {
     kept: Option<Bytes>,
     header: (Digest, u64),
     pixels: Vec<(Digest, u64)>,
+    /// Its objects, when they were sealed and written in the same pass ([`Store::put_files`]).
+    sealed: Option<SealedInstance>,
+}
+
+/// An instance's objects as sealed by [`Store::put_files`] before its study was planned.
+#[derive(Debug, Clone)]
+struct SealedInstance {
+    header: ObjectRef,
+    pixels: Vec<ObjectRef>,
+    keys: Vec<String>,
+    bytes: u64,
 }
 
 impl Scanned {
@@ -151,6 +170,7 @@ fn scan_bytes(source: Source, bytes: &[u8]) -> Result<Scanned, StoreError> {
         kept: None,
         header,
         pixels,
+        sealed: None,
     })
 }
 
@@ -883,6 +903,257 @@ impl Store {
     /// for each study once it is durable. A group that fails is put again study by study, so
     /// that each study gets its own outcome (objects already written are content-addressed
     /// and written again harmlessly).
+    /// Reads, plans and puts files: what `medledger store put` does. Up to [`GROUP_BYTES`]
+    /// of files go in one pass (each file read, split, digested, sealed and its objects
+    /// written at once, so the disk starts with the first file; the studies are planned after
+    /// the last, and objects no study takes, of studies already stored or duplicate files,
+    /// are taken back before anything is committed). More than that is scanned first and put
+    /// in groups ([`Store::put_studies`]), each durable on its own, so an interrupted put of
+    /// many groups keeps the groups it finished. Returns each study's outcome, by study UID,
+    /// and the files not stored.
+    pub fn put_files(
+        &self,
+        sources: Vec<Source>,
+        owner: &SecretKey,
+        opts: &PutOptions<'_>,
+        progress: &(dyn Fn(u64) + Sync),
+        done: &(dyn Fn(&str, &Result<PutOutcome, StoreError>) + Sync),
+    ) -> (Vec<(String, Result<PutOutcome, StoreError>)>, Vec<Skipped>) {
+        let total: u64 = sources.iter().map(Source::len_hint).sum();
+        if !Self::one_pass(total, opts) {
+            let (scanned, mut skipped) = scan_all(sources, progress);
+            let (plans, dups) = plan(scanned);
+            skipped.extend(dups);
+            let uids: Vec<String> = plans.iter().map(|p| p.study_uid.clone()).collect();
+            let results = self.put_studies(plans, owner, opts, progress, done);
+            return (uids.into_iter().zip(results).collect(), skipped);
+        }
+        let (result, skipped) = self.put_in_one_pass(sources, owner, opts, progress);
+        match result {
+            Ok(outcomes) => {
+                for (uid, r) in &outcomes {
+                    done(uid, r);
+                }
+                (outcomes, skipped)
+            }
+            // Nothing was committed: put the planned studies again, group by group (their
+            // files are read again and checked against the first pass's digests).
+            Err((plans, _)) => {
+                let uids: Vec<String> = plans.iter().map(|p| p.study_uid.clone()).collect();
+                let results = self.put_studies(plans, owner, opts, &|_| {}, done);
+                (uids.into_iter().zip(results).collect(), skipped)
+            }
+        }
+    }
+
+    /// How many times [`Store::put_files`] reports each file's bytes to its progress: once
+    /// when it puts them in one pass, twice (scan, then put) when in groups.
+    pub fn put_passes(sources: &[Source], opts: &PutOptions<'_>) -> u64 {
+        if Self::one_pass(sources.iter().map(Source::len_hint).sum(), opts) {
+            1
+        } else {
+            2
+        }
+    }
+
+    fn one_pass(total: u64, opts: &PutOptions<'_>) -> bool {
+        total <= GROUP_BYTES && opts.reuse.is_none()
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn put_in_one_pass(
+        &self,
+        sources: Vec<Source>,
+        owner: &SecretKey,
+        opts: &PutOptions<'_>,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> (
+        Result<Vec<(String, Result<PutOutcome, StoreError>)>, (Vec<StudyPlan>, StoreError)>,
+        Vec<Skipped>,
+    ) {
+        let mut batch = self.backend.batch();
+        let write_error: Mutex<Option<StoreError>> = Mutex::new(None);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<(String, Bytes)>>(8);
+        let sink = batch.as_mut();
+        let results: Vec<Result<Scanned, (String, StoreError)>> = std::thread::scope(|s| {
+            let write_error = &write_error;
+            s.spawn(move || {
+                for items in rx {
+                    if let Err(e) = sink.add(items) {
+                        *write_error.lock().expect("not poisoned") = Some(e.into());
+                        return;
+                    }
+                }
+            });
+            let results = sources
+                .into_par_iter()
+                .map_with(tx, |tx, source| {
+                    let name = source.name();
+                    let mut scanned = scan(source).map_err(|e| (name.clone(), e))?;
+                    let mut slot = InstanceEntry {
+                        sop_instance_uid: String::new(),
+                        sop_class_uid: String::new(),
+                        header: placeholder(scanned.header.0, scanned.header.1),
+                        pixels: scanned
+                            .pixels
+                            .iter()
+                            .map(|(d, n)| placeholder(*d, *n))
+                            .collect(),
+                    };
+                    let none = AtomicU64::new(0);
+                    let out = seal_instance(&scanned, &mut slot, None, &none)
+                        .map_err(|e| (name.clone(), e))?;
+                    scanned.kept = None;
+                    scanned.sealed = Some(SealedInstance {
+                        header: slot.header,
+                        pixels: slot.pixels,
+                        keys: out.iter().map(|(k, _)| k.clone()).collect(),
+                        bytes: out.iter().map(|(_, b)| b.len() as u64).sum(),
+                    });
+                    progress(scanned.file_len);
+                    // The writer has failed: its error is reported below.
+                    let _ = tx.send(out);
+                    Ok(scanned)
+                })
+                .collect();
+            results
+        });
+        let (scanned, mut skipped) = sort_scans(results);
+        let all_keys: Vec<String> = scanned
+            .iter()
+            .flat_map(|s| {
+                s.sealed
+                    .as_ref()
+                    .map(|x| x.keys.clone())
+                    .unwrap_or_default()
+            })
+            .collect();
+        let (plans, dups) = plan(scanned);
+        skipped.extend(dups);
+        let prepared = match write_error.into_inner().expect("not poisoned") {
+            Some(e) => Err(e),
+            None => self.finish_one_pass(&plans, batch.as_mut(), &all_keys, owner, opts),
+        };
+        let (outcomes, records) = match prepared {
+            Ok(prepared) => prepared,
+            Err(e) => {
+                // No record was added: take everything back (a backend that wrote objects
+                // already deletes them), so the put that follows starts clean.
+                let _ = batch.forget(&all_keys);
+                return (Err((plans, e)), skipped);
+            }
+        };
+        // The records last: a study exists once its record is durable, with its objects.
+        if let Err(e) = batch.add(records.iter().map(ref_write).collect()) {
+            // Some records may have been written (a backend that writes as it goes): those
+            // studies are durable and keep their objects; the rest is taken back.
+            let (durable, lost): (Vec<&StudyRef>, Vec<&StudyRef>) = records
+                .iter()
+                .partition(|r| self.backend.exists(&ref_key(&r.root)).unwrap_or(true));
+            let keep: HashSet<String> = durable
+                .iter()
+                .flat_map(|r| r.objects.iter().map(object_key))
+                .collect();
+            let back: Vec<String> = all_keys
+                .iter()
+                .filter(|k| !keep.contains(*k))
+                .cloned()
+                .chain(lost.iter().map(|r| object_key(&r.manifest)))
+                .collect();
+            let _ = batch.forget(&back);
+            return (Err((plans, e.into())), skipped);
+        }
+        match batch.commit() {
+            Ok(()) => (Ok(outcomes), skipped),
+            Err(e) => (Err((plans, e.into())), skipped),
+        }
+    }
+
+    /// The second half of [`Store::put_files`]'s one pass: manifests from the sealed
+    /// instances, added to the batch; objects no study takes, taken back. Returns the
+    /// outcomes and the reference records to add last.
+    #[allow(clippy::type_complexity)]
+    fn finish_one_pass(
+        &self,
+        plans: &[StudyPlan],
+        batch: &mut dyn BatchWriter,
+        all_keys: &[String],
+        owner: &SecretKey,
+        opts: &PutOptions<'_>,
+    ) -> Result<(Vec<(String, Result<PutOutcome, StoreError>)>, Vec<StudyRef>), StoreError> {
+        let mut used: HashSet<&str> = HashSet::new();
+        let mut outcomes: Vec<Option<PutOutcome>> = Vec::with_capacity(plans.len());
+        let mut fresh: Vec<(usize, StudyManifest, u64, u64)> = Vec::new();
+        for (i, plan) in plans.iter().enumerate() {
+            if self.backend.exists(&ref_key(&plan.root))? {
+                let (_, manifest) = self.open_manifest(&plan.root, owner)?;
+                outcomes.push(Some(PutOutcome {
+                    root: plan.root,
+                    manifest,
+                    already_present: true,
+                    objects_written: 0,
+                    bytes_written: 0,
+                    objects_reused: 0,
+                }));
+                continue;
+            }
+            outcomes.push(None);
+            let mut manifest = plan.skeleton.clone();
+            manifest.derived_from = opts.derived_from;
+            let slots = manifest
+                .series
+                .iter_mut()
+                .flat_map(|s| s.instances.iter_mut());
+            let (mut written, mut bytes) = (0u64, 0u64);
+            for (scanned, slot) in plan.instances.iter().zip(slots) {
+                let sealed = scanned
+                    .sealed
+                    .as_ref()
+                    .expect("every instance of a one-pass put is sealed");
+                slot.header = sealed.header.clone();
+                slot.pixels = sealed.pixels.clone();
+                used.extend(sealed.keys.iter().map(String::as_str));
+                written += sealed.keys.len() as u64;
+                bytes += sealed.bytes;
+            }
+            debug_assert_eq!(manifest.root(), plan.root);
+            fresh.push((i, manifest, written, bytes));
+        }
+        let unused: Vec<String> = all_keys
+            .iter()
+            .filter(|k| !used.contains(k.as_str()))
+            .cloned()
+            .collect();
+        batch.forget(&unused)?;
+        let sealed: Vec<((String, Bytes), StudyRef)> = fresh
+            .par_iter()
+            .map(|(_, manifest, _, bytes)| seal_manifest(manifest, owner, opts.recipients, *bytes))
+            .collect();
+        let (manifest_writes, records): (Vec<_>, Vec<_>) = sealed.into_iter().unzip();
+        batch.add(manifest_writes)?;
+        for ((i, manifest, written, _), record) in fresh.into_iter().zip(&records) {
+            outcomes[i] = Some(PutOutcome {
+                root: plans[i].root,
+                manifest,
+                already_present: false,
+                objects_written: written + 1,
+                bytes_written: record.own_bytes,
+                objects_reused: 0,
+            });
+        }
+        let outcomes = plans
+            .iter()
+            .zip(outcomes)
+            .map(|(plan, o)| {
+                (
+                    plan.study_uid.clone(),
+                    Ok(o.expect("every study has an outcome")),
+                )
+            })
+            .collect();
+        Ok((outcomes, records))
+    }
+
     pub fn put_studies(
         &self,
         plans: Vec<StudyPlan>,
@@ -1622,6 +1893,12 @@ pub fn scan_all(
             r
         })
         .collect();
+    sort_scans(results)
+}
+
+/// Scanned files, and the files that could not be scanned with the reason.
+#[allow(clippy::type_complexity)]
+fn sort_scans(results: Vec<Result<Scanned, (String, StoreError)>>) -> (Vec<Scanned>, Vec<Skipped>) {
     let mut ok = Vec::new();
     let mut skipped = Vec::new();
     for r in results {

@@ -679,3 +679,146 @@ fn studies_put_together_each_get_their_own_outcome() {
     assert_eq!(present, again.len() - 1);
     assert!(again.iter().all(|r| r.is_ok()));
 }
+
+/// A put of files in one pass (each file sealed and written as it is read, studies planned
+/// after the last) stores exactly what its studies take: objects of a study already stored,
+/// of duplicate files and of refused files are taken back before the commit. Every study
+/// reads back, and a second put commits nothing.
+#[test]
+fn a_one_pass_put_stores_exactly_what_its_studies_take() {
+    let files = files_under(&test_data_dir());
+    let owner = SecretKey::generate();
+    let (dir, store) = fs_store();
+    let first = plans_for(&files).remove(0);
+    let (first_root, first_uid) = (first.root, first.study_uid.clone());
+    store
+        .put_study(first, &owner, &PutOptions::default(), &|_| {})
+        .unwrap();
+    let sources = || -> Vec<Source> { files.iter().cloned().map(Source::File).collect() };
+    assert_eq!(Store::put_passes(&sources(), &PutOptions::default()), 1);
+    let announced = Mutex::new(0);
+    let bytes = std::sync::atomic::AtomicU64::new(0);
+    let (results, skipped) = store.put_files(
+        sources(),
+        &owner,
+        &PutOptions::default(),
+        &|n| {
+            bytes.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        },
+        &|_, _| *announced.lock().unwrap() += 1,
+    );
+    assert!(
+        skipped
+            .iter()
+            .any(|s| s.reason.contains("different content")),
+        "the test data has conflicting duplicates: {skipped:#?}"
+    );
+    assert!(skipped.len() < files.len() / 2);
+    assert_eq!(*announced.lock().unwrap(), results.len());
+    assert!(bytes.into_inner() > 0);
+    assert_eq!(results.len(), plans_for(&files).len());
+    for (uid, r) in &results {
+        let out = r.as_ref().unwrap();
+        assert_eq!(out.already_present, *uid == first_uid, "{uid}");
+        if out.root != first_root {
+            assert_eq!(
+                get_all(&store, &out.root, &owner).unwrap().len(),
+                out.manifest.instances().count()
+            );
+        }
+    }
+    let report = store.verify(Some(&owner), true, &|_, _| {}).unwrap();
+    assert!(report.is_clean(), "{report:#?}");
+    assert!(report.unreferenced.is_empty(), "{report:#?}");
+
+    let packs = || {
+        std::fs::read_dir(dir.path().join("store/packs"))
+            .unwrap()
+            .count()
+    };
+    let before = packs();
+    let (again, _) = store.put_files(
+        sources(),
+        &owner,
+        &PutOptions::default(),
+        &|_| {},
+        &|_, _| {},
+    );
+    assert!(
+        again
+            .iter()
+            .all(|(_, r)| r.as_ref().unwrap().already_present)
+    );
+    assert_eq!(packs(), before, "nothing committed");
+    let disk = FsBackend::open_existing(dir.path().join("store")).unwrap();
+    assert!(disk.stale_tmp_files().unwrap().is_empty());
+}
+
+/// When the one pass cannot commit (here: one study's record is refused), the studies are
+/// put again group by group: the one that cannot be written fails alone, the others are
+/// durable, and nothing half-written is left that a study would need.
+#[test]
+fn a_one_pass_put_that_cannot_commit_falls_back_study_by_study() {
+    let files = files_under(&test_data_dir());
+    let owner = SecretKey::generate();
+    let plans = plans_for(&files);
+    let victim = plans[plans.len() / 3].root;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::new(Box::new(RefusingOne {
+        inner: FsBackend::open(dir.path().join("store")).unwrap(),
+        refused: format!("refs/{}.json", victim.to_hex()),
+    }));
+    let (results, _) = store.put_files(
+        files.iter().cloned().map(Source::File).collect(),
+        &owner,
+        &PutOptions::default(),
+        &|_| {},
+        &|_, _| {},
+    );
+    assert_eq!(results.len(), plans.len());
+    let failed: Vec<_> = results.iter().filter(|(_, r)| r.is_err()).collect();
+    assert_eq!(failed.len(), 1);
+    assert!(matches!(
+        store.study_ref(&victim),
+        Err(StoreError::UnknownRoot(_))
+    ));
+    for (_, r) in &results {
+        if let Ok(out) = r {
+            assert!(!out.already_present);
+            assert_eq!(
+                get_all(&store, &out.root, &owner).unwrap().len(),
+                out.manifest.instances().count()
+            );
+        }
+    }
+    assert_clean(&store, &owner, false);
+    // The one pass's objects were taken back before the studies were put again; what is
+    // left unreferenced is the failed group attempt's (one set) and the failed study's own
+    // attempt, which gc reclaims.
+    let report = store.verify(Some(&owner), false, &|_, _| {}).unwrap();
+    let objects = |p: &StudyPlan| {
+        1 + p
+            .instances()
+            .iter()
+            .map(|i| 1 + i.pixel_digests().count())
+            .sum::<usize>()
+    };
+    let one_set: usize = plans.iter().map(objects).sum();
+    let bound = one_set + objects(&plans[plans.len() / 3]);
+    assert!(
+        report.unreferenced.len() <= bound,
+        "{} unreferenced objects, one set and the failed study's are {bound}",
+        report.unreferenced.len()
+    );
+    store.gc().unwrap();
+    let report = store.verify(Some(&owner), true, &|_, _| {}).unwrap();
+    assert!(
+        report.is_clean() && report.unreferenced.is_empty(),
+        "{report:#?}"
+    );
+    for (_, r) in &results {
+        if let Ok(out) = r {
+            assert!(get_all(&store, &out.root, &owner).is_ok());
+        }
+    }
+}

@@ -632,6 +632,11 @@ impl<'a> PackBatch<'a> {
             return Ok(());
         };
         let io = |p: &Path, e| BackendError::io(p.display().to_string(), e);
+        if pack.writer.is_empty() {
+            // Everything added was taken back.
+            let _ = fs::remove_file(&pack.tmp);
+            return Ok(());
+        }
         let done = (|| {
             let (out, entries) = pack.writer.finish().map_err(|e| io(&pack.tmp, e))?;
             let file = out
@@ -679,6 +684,15 @@ impl BatchWriter for PackBatch<'_> {
             }
         }
         self.start_writeback()
+    }
+
+    fn forget(&mut self, keys: &[String]) -> Result<(), BackendError> {
+        let keys: HashSet<&str> = keys.iter().map(String::as_str).collect();
+        self.loose.retain(|(k, _)| !keys.contains(k.as_str()));
+        if let Some(pack) = self.pack.as_mut() {
+            pack.writer.forget(&keys);
+        }
+        Ok(())
     }
 
     fn commit(mut self: Box<Self>) -> Result<(), BackendError> {

@@ -104,6 +104,9 @@ pub trait Backend: Send + Sync + fmt::Debug {
 /// commit, any of it may be absent. Nothing is durable before what was added ahead of it.
 pub trait BatchWriter: Send {
     fn add(&mut self, items: Vec<(String, Bytes)>) -> Result<(), BackendError>;
+    /// Takes back keys added and not committed: they are not stored (a backend that wrote
+    /// them already deletes them).
+    fn forget(&mut self, keys: &[String]) -> Result<(), BackendError>;
     fn commit(self: Box<Self>) -> Result<(), BackendError>;
 }
 
@@ -112,6 +115,9 @@ struct EachAdd<'a, B: ?Sized>(&'a B);
 impl<B: Backend + ?Sized> BatchWriter for EachAdd<'_, B> {
     fn add(&mut self, items: Vec<(String, Bytes)>) -> Result<(), BackendError> {
         self.0.put_batch(items)
+    }
+    fn forget(&mut self, keys: &[String]) -> Result<(), BackendError> {
+        self.0.delete_many(keys)
     }
     fn commit(self: Box<Self>) -> Result<(), BackendError> {
         Ok(())

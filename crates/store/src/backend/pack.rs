@@ -89,6 +89,16 @@ impl<W: Write> Writer<W> {
         Ok(())
     }
 
+    /// Leaves these keys out of the index: their records stay in the file as dead bytes,
+    /// invisible to readers of the index.
+    pub fn forget(&mut self, keys: &std::collections::HashSet<&str>) {
+        self.entries.retain(|e| !keys.contains(e.key.as_str()));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
     /// Bytes written so far.
     pub fn position(&self) -> u64 {
         self.pos

@@ -18,6 +18,6 @@ pub use manifest::{
 };
 pub use store::{
     GcOutcome, GetOutcome, InstanceSink, Problem, PutOptions, PutOutcome, REF_FORMAT, RekeyOutcome,
-    Scanned, Skipped, Source, Staged, Store, StoreError, StudyPlan, StudyRef, VerifyReport, plan,
-    scan, scan_all, scan_memory,
+    Scanned, Skipped, Source, Staged, Store, StoreError, StudyPlan, StudyRef, StudyResults,
+    VerifyReport, plan, scan, scan_all, scan_memory,
 };

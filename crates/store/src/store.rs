@@ -119,6 +119,13 @@ pub struct Scanned {
     sealed: Option<SealedInstance>,
 }
 
+/// Each study's outcome, by study UID.
+pub type StudyResults = Vec<(String, Result<PutOutcome, StoreError>)>;
+
+/// A one-pass put's outcome: the studies' results, or (nothing committed) the plans to put
+/// again and why.
+type OnePass = Result<StudyResults, (Vec<StudyPlan>, StoreError)>;
+
 /// An instance's objects as sealed by [`Store::put_files`] before its study was planned.
 #[derive(Debug, Clone)]
 struct SealedInstance {
@@ -918,7 +925,7 @@ impl Store {
         opts: &PutOptions<'_>,
         progress: &(dyn Fn(u64) + Sync),
         done: &(dyn Fn(&str, &Result<PutOutcome, StoreError>) + Sync),
-    ) -> (Vec<(String, Result<PutOutcome, StoreError>)>, Vec<Skipped>) {
+    ) -> (StudyResults, Vec<Skipped>) {
         let total: u64 = sources.iter().map(Source::len_hint).sum();
         if !Self::one_pass(total, opts) {
             let (scanned, mut skipped) = scan_all(sources, progress);
@@ -960,17 +967,13 @@ impl Store {
         total <= GROUP_BYTES && opts.reuse.is_none()
     }
 
-    #[allow(clippy::type_complexity)]
     fn put_in_one_pass(
         &self,
         sources: Vec<Source>,
         owner: &SecretKey,
         opts: &PutOptions<'_>,
         progress: &(dyn Fn(u64) + Sync),
-    ) -> (
-        Result<Vec<(String, Result<PutOutcome, StoreError>)>, (Vec<StudyPlan>, StoreError)>,
-        Vec<Skipped>,
-    ) {
+    ) -> (OnePass, Vec<Skipped>) {
         let mut batch = self.backend.batch();
         let write_error: Mutex<Option<StoreError>> = Mutex::new(None);
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<(String, Bytes)>>(8);
@@ -985,7 +988,7 @@ impl Store {
                     }
                 }
             });
-            let results = sources
+            sources
                 .into_par_iter()
                 .map_with(tx, |tx, source| {
                     let name = source.name();
@@ -1015,8 +1018,7 @@ impl Store {
                     let _ = tx.send(out);
                     Ok(scanned)
                 })
-                .collect();
-            results
+                .collect()
         });
         let (scanned, mut skipped) = sort_scans(results);
         let all_keys: Vec<String> = scanned
@@ -1072,7 +1074,6 @@ impl Store {
     /// The second half of [`Store::put_files`]'s one pass: manifests from the sealed
     /// instances, added to the batch; objects no study takes, taken back. Returns the
     /// outcomes and the reference records to add last.
-    #[allow(clippy::type_complexity)]
     fn finish_one_pass(
         &self,
         plans: &[StudyPlan],
@@ -1080,7 +1081,7 @@ impl Store {
         all_keys: &[String],
         owner: &SecretKey,
         opts: &PutOptions<'_>,
-    ) -> Result<(Vec<(String, Result<PutOutcome, StoreError>)>, Vec<StudyRef>), StoreError> {
+    ) -> Result<(StudyResults, Vec<StudyRef>), StoreError> {
         let mut used: HashSet<&str> = HashSet::new();
         let mut outcomes: Vec<Option<PutOutcome>> = Vec::with_capacity(plans.len());
         let mut fresh: Vec<(usize, StudyManifest, u64, u64)> = Vec::new();

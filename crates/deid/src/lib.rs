@@ -522,6 +522,16 @@ pub fn read_instance(input: &[u8]) -> Result<(String, InMemDicomObject), DeidErr
     }
 }
 
+/// Reads an instance's attributes for indexing: from the header alone when Pixel Data is the
+/// file's last element (its value is neither parsed nor copied; it is then absent from the
+/// result), else the whole file as [`read_instance`] does, which also gives the errors.
+pub fn read_instance_header(input: &[u8]) -> Result<(String, InMemDicomObject), DeidError> {
+    match read_header(input) {
+        Some((ts, obj, _)) => Ok((ts, obj)),
+        None => read_instance(input),
+    }
+}
+
 /// Where the Pixel Data element of a Part 10 file starts, when the file can be de-identified
 /// from its header alone (see [`Deidentifier::deidentify`]).
 #[doc(hidden)]

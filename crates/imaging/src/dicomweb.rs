@@ -195,7 +195,7 @@ async fn metrics(State(s): State<Service>) -> Response {
             "# HELP medledger_{name} {help}\n# TYPE medledger_{name} gauge\nmedledger_{name} {v}\n"
         )
     };
-    let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 9] = [
+    let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 10] = [
         (
             "instances_received_total",
             "Instances received (C-STORE, STOW-RS, import).",
@@ -237,6 +237,11 @@ async fn metrics(State(s): State<Service>) -> Response {
             "Registrations that failed (retried).",
             &m.registration_failures,
         ),
+        (
+            "index_records_written_total",
+            "Index records written to the store (one per changed study).",
+            &m.index_records_written,
+        ),
     ];
     let body = [
         counters
@@ -249,6 +254,11 @@ async fn metrics(State(s): State<Service>) -> Response {
             "studies_pending_registration",
             "Studies stored but not yet final on the ledger.",
             pending,
+        ),
+        g(
+            "index_records_unwritten",
+            "Studies whose index record is not written yet.",
+            s.inner().records_unwritten(),
         ),
     ]
     .concat();

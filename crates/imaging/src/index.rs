@@ -2,8 +2,10 @@
 //! has finalised, and the header attributes of every instance, for queries (QIDO-RS, C-FIND)
 //! and retrieval (WADO-RS, C-MOVE, C-GET).
 //!
-//! The index is derived data: it is rebuilt from the store (manifests and header objects) and
-//! the ledger (which versions are registered) when the node starts, so losing it loses nothing.
+//! The index is derived data: at start it is read from its sealed records in the store
+//! (`snapshot`) where they can be trusted, and rebuilt from the store (manifests and header
+//! objects) and the ledger (which versions are registered) where they cannot, so losing it
+//! loses nothing.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -33,10 +35,11 @@ pub struct InstanceMeta {
 }
 
 impl InstanceMeta {
-    /// Reads the attributes of a Part 10 file, Pixel Data left out.
+    /// Reads the attributes of a Part 10 file, Pixel Data left out (and, when it is the last
+    /// element, not even read).
     pub fn read(file: &[u8]) -> Result<InstanceMeta, String> {
         let (transfer_syntax, mut attrs) =
-            medledger_deid::read_instance(file).map_err(|e| e.to_string())?;
+            medledger_deid::read_instance_header(file).map_err(|e| e.to_string())?;
         attrs.remove_element(tags::PIXEL_DATA);
         attrs.remove_element(tags::FLOAT_PIXEL_DATA);
         attrs.remove_element(tags::DOUBLE_FLOAT_PIXEL_DATA);
@@ -91,6 +94,9 @@ pub struct StudyState {
     /// The versions the ledger has finalised: what queries show.
     pub registered_original: Option<Version>,
     pub registered_derivative: Option<Version>,
+    /// Every version of the study in the store (original and derivative roots), which the
+    /// study's index record accounts for.
+    pub versions: BTreeSet<Digest>,
     /// When an instance last arrived: a study is registered once it has been quiet a while.
     pub changed: Instant,
     /// The patient's pseudonym (as on the ledger).

@@ -8,6 +8,7 @@ pub mod multipart;
 pub mod pixels;
 pub mod service;
 pub mod share;
+mod snapshot;
 
 pub use dicomweb::router;
 pub use dimse::Dimse;

@@ -8,7 +8,7 @@
 //! study touched by the batch gets one new version of its original and one of its derivative,
 //! so a batch of 64 instances costs two manifests and two reference records, not 128.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
@@ -25,6 +25,7 @@ use medledger_store::{PutOptions, Scanned, Store, StoreError, StudyManifest, sca
 use rayon::prelude::*;
 
 use crate::index::{Index, InstanceMeta, StudyState, Version, View};
+use crate::snapshot::{self, StudyRecord};
 
 /// Why the service could not start.
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +92,8 @@ pub struct Metrics {
     pub in_flight: AtomicU64,
     pub studies_registered: AtomicU64,
     pub registration_failures: AtomicU64,
+    /// Index records written (see `snapshot`).
+    pub index_records_written: AtomicU64,
 }
 
 struct Job {
@@ -135,6 +138,10 @@ pub(crate) struct Inner {
     gate: crate::access::Gate,
     pub(crate) ready: std::sync::atomic::AtomicBool,
     pub(crate) metrics: Metrics,
+    /// Studies whose index record is to be written again (see `snapshot`), with the change
+    /// count when each was last changed (a study changed while its record is being written
+    /// stays due).
+    dirty: Mutex<(u64, BTreeMap<String, u64>)>,
 }
 
 /// Jobs queued beyond the one being committed; senders block when it is full (back pressure).
@@ -142,6 +149,9 @@ const QUEUE: usize = 256;
 /// A batch is at most this many instances or bytes.
 const BATCH_INSTANCES: usize = 256;
 const BATCH_BYTES: usize = 256 << 20;
+/// How often the index records of changed studies are written: a crash loses at most this
+/// much of the records, which start-up then rebuilds from the store.
+const RECORD_EVERY: Duration = Duration::from_secs(1);
 
 fn read_key<T>(
     what: &'static str,
@@ -224,6 +234,7 @@ impl Service {
             next_nonce: Mutex::new(None),
             stable: Duration::from_millis(config.stable_ms),
             metrics: Metrics::default(),
+            dirty: Mutex::new((0, BTreeMap::new())),
         });
         // The index needs this node's own API (which versions the ledger holds), which starts
         // beside this service: rebuild once it answers, then start taking instances. Senders
@@ -248,6 +259,16 @@ impl Service {
                     }
                 }
                 starter.ready.store(true, Ordering::Release);
+                let recorder = starter.clone();
+                std::thread::Builder::new()
+                    .name("index-records".into())
+                    .spawn(move || {
+                        loop {
+                            recorder.write_records();
+                            std::thread::sleep(RECORD_EVERY);
+                        }
+                    })
+                    .expect("spawn the index record thread");
                 let committer = starter.clone();
                 std::thread::Builder::new()
                     .name("ingest".into())
@@ -682,6 +703,7 @@ impl Inner {
                     derivative: None,
                     registered_original: None,
                     registered_derivative: None,
+                    versions: BTreeSet::new(),
                     changed: Instant::now(),
                     patient: patient.clone(),
                     deid: None,
@@ -689,10 +711,12 @@ impl Inner {
                     last_error: None,
                     received: None,
                 });
+            state.versions.insert(original.root);
             if state.original.root != original.root {
                 state.original = Version::new(original.manifest.clone());
             }
             if let Some(d) = derivative {
+                state.versions.insert(d.root);
                 if state.derivative.as_ref().map(|v| v.root) != Some(d.root) {
                     state.derivative = Some(Version::new(d.manifest));
                 }
@@ -704,6 +728,7 @@ impl Inner {
                 state.changed = Instant::now();
             }
         }
+        self.touch(study_uid);
         // Versions between the registered one and the newest are dropped by the registrar.
         accepted
             .into_iter()
@@ -767,17 +792,12 @@ impl Inner {
             if index.has_meta(view, &i.sop_instance_uid) {
                 continue;
             }
-            // The header attributes: from the header object just verified (pixel values left
-            // zero, they are not indexed), else read back from the store.
-            let file = match headers.and_then(|h| h.get(&i.header.address)) {
-                Some(header) => {
-                    let zeros: Vec<Vec<u8>> =
-                        i.pixels.iter().map(|p| vec![0u8; p.len as usize]).collect();
-                    medledger_store::split::rebuild(header, &zeros)?
-                }
-                None => self.store.fetch_instance(i).map_err(|e| e.to_string())?,
-            };
-            let meta = InstanceMeta::read(&file)?;
+            // The header attributes: from the header object just verified, else read back
+            // from the store (pixel objects are not read either way).
+            let header = headers
+                .and_then(|h| h.get(&i.header.address))
+                .map(Vec::as_slice);
+            let meta = self.attributes(i, header)?;
             index.put_meta(view, &i.sop_instance_uid, Arc::new(meta));
         }
         let version = Version::new(manifest);
@@ -792,6 +812,7 @@ impl Inner {
                 derivative,
                 registered_original,
                 registered_derivative,
+                versions: BTreeSet::new(),
                 changed: Instant::now(),
                 patient: String::new(),
                 deid: None,
@@ -842,6 +863,8 @@ impl Inner {
                         s.registered_derivative = state.derivative.clone();
                         s.failures = 0;
                         s.last_error = None;
+                        drop(index);
+                        self.touch(&uid);
                         // A superseded version's record is kept: the ledger names it, and
                         // grants made on it must still be served.
                         let _ = old;
@@ -1012,14 +1035,160 @@ impl Inner {
         Ok(Some(d.manifest))
     }
 
-    /// Rebuilds the index from the store and the ledger: per study, the newest version of
-    /// the original and of its derivative, which of them the ledger has registered, and the
-    /// header attributes of every instance.
+    /// The header attributes of an instance for the index: from `header` (its header
+    /// object, when at hand and the one the manifest names) or from the store, without its
+    /// pixel objects; the whole instance only when its attributes cannot be read otherwise.
+    fn attributes(
+        &self,
+        i: &medledger_store::InstanceEntry,
+        header: Option<&[u8]>,
+    ) -> Result<InstanceMeta, String> {
+        let lens: Vec<u64> = i.pixels.iter().map(|p| p.len).collect();
+        let file = match header {
+            Some(h) => medledger_store::split::rebuild_without_pixels(h, &lens),
+            None => self
+                .store
+                .fetch_instance_attributes(i)
+                .map_err(|e| e.to_string()),
+        }?;
+        match InstanceMeta::read(&file) {
+            Ok(m) => Ok(m),
+            // Pixel Data is not the last element and its placeholder does not read as the
+            // real value would: read the instance whole.
+            Err(_) => {
+                let file = self.store.fetch_instance(i).map_err(|e| e.to_string())?;
+                InstanceMeta::read(&file)
+            }
+        }
+    }
+
+    /// Marks a study's index record as due to be written.
+    fn touch(&self, study: &str) {
+        let mut dirty = self.dirty.lock().expect("not poisoned");
+        dirty.0 += 1;
+        let change = dirty.0;
+        dirty.1.insert(study.to_string(), change);
+    }
+
+    /// Studies whose index record is not written yet.
+    pub fn records_unwritten(&self) -> usize {
+        self.dirty.lock().expect("not poisoned").1.len()
+    }
+
+    /// Writes the index records of the studies that changed since the last call (see
+    /// `snapshot`). A record that cannot be written is tried again next time.
+    pub(crate) fn write_records(&self) {
+        let due = self.dirty.lock().expect("not poisoned").1.clone();
+        for (study, change) in due {
+            let written = |inner: &Inner| {
+                let mut dirty = inner.dirty.lock().expect("not poisoned");
+                if dirty.1.get(&study) == Some(&change) {
+                    dirty.1.remove(&study);
+                }
+            };
+            let Some(state) = self
+                .index
+                .read()
+                .expect("not poisoned")
+                .studies
+                .get(&study)
+                .cloned()
+            else {
+                written(self);
+                continue;
+            };
+            if state.received.is_some() {
+                written(self);
+                continue;
+            }
+            let mut headers = Vec::new();
+            for v in [Some(&state.original), state.derivative.as_ref()]
+                .into_iter()
+                .flatten()
+            {
+                for (_, i) in v.manifest.instances() {
+                    // A header that cannot be read now is read from the store at start.
+                    if let Ok(h) = self.store.fetch(&i.header) {
+                        headers.push(h);
+                    }
+                }
+            }
+            let record = StudyRecord {
+                study: study.clone(),
+                roots: state.versions.clone(),
+                original: state.original.root,
+                derivative: state.derivative.as_ref().map(|v| v.root),
+                registered_original: state.registered_original.as_ref().map(|v| v.root),
+                registered_derivative: state.registered_derivative.as_ref().map(|v| v.root),
+                patient: state.patient.clone(),
+                deid: state.deid.clone(),
+                headers,
+            };
+            match self.store.put_private(
+                &snapshot::record_name(&study),
+                &record.encode(),
+                &self.owner.public(),
+            ) {
+                Ok(()) => {
+                    written(self);
+                    self.metrics
+                        .index_records_written
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                // Still due: tried again next time.
+                Err(e) => tracing::warn!("cannot write the index record of a study: {e}"),
+            }
+        }
+    }
+
+    /// The index records in the store that can be used: readable, under their own name, every
+    /// root they account for still present, and their newest versions registered (a study
+    /// with a version waiting for the ledger is rebuilt, so that registration resumes from
+    /// what the ledger says).
+    fn usable_records(&self, present: &HashSet<Digest>) -> BTreeMap<String, StudyRecord> {
+        let names = match self.store.list_private(snapshot::PREFIX) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!("cannot list the index records, rebuilding from the store: {e}");
+                return BTreeMap::new();
+            }
+        };
+        let mut out = BTreeMap::new();
+        for name in names {
+            let record = match self.store.get_private(&name, &self.owner) {
+                Ok(Some(bytes)) => StudyRecord::decode(&bytes).map_err(|e| e.to_string()),
+                Ok(None) => continue,
+                Err(e) => Err(e.to_string()),
+            };
+            match record {
+                Ok(r) if snapshot::record_name(&r.study) != name => {
+                    tracing::warn!("index record {name} is filed under another name; ignored");
+                }
+                Ok(r) => {
+                    let complete = r.roots.iter().all(|d| present.contains(d));
+                    let registered = r.registered_original == Some(r.original)
+                        && r.registered_derivative == r.derivative;
+                    if complete && registered {
+                        out.insert(r.study.clone(), r);
+                    }
+                }
+                Err(e) => tracing::warn!("index record {name} is unreadable ({e}); ignored"),
+            }
+        }
+        out
+    }
+
+    /// Rebuilds the index from the index records, the store and the ledger: per study, the
+    /// newest version of the original and of its derivative, which of them the ledger has
+    /// registered, and the header attributes of every instance. A study whose record can be
+    /// used costs two manifests and no pixel object; every other study is rebuilt from all
+    /// its versions in the store and the ledger.
     fn rebuild(&self) -> Result<(), String> {
+        let started = Instant::now();
         let roots = self.store.studies().map_err(|e| e.to_string())?;
         let notes = self.store.notes("received/").map_err(|e| e.to_string())?;
         let mut received = Vec::new();
-        let mut received_roots = std::collections::HashSet::new();
+        let mut received_roots = HashSet::new();
         for (_, note) in notes {
             let Ok(r) = serde_json::from_value::<crate::share::Received>(note) else {
                 continue;
@@ -1034,124 +1203,71 @@ impl Inner {
             .into_iter()
             .filter(|r| !received_roots.contains(r))
             .collect();
+        let present: HashSet<Digest> = roots.iter().copied().collect();
+        let mut records = self.usable_records(&present);
+        let covered: HashMap<Digest, String> = records
+            .iter()
+            .flat_map(|(k, r)| r.roots.iter().map(move |d| (*d, k.clone())))
+            .collect();
         let mut originals: BTreeMap<String, Vec<StudyManifest>> = BTreeMap::new();
         let mut derivatives: HashMap<Digest, Vec<StudyManifest>> = HashMap::new();
-        for root in roots {
-            let (_, m) = match self.store.open_manifest(&root, &self.owner) {
+        let open = |root: &Digest,
+                    originals: &mut BTreeMap<String, Vec<StudyManifest>>,
+                    derivatives: &mut HashMap<Digest, Vec<StudyManifest>>|
+         -> Result<(), String> {
+            let (_, m) = match self.store.open_manifest(root, &self.owner) {
                 Ok(x) => x,
-                Err(StoreError::NotRecipient(_)) => continue,
+                Err(StoreError::NotRecipient(_)) => return Ok(()),
                 Err(e) => return Err(e.to_string()),
             };
             match m.derived_from {
                 Some(from) => derivatives.entry(from).or_default().push(m),
                 None => originals.entry(m.study_uid.clone()).or_default().push(m),
             }
-        }
-        let registered = |root: &Digest| -> Result<bool, String> {
-            match self.client.prove(&format!("study/{root}")) {
-                Ok(_) => Ok(true),
-                Err(ClientError::Refused { status: 404, .. }) => Ok(false),
-                Err(e) => Err(e.to_string()),
-            }
+            Ok(())
         };
+        // Every version no record accounts for.
+        for root in roots.iter().filter(|r| !covered.contains_key(r)) {
+            open(root, &mut originals, &mut derivatives)?;
+        }
+        // A study with a version its record does not account for is rebuilt whole.
+        let mut stale: BTreeSet<String> = originals.keys().cloned().collect();
+        stale.extend(
+            derivatives
+                .keys()
+                .filter_map(|from| covered.get(from).cloned()),
+        );
+        for study in &stale {
+            if let Some(r) = records.remove(study) {
+                for root in &r.roots {
+                    open(root, &mut originals, &mut derivatives)?;
+                }
+            }
+        }
         let mut index = Index::default();
-        for (uid, mut versions) in originals {
-            // Versions only grow: the newest has the most instances.
-            versions.sort_by_key(|m| m.instance_count());
-            let newest = versions.last().expect("at least one").clone();
-            let mut reg_orig = None;
-            for m in versions.iter().rev() {
-                if registered(&m.root())? {
-                    reg_orig = Some(Version::new(m.clone()));
-                    break;
-                }
-            }
-            let all_derivs: Vec<StudyManifest> = versions
-                .iter()
-                .flat_map(|m| derivatives.get(&m.root()).cloned().unwrap_or_default())
-                .collect();
-            let mut newest_deriv: Option<StudyManifest> = None;
-            let mut reg_deriv = None;
-            for d in &all_derivs {
-                if newest_deriv.as_ref().is_none_or(|n| {
-                    d.instance_count() > n.instance_count()
-                        || (d.instance_count() == n.instance_count()
-                            && d.derived_from == Some(newest.root()))
-                }) {
-                    newest_deriv = Some(d.clone());
-                }
-                if registered(&d.root())?
-                    && reg_deriv
-                        .as_ref()
-                        .is_none_or(|r: &Version| d.instance_count() > r.manifest.instance_count())
-                {
-                    reg_deriv = Some(Version::new(d.clone()));
-                }
-            }
-            // A crash between writing the original's version and the derivative's leaves the
-            // derivative behind: de-identify what it lacks again from the stored originals.
-            if newest_deriv
-                .as_ref()
-                .is_none_or(|d| d.derived_from != Some(newest.root()))
-            {
-                newest_deriv = self.repair_derivative(&newest, &versions, newest_deriv)?;
-            }
-            // Header attributes, for queries.
-            for (view, m) in [
-                (View::Original, Some(&newest)),
-                (View::Deidentified, newest_deriv.as_ref()),
-            ] {
-                let Some(m) = m else { continue };
-                for (_, i) in m.instances() {
-                    if index.has_meta(view, &i.sop_instance_uid) {
-                        continue;
+        let from_store = originals.len();
+        for (uid, versions) in originals {
+            self.rebuild_study(&mut index, uid, versions, &derivatives)?;
+        }
+        let mut from_records = 0;
+        for (study, record) in records {
+            match self.study_from_record(&mut index, &record) {
+                Ok(()) => from_records += 1,
+                Err(e) => {
+                    tracing::warn!(
+                        "index record of a study could not be used ({e}); rebuilding it"
+                    );
+                    let mut originals: BTreeMap<String, Vec<StudyManifest>> = BTreeMap::new();
+                    let mut derivs: HashMap<Digest, Vec<StudyManifest>> = HashMap::new();
+                    for root in &record.roots {
+                        open(root, &mut originals, &mut derivs)?;
                     }
-                    let file = self.store.fetch_instance(i).map_err(|e| e.to_string())?;
-                    let meta = InstanceMeta::read(&file)?;
-                    index.put_meta(view, &i.sop_instance_uid, Arc::new(meta));
+                    for (uid, versions) in originals {
+                        self.rebuild_study(&mut index, uid, versions, &derivs)?;
+                    }
+                    let _ = study;
                 }
             }
-            let mut metas = Vec::new();
-            if let Some((_, i)) = newest.instances().next() {
-                if let Some(m) = index.meta(View::Original, &i.sop_instance_uid) {
-                    metas.push((
-                        View::Original,
-                        String::new(),
-                        InstanceMeta {
-                            attrs: m.attrs.clone(),
-                            transfer_syntax: m.transfer_syntax.clone(),
-                        },
-                    ));
-                }
-            }
-            if let Some((_, i)) = newest_deriv.as_ref().and_then(|d| d.instances().next()) {
-                if let Some(m) = index.meta(View::Deidentified, &i.sop_instance_uid) {
-                    metas.push((
-                        View::Deidentified,
-                        String::new(),
-                        InstanceMeta {
-                            attrs: m.attrs.clone(),
-                            transfer_syntax: m.transfer_syntax.clone(),
-                        },
-                    ));
-                }
-            }
-            let patient = self.pseudonym(&metas, None);
-            index.studies.insert(
-                uid,
-                StudyState {
-                    original: Version::new(newest),
-                    derivative: newest_deriv.map(Version::new),
-                    registered_original: reg_orig,
-                    registered_derivative: reg_deriv,
-                    changed: Instant::now(),
-                    patient,
-                    deid: Some(self.deid_record.clone()),
-                    failures: 0,
-                    last_error: None,
-                    received: None,
-                },
-            );
         }
         // Studies received from other organisations: shown as they were received, never
         // registered or de-identified again here.
@@ -1160,7 +1276,198 @@ impl Inner {
         }
         let n = index.studies.len();
         *self.index.write().expect("not poisoned") = index;
-        tracing::info!("index rebuilt: {n} studies");
+        tracing::info!(
+            "index ready: {n} studies ({from_records} from index records, {from_store} rebuilt \
+             from the store) in {} ms",
+            started.elapsed().as_millis()
+        );
+        Ok(())
+    }
+
+    /// A study from its index record: its newest versions' manifests from the store, the
+    /// header attributes from the record where the manifest names the same header object.
+    fn study_from_record(&self, index: &mut Index, r: &StudyRecord) -> Result<(), String> {
+        let open = |root: &Digest| -> Result<Version, String> {
+            self.store
+                .open_manifest(root, &self.owner)
+                .map(|(_, m)| Version::new(m))
+                .map_err(|e| e.to_string())
+        };
+        let original = open(&r.original)?;
+        if original.manifest.derived_from.is_some() || original.manifest.study_uid != r.study {
+            return Err("its original is not the study's".into());
+        }
+        let derivative = r.derivative.as_ref().map(open).transpose()?;
+        if let Some(d) = &derivative {
+            if d.manifest.derived_from != Some(original.root) {
+                return Err("its derivative does not name its original".into());
+            }
+        }
+        let headers: HashMap<Digest, &[u8]> = r
+            .headers
+            .iter()
+            .map(|h| (Digest::of(h), h.as_slice()))
+            .collect();
+        let mut metas = Vec::new();
+        for (view, v) in [
+            (View::Original, Some(&original)),
+            (View::Deidentified, derivative.as_ref()),
+        ] {
+            let Some(v) = v else { continue };
+            for (_, i) in v.manifest.instances() {
+                if index.has_meta(view, &i.sop_instance_uid) {
+                    continue;
+                }
+                let header = headers
+                    .get(&i.header.digest)
+                    .copied()
+                    .filter(|h| h.len() as u64 == i.header.len);
+                metas.push((
+                    view,
+                    i.sop_instance_uid.clone(),
+                    self.attributes(i, header)?,
+                ));
+            }
+        }
+        for (view, uid, meta) in metas {
+            index.put_meta(view, &uid, Arc::new(meta));
+        }
+        let versions = r.roots.clone();
+        index.studies.insert(
+            r.study.clone(),
+            StudyState {
+                registered_original: Some(original.clone()),
+                registered_derivative: derivative.clone(),
+                original,
+                derivative,
+                versions,
+                changed: Instant::now(),
+                patient: r.patient.clone(),
+                deid: r.deid.clone(),
+                failures: 0,
+                last_error: None,
+                received: None,
+            },
+        );
+        Ok(())
+    }
+
+    /// One study rebuilt from all its versions in the store (`versions`: the original's;
+    /// `derivatives`: by the original version they name) and the ledger.
+    fn rebuild_study(
+        &self,
+        index: &mut Index,
+        uid: String,
+        mut versions: Vec<StudyManifest>,
+        derivatives: &HashMap<Digest, Vec<StudyManifest>>,
+    ) -> Result<(), String> {
+        let registered = |root: &Digest| -> Result<bool, String> {
+            match self.client.prove(&format!("study/{root}")) {
+                Ok(_) => Ok(true),
+                Err(ClientError::Refused { status: 404, .. }) => Ok(false),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        // Versions only grow: the newest has the most instances.
+        versions.sort_by_key(|m| m.instance_count());
+        let newest = versions.last().expect("at least one").clone();
+        let mut reg_orig = None;
+        for m in versions.iter().rev() {
+            if registered(&m.root())? {
+                reg_orig = Some(Version::new(m.clone()));
+                break;
+            }
+        }
+        let all_derivs: Vec<StudyManifest> = versions
+            .iter()
+            .flat_map(|m| derivatives.get(&m.root()).cloned().unwrap_or_default())
+            .collect();
+        let mut all_roots: BTreeSet<Digest> = versions.iter().map(|m| m.root()).collect();
+        all_roots.extend(all_derivs.iter().map(|m| m.root()));
+        let mut newest_deriv: Option<StudyManifest> = None;
+        let mut reg_deriv = None;
+        for d in &all_derivs {
+            if newest_deriv.as_ref().is_none_or(|n| {
+                d.instance_count() > n.instance_count()
+                    || (d.instance_count() == n.instance_count()
+                        && d.derived_from == Some(newest.root()))
+            }) {
+                newest_deriv = Some(d.clone());
+            }
+            if registered(&d.root())?
+                && reg_deriv
+                    .as_ref()
+                    .is_none_or(|r: &Version| d.instance_count() > r.manifest.instance_count())
+            {
+                reg_deriv = Some(Version::new(d.clone()));
+            }
+        }
+        // A crash between writing the original's version and the derivative's leaves the
+        // derivative behind: de-identify what it lacks again from the stored originals.
+        if newest_deriv
+            .as_ref()
+            .is_none_or(|d| d.derived_from != Some(newest.root()))
+        {
+            newest_deriv = self.repair_derivative(&newest, &versions, newest_deriv)?;
+        }
+        all_roots.extend(newest_deriv.as_ref().map(|d| d.root()));
+        // Header attributes, for queries.
+        for (view, m) in [
+            (View::Original, Some(&newest)),
+            (View::Deidentified, newest_deriv.as_ref()),
+        ] {
+            let Some(m) = m else { continue };
+            for (_, i) in m.instances() {
+                if index.has_meta(view, &i.sop_instance_uid) {
+                    continue;
+                }
+                let meta = self.attributes(i, None)?;
+                index.put_meta(view, &i.sop_instance_uid, Arc::new(meta));
+            }
+        }
+        let mut metas = Vec::new();
+        if let Some((_, i)) = newest.instances().next() {
+            if let Some(m) = index.meta(View::Original, &i.sop_instance_uid) {
+                metas.push((
+                    View::Original,
+                    String::new(),
+                    InstanceMeta {
+                        attrs: m.attrs.clone(),
+                        transfer_syntax: m.transfer_syntax.clone(),
+                    },
+                ));
+            }
+        }
+        if let Some((_, i)) = newest_deriv.as_ref().and_then(|d| d.instances().next()) {
+            if let Some(m) = index.meta(View::Deidentified, &i.sop_instance_uid) {
+                metas.push((
+                    View::Deidentified,
+                    String::new(),
+                    InstanceMeta {
+                        attrs: m.attrs.clone(),
+                        transfer_syntax: m.transfer_syntax.clone(),
+                    },
+                ));
+            }
+        }
+        let patient = self.pseudonym(&metas, None);
+        self.touch(&uid);
+        index.studies.insert(
+            uid,
+            StudyState {
+                original: Version::new(newest),
+                derivative: newest_deriv.map(Version::new),
+                registered_original: reg_orig,
+                registered_derivative: reg_deriv,
+                versions: all_roots,
+                changed: Instant::now(),
+                patient,
+                deid: Some(self.deid_record.clone()),
+                failures: 0,
+                last_error: None,
+                received: None,
+            },
+        );
         Ok(())
     }
 }

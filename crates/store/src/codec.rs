@@ -5,7 +5,7 @@
 use medledger_crypto::Digest;
 
 #[derive(Debug)]
-pub(crate) struct Writer(Vec<u8>);
+pub struct Writer(Vec<u8>);
 
 impl Writer {
     pub fn with_capacity(n: usize) -> Writer {
@@ -47,7 +47,7 @@ impl Writer {
 pub struct DecodeError(pub String);
 
 #[derive(Debug)]
-pub(crate) struct Reader<'a> {
+pub struct Reader<'a> {
     data: &'a [u8],
     at: usize,
 }

@@ -6,7 +6,7 @@
 //! See `docs/store.md` for the format and what sharing and revocation can promise.
 
 pub mod backend;
-mod codec;
+pub mod codec;
 pub mod manifest;
 pub mod split;
 mod store;

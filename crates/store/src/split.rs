@@ -135,6 +135,30 @@ pub fn rebuild(header_object: &[u8], pixels: &[impl AsRef<[u8]>]) -> Result<Vec<
     Ok(out)
 }
 
+/// [`rebuild`] with a placeholder for each pixel object, of the object's length (`lens`): one
+/// encapsulated item of zeros, which reads as a fragment in encapsulated Pixel Data and as
+/// some value in native Pixel Data. For reading the attributes of an instance without its
+/// pixel objects.
+pub fn rebuild_without_pixels(header_object: &[u8], lens: &[u64]) -> Result<Vec<u8>, String> {
+    let placed = placements(header_object, lens.len())?;
+    let mut out = Vec::new();
+    for p in placed {
+        match p {
+            Placed::Inline(bytes) => out.extend_from_slice(bytes),
+            Placed::Pixels(i) => {
+                let len = usize::try_from(lens[i]).map_err(|_| "a pixel object is too long")?;
+                let at = out.len();
+                out.resize(at + len, 0);
+                if len >= 8 {
+                    out[at..at + 4].copy_from_slice(&[0xFE, 0xFF, 0x00, 0xE0]);
+                    out[at + 4..at + 8].copy_from_slice(&((len - 8) as u32).to_le_bytes());
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// [`rebuild`] as the pieces of the file in order, without copying them: slices of the header
 /// object and the pixel objects themselves. Their concatenation is what [`rebuild`] returns.
 pub fn rebuild_parts(

@@ -24,6 +24,14 @@ use crate::codec::DecodeError;
 use crate::manifest::{InstanceEntry, ObjectRef, SeriesEntry, StudyManifest};
 use crate::split::{self, InstanceIds, Split, SplitError};
 
+/// Magic of private records (`Store::put_private`): then the 112-byte envelope, then the
+/// sealed bytes.
+const PRIVATE_MAGIC: &[u8; 4] = b"MLp\x01";
+
+fn private_context(name: &str) -> Vec<u8> {
+    format!("medledger private record v1 {name}").into_bytes()
+}
+
 /// Format tag of reference records.
 pub const REF_FORMAT: &str = "medledger-study-ref-1";
 
@@ -1356,6 +1364,20 @@ impl Store {
             .map_err(|reason| corrupt(format!("instance {}", instance.sop_instance_uid), reason))
     }
 
+    /// The instance's Part 10 file for reading its attributes only: the header object's bytes
+    /// as stored, verified, with every pixel object replaced by a placeholder of its length
+    /// (one encapsulated item of zeros), so no pixel object is read. The pixel values are not
+    /// the instance's: use [`Store::fetch_instance`] for them.
+    pub fn fetch_instance_attributes(
+        &self,
+        instance: &InstanceEntry,
+    ) -> Result<Vec<u8>, StoreError> {
+        let header = self.fetch(&instance.header)?;
+        let lens: Vec<u64> = instance.pixels.iter().map(|p| p.len).collect();
+        split::rebuild_without_pixels(&header, &lens)
+            .map_err(|reason| corrupt(format!("instance {}", instance.sop_instance_uid), reason))
+    }
+
     /// [`Store::fetch_instance`] as the pieces of the file in order (see
     /// [`split::rebuild_parts`]): the same bytes, every object verified, nothing copied.
     pub fn fetch_instance_parts(
@@ -1540,6 +1562,78 @@ impl Store {
             out.push((name.to_string(), v));
         }
         Ok(out)
+    }
+
+    /// Writes a private record (`private/<name>`): derived data only its owner may read,
+    /// such as a node's index of its studies. Sealed under a fresh key wrapped for `owner`
+    /// and bound to the name, so a record cannot be read or moved under another name; durable
+    /// on return.
+    pub fn put_private(
+        &self,
+        name: &str,
+        plaintext: &[u8],
+        owner: &PublicKey,
+    ) -> Result<(), StoreError> {
+        let key = format!("private/{name}");
+        crate::backend::check_key(&key)?;
+        let (object_key, sealed) = medledger_crypto::seal(plaintext);
+        let envelope = medledger_crypto::wrap(&object_key, owner, &private_context(name));
+        let mut out = Vec::with_capacity(4 + 112 + sealed.len());
+        out.extend_from_slice(PRIVATE_MAGIC);
+        out.extend_from_slice(&envelope.recipient);
+        out.extend_from_slice(&envelope.enc);
+        out.extend_from_slice(&envelope.ciphertext);
+        out.extend_from_slice(&sealed);
+        self.backend.put(&key, Bytes::from(out))?;
+        Ok(())
+    }
+
+    /// Reads a private record written by [`Store::put_private`]; `None` if there is none.
+    /// A record that does not open under `secret` (damaged, or another owner's) is `Corrupt`.
+    pub fn get_private(
+        &self,
+        name: &str,
+        secret: &SecretKey,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let key = format!("private/{name}");
+        let bytes = match self.backend.get(&key) {
+            Ok(b) => b,
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let head = 4 + 32 + 32 + 48;
+        if bytes.len() < head || &bytes[..4] != PRIVATE_MAGIC {
+            return Err(corrupt(key, "not a private record"));
+        }
+        let envelope = WrappedKey {
+            recipient: bytes[4..36].try_into().expect("32 bytes"),
+            enc: bytes[36..68].try_into().expect("32 bytes"),
+            ciphertext: bytes[68..head].to_vec(),
+        };
+        let object_key = medledger_crypto::unwrap(&envelope, secret, &private_context(name))
+            .map_err(|e| corrupt(key.clone(), e.to_string()))?;
+        medledger_crypto::open(&object_key, &bytes[head..])
+            .map(Some)
+            .map_err(|e| corrupt(key, e.to_string()))
+    }
+
+    /// Names of the private records under `prefix`.
+    pub fn list_private(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .backend
+            .list(&format!("private/{prefix}"))?
+            .into_iter()
+            .filter_map(|(k, _)| k.strip_prefix("private/").map(str::to_string))
+            .collect())
+    }
+
+    /// Deletes a private record (none is no error).
+    pub fn delete_private(&self, name: &str) -> Result<(), StoreError> {
+        match self.backend.delete(&format!("private/{name}")) {
+            Ok(()) => Ok(()),
+            Err(e) if e.is_not_found() => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Seals a study again under new keys, for the owner and exactly `recipients`, and deletes

@@ -822,3 +822,85 @@ fn a_one_pass_put_that_cannot_commit_falls_back_study_by_study() {
         }
     }
 }
+
+#[test]
+fn private_records_open_only_for_their_owner_and_name() {
+    let (_dir, store) = fs_store();
+    let owner = SecretKey::generate();
+    let other = SecretKey::generate();
+    assert_eq!(store.get_private("index/a", &owner).unwrap(), None);
+    store
+        .put_private("index/a", b"what only the owner reads", &owner.public())
+        .unwrap();
+    assert_eq!(
+        store.get_private("index/a", &owner).unwrap().as_deref(),
+        Some(&b"what only the owner reads"[..])
+    );
+    assert_eq!(
+        store.list_private("index/").unwrap(),
+        vec!["index/a".to_string()]
+    );
+    // Another key cannot open it.
+    assert!(matches!(
+        store.get_private("index/a", &other),
+        Err(StoreError::Corrupt { .. })
+    ));
+    // The same bytes under another name do not open: the envelope is bound to the name.
+    let raw = store.backend().get("private/index/a").unwrap();
+    store.backend().put("private/index/b", raw.clone()).unwrap();
+    assert!(matches!(
+        store.get_private("index/b", &owner),
+        Err(StoreError::Corrupt { .. })
+    ));
+    // Any flipped bit is refused.
+    for at in [0, 10, 70, raw.len() - 1] {
+        let mut bad = raw.to_vec();
+        bad[at] ^= 1;
+        store
+            .backend()
+            .put("private/index/a", Bytes::from(bad))
+            .unwrap();
+        assert!(
+            matches!(
+                store.get_private("index/a", &owner),
+                Err(StoreError::Corrupt { .. })
+            ),
+            "bit flipped at {at} not caught"
+        );
+    }
+    store.delete_private("index/a").unwrap();
+    store.delete_private("index/a").unwrap();
+    assert_eq!(store.get_private("index/a", &owner).unwrap(), None);
+    // Names the backend refuses are refused.
+    assert!(store.put_private("../x", b"", &owner.public()).is_err());
+}
+
+#[test]
+fn attributes_are_read_without_pixel_objects_for_every_file() {
+    let (_dir, store) = fs_store();
+    let owner = SecretKey::generate();
+    let files = files_under(&test_data_dir());
+    let mut checked = 0;
+    for plan in plans_for(&files) {
+        let o = store
+            .put_study(plan, &owner, &PutOptions::default(), &|_| {})
+            .unwrap();
+        for (_, i) in o.manifest.instances() {
+            let whole = store.fetch_instance(i).unwrap();
+            let attrs = store.fetch_instance_attributes(i).unwrap();
+            // Same length, same bytes outside the pixel objects.
+            assert_eq!(whole.len(), attrs.len(), "{}", i.sop_instance_uid);
+            let (_, a) = medledger_deid::read_instance_header(&whole).unwrap();
+            let (_, b) = medledger_deid::read_instance_header(&attrs).unwrap();
+            let strip = |mut o: dicom_object::InMemDicomObject| {
+                o.remove_element(dicom_dictionary_std::tags::PIXEL_DATA);
+                o.remove_element(dicom_dictionary_std::tags::FLOAT_PIXEL_DATA);
+                o.remove_element(dicom_dictionary_std::tags::DOUBLE_FLOAT_PIXEL_DATA);
+                o
+            };
+            assert_eq!(strip(a), strip(b), "{}", i.sop_instance_uid);
+            checked += 1;
+        }
+    }
+    assert!(checked > 300, "only {checked} instances checked");
+}

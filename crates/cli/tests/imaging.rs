@@ -794,7 +794,7 @@ fn a_node_ingests_queries_and_serves_dicom_and_keeps_what_it_acknowledged() {
     let before = answers();
     assert!(before.len() > 64, "{} answers", before.len());
     let studies_before = metric("studies");
-    let restart = |what: &str| -> String {
+    let restart = |what: &str| -> (u64, u64) {
         let pid = std::fs::read_to_string(dir.join("hospital-a/node.pid")).unwrap();
         let _ = Command::new("kill").args(["-KILL", pid.trim()]).status();
         let up = medledger(home)
@@ -809,19 +809,14 @@ fn a_node_ingests_queries_and_serves_dicom_and_keeps_what_it_acknowledged() {
                 .send()
                 .is_ok_and(|r| r.status().is_success())
         });
-        let log = std::fs::read_to_string(dir.join("hospital-a/node.log")).unwrap();
-        log.lines()
-            .filter(|l| l.contains("index ready:"))
-            .next_back()
-            .unwrap_or_else(|| panic!("{what}: no index line in the node log"))
-            .to_string()
+        (
+            metric("index_start_studies_from_records"),
+            metric("index_start_studies_rebuilt"),
+        )
     };
-    let line = restart("restart with every index record");
-    assert!(
-        line.contains(&format!(
-            "({studies_before} from index records, 0 rebuilt from the store)"
-        )),
-        "{line}"
+    assert_eq!(
+        restart("restart with every index record"),
+        (studies_before, 0)
     );
     assert_eq!(answers(), before, "the index read from its records differs");
     let records: Vec<PathBuf> = std::fs::read_dir(dir.join("hospital-a/store/private/index/v1"))
@@ -834,13 +829,9 @@ fn a_node_ingests_queries_and_serves_dicom_and_keeps_what_it_acknowledged() {
     damaged_record[mid] ^= 0x40;
     std::fs::write(&records[0], damaged_record).unwrap();
     std::fs::remove_file(&records[1]).unwrap();
-    let line = restart("restart with a damaged and a missing index record");
-    assert!(
-        line.contains(&format!(
-            "({} from index records, 2 rebuilt from the store)",
-            studies_before - 2
-        )),
-        "{line}"
+    assert_eq!(
+        restart("restart with a damaged and a missing index record"),
+        (studies_before - 2, 2)
     );
     assert_eq!(
         answers(),

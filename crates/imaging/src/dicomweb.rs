@@ -260,6 +260,21 @@ async fn metrics(State(s): State<Service>) -> Response {
             "Studies whose index record is not written yet.",
             s.inner().records_unwritten(),
         ),
+        g(
+            "index_start_studies_from_records",
+            "Studies the index read from their records at start.",
+            m.index_from_records.load(Ordering::Relaxed) as usize,
+        ),
+        g(
+            "index_start_studies_rebuilt",
+            "Studies the index rebuilt from the store and the ledger at start.",
+            m.index_rebuilt.load(Ordering::Relaxed) as usize,
+        ),
+        g(
+            "index_start_milliseconds",
+            "Time the index took to be ready at start.",
+            m.index_start_ms.load(Ordering::Relaxed) as usize,
+        ),
     ]
     .concat();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()

@@ -94,6 +94,11 @@ pub struct Metrics {
     pub registration_failures: AtomicU64,
     /// Index records written (see `snapshot`).
     pub index_records_written: AtomicU64,
+    /// How the index was made at start: studies read from their records, studies rebuilt
+    /// from the store and the ledger, and the time it took.
+    pub index_from_records: AtomicU64,
+    pub index_rebuilt: AtomicU64,
+    pub index_start_ms: AtomicU64,
 }
 
 struct Job {
@@ -1276,6 +1281,12 @@ impl Inner {
         }
         let n = index.studies.len();
         *self.index.write().expect("not poisoned") = index;
+        let m = &self.metrics;
+        m.index_from_records
+            .store(from_records as u64, Ordering::Relaxed);
+        m.index_rebuilt.store(from_store as u64, Ordering::Relaxed);
+        m.index_start_ms
+            .store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
         tracing::info!(
             "index ready: {n} studies ({from_records} from index records, {from_store} rebuilt \
              from the store) in {} ms",

@@ -1605,6 +1605,9 @@ impl Store {
         if bytes.len() < head || &bytes[..4] != PRIVATE_MAGIC {
             return Err(corrupt(key, "not a private record"));
         }
+        if bytes[4..36] != secret.public().to_bytes() {
+            return Err(corrupt(key, "it is not sealed for this key"));
+        }
         let envelope = WrappedKey {
             recipient: bytes[4..36].try_into().expect("32 bytes"),
             enc: bytes[36..68].try_into().expect("32 bytes"),

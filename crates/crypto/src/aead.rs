@@ -53,9 +53,23 @@ pub fn seal(plaintext: &[u8]) -> (ObjectKey, Vec<u8>) {
     seal_with(ObjectKey::generate(), plaintext)
 }
 
+/// [`seal`] into `out` (cleared first), so that a caller can reuse its buffers.
+pub fn seal_into(plaintext: &[u8], out: Vec<u8>) -> (ObjectKey, Vec<u8>) {
+    seal_with_into(ObjectKey::generate(), plaintext, out)
+}
+
 /// Seals under a given key. Private: public callers cannot choose (and so cannot reuse) a key.
 fn seal_with(key: ObjectKey, plaintext: &[u8]) -> (ObjectKey, Vec<u8>) {
-    let mut out = Vec::with_capacity(plaintext.len() + SEAL_OVERHEAD);
+    seal_with_into(
+        key,
+        plaintext,
+        Vec::with_capacity(plaintext.len() + SEAL_OVERHEAD),
+    )
+}
+
+fn seal_with_into(key: ObjectKey, plaintext: &[u8], mut out: Vec<u8>) -> (ObjectKey, Vec<u8>) {
+    out.clear();
+    out.reserve(plaintext.len() + SEAL_OVERHEAD);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(plaintext);
     let tag = key
@@ -125,6 +139,18 @@ mod tests {
         let (b, sb) = seal(b"same");
         assert_ne!(a, b);
         assert_ne!(sa, sb);
+    }
+
+    #[test]
+    fn sealing_into_a_used_buffer_leaves_nothing_of_it() {
+        let msg = b"pixels".repeat(1000);
+        let used = vec![0xAB; 50_000];
+        let (key, sealed) = seal_into(&msg, used);
+        assert_eq!(sealed.len(), msg.len() + SEAL_OVERHEAD);
+        assert_eq!(open(&key, &sealed).unwrap(), msg);
+        let (key, sealed) = seal_into(b"", sealed);
+        assert_eq!(sealed.len(), SEAL_OVERHEAD);
+        assert_eq!(open(&key, &sealed).unwrap(), b"");
     }
 
     #[test]

@@ -13,7 +13,7 @@ pub mod pki;
 mod sign;
 mod wrap;
 
-pub use aead::{KEY_LEN, ObjectKey, SEAL_OVERHEAD, open, open_owned, seal};
+pub use aead::{KEY_LEN, ObjectKey, SEAL_OVERHEAD, open, open_owned, seal, seal_into};
 pub use digest::Digest;
 pub use pki::{CertSpec, Certificate};
 pub use sign::{Signature, SigningKey, VerifyingKey, verify_all};

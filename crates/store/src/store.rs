@@ -101,12 +101,20 @@ impl Source {
 
     fn load(&self) -> Result<Bytes, StoreError> {
         match self {
-            Source::File(p) => std::fs::read(p)
-                .map(Bytes::from)
-                .map_err(|e| StoreError::Read {
+            Source::File(p) => {
+                let read = || -> std::io::Result<Vec<u8>> {
+                    use std::io::Read;
+                    let mut f = std::fs::File::open(p)?;
+                    let len = f.metadata()?.len() as usize;
+                    let mut v = crate::pool::take(len);
+                    f.read_to_end(&mut v)?;
+                    Ok(v)
+                };
+                read().map(Bytes::from).map_err(|e| StoreError::Read {
                     path: p.clone(),
                     source: e,
-                }),
+                })
+            }
             Source::Memory { bytes, .. } => Ok(bytes.clone()),
         }
     }
@@ -990,7 +998,12 @@ impl Store {
             let write_error = &write_error;
             s.spawn(move || {
                 for items in rx {
-                    if let Err(e) = sink.add(items) {
+                    let written = sink.add(items.clone());
+                    // The buffers the backend did not keep are used again for the next objects.
+                    for (_, b) in items {
+                        crate::pool::give_bytes(b);
+                    }
+                    if let Err(e) = written {
                         *write_error.lock().expect("not poisoned") = Some(e.into());
                         return;
                     }
@@ -1014,7 +1027,9 @@ impl Store {
                     let none = AtomicU64::new(0);
                     let out = seal_instance(&scanned, &mut slot, None, &none)
                         .map_err(|e| (name.clone(), e))?;
-                    scanned.kept = None;
+                    if let Some(file) = scanned.kept.take() {
+                        crate::pool::give_bytes(file);
+                    }
                     scanned.sealed = Some(SealedInstance {
                         header: slot.header,
                         pixels: slot.pixels,
@@ -1958,7 +1973,8 @@ fn seal_instance(
 }
 
 fn seal_object(plain: &[u8], digest: Digest, out: &mut Vec<(String, Bytes)>) -> ObjectRef {
-    let (key, sealed) = medledger_crypto::seal(plain);
+    let buffer = crate::pool::take(plain.len() + medledger_crypto::SEAL_OVERHEAD);
+    let (key, sealed) = medledger_crypto::seal_into(plain, buffer);
     let address = Digest::of(&sealed);
     out.push((object_key(&address), Bytes::from(sealed)));
     ObjectRef {

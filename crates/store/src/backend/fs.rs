@@ -34,6 +34,10 @@ use super::{Backend, BackendError, BatchWriter, check_key};
 const MARKER: &str = "MEDLEDGER-STORE";
 const MARKER_TEXT: &str = "medledger object store, layout 1\n";
 const PACKS: &str = "packs";
+/// Writeback of a pack being written is started once this much was added since the last
+/// start: large enough for few, large writes, small enough that the disk works while
+/// objects are still being sealed.
+const WRITEBACK_STEP: u64 = 4 << 20;
 
 /// A batch with at least this many objects goes into a pack; fewer are written one file each
 /// (a pack of one would cost the same as the file).
@@ -611,10 +615,13 @@ impl<'a> PackBatch<'a> {
         let Some(pack) = self.pack.as_mut() else {
             return Ok(());
         };
+        let end = pack.writer.position();
+        if end - pack.started < WRITEBACK_STEP {
+            return Ok(());
+        }
         let out = pack.writer.get_mut();
         out.flush()
             .map_err(|e| BackendError::io(pack.tmp.display().to_string(), e))?;
-        let end = pack.writer.position();
         let len = std::num::NonZeroU64::new(end - pack.started);
         let _ = rustix::fs::fadvise(
             pack.writer.get_mut().get_ref(),

@@ -1,0 +1,72 @@
+//! Buffers for the bytes a put reads and seals, handed back once written and used again.
+//!
+//! A put touches every byte of its input three times (read, seal, write). With a fresh
+//! allocation per file and per object, the kernel zeroes a fresh page for every 4 KiB of them
+//! first (an allocator hands large blocks back and maps new ones), and that zeroing cost more
+//! than the digests and the sealing together. Reusing a bounded set of buffers removes it.
+
+use std::sync::Mutex;
+
+use bytes::Bytes;
+
+/// At most this many bytes of buffers are kept for reuse.
+const KEPT_BYTES: usize = 64 << 20;
+/// Buffers smaller than this are left to the allocator (it reuses small blocks well).
+const MIN_BYTES: usize = 64 << 10;
+
+static FREE: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+
+/// An empty buffer with room for at least `len` bytes.
+pub(crate) fn take(len: usize) -> Vec<u8> {
+    if len >= MIN_BYTES {
+        let mut free = FREE.lock().expect("not poisoned");
+        if let Some(i) = free.iter().position(|b| b.capacity() >= len) {
+            let mut v = free.swap_remove(i);
+            v.clear();
+            return v;
+        }
+    }
+    Vec::with_capacity(len)
+}
+
+/// Hands a buffer back for reuse.
+pub(crate) fn give(v: Vec<u8>) {
+    if v.capacity() < MIN_BYTES {
+        return;
+    }
+    let mut free = FREE.lock().expect("not poisoned");
+    let kept: usize = free.iter().map(Vec::capacity).sum();
+    if kept + v.capacity() <= KEPT_BYTES {
+        free.push(v);
+    }
+}
+
+/// Hands back the buffer under `b` if nothing else refers to it.
+pub(crate) fn give_bytes(b: Bytes) {
+    if b.len() < MIN_BYTES {
+        return;
+    }
+    if let Ok(m) = b.try_into_mut() {
+        give(Vec::from(m));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_come_back_empty_and_large_enough() {
+        let mut v = take(100_000);
+        v.extend_from_slice(&[7u8; 100_000]);
+        give_bytes(Bytes::from(v));
+        let again = take(90_000);
+        assert!(again.is_empty());
+        assert!(again.capacity() >= 90_000);
+        // A buffer still referred to elsewhere is not taken back.
+        let shared = Bytes::from(vec![1u8; 100_000]);
+        let other = shared.clone();
+        give_bytes(shared);
+        assert_eq!(other.len(), 100_000);
+    }
+}

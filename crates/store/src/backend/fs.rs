@@ -734,18 +734,13 @@ impl Drop for PackBatch<'_> {
 /// Reads `len` bytes at `offset`, or fewer if the file has been cut short since its index was
 /// read: a damaged object, which then fails verification, rather than an I/O error that would
 /// hide which object it is.
-fn read_range(file: &File, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
-    let mut buf = vec![0u8; len as usize];
-    let mut got = 0;
-    while got < buf.len() {
-        match file.read_at(&mut buf[got..], offset + got as u64) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    buf.truncate(got);
+/// Reads `len` bytes at `offset` (fewer if the file ends first) into a reused buffer, without
+/// zeroing it first. Moves the file's position: callers do not share the `File` across threads.
+fn read_range(mut file: &File, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    file.seek(SeekFrom::Start(offset))?;
+    let mut buf = crate::pool::take(usize::try_from(len).unwrap_or(usize::MAX));
+    file.take(len).read_to_end(&mut buf)?;
     Ok(buf)
 }
 

@@ -133,14 +133,26 @@ impl Garage {
             .output()
     }
 
-    fn admin(&self, args: &[&str]) -> String {
-        let out = self.run(args).expect("run garage");
-        assert!(
-            out.status.success(),
-            "garage {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+    /// Runs an admin command. `node id` answers before the server's RPC listener is up, so
+    /// a command that cannot connect yet is tried again for up to 30 s; any other failure
+    /// fails at once.
+    fn admin(&mut self, args: &[&str]) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = self.run(args).expect("run garage");
+            if out.status.success() {
+                return String::from_utf8_lossy(&out.stdout).into_owned();
+            }
+            let err = String::from_utf8_lossy(&out.stderr).into_owned();
+            let starting = err.contains("Unable to connect") || err.contains("Connection refused");
+            let exited = self.child.try_wait().ok().flatten();
+            assert!(
+                starting && exited.is_none() && Instant::now() < deadline,
+                "garage {args:?} failed: {err}(server: {exited:?}, log: {})",
+                std::fs::read_to_string(self._dir.path().join("server.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Runs a command until the node answers and `parse` accepts the output.

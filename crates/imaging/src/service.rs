@@ -1080,8 +1080,8 @@ impl Inner {
         self.dirty.lock().expect("not poisoned").1.len()
     }
 
-    /// Writes the index records of the studies that changed since the last call (see
-    /// `snapshot`). A record that cannot be written is tried again next time.
+    /// Writes the index records of the registered studies that changed since the last call
+    /// (see `snapshot`). A record that cannot be written is tried again next time.
     pub(crate) fn write_records(&self) {
         let due = self.dirty.lock().expect("not poisoned").1.clone();
         for (study, change) in due {
@@ -1104,6 +1104,11 @@ impl Inner {
             };
             if state.received.is_some() {
                 written(self);
+                continue;
+            }
+            // Start-up uses a record only once its study is registered, so a study still
+            // arriving is recorded when its registration is final, not on every batch.
+            if state.pending() {
                 continue;
             }
             let mut headers = Vec::new();
@@ -1255,7 +1260,7 @@ impl Inner {
             self.rebuild_study(&mut index, uid, versions, &derivatives)?;
         }
         let mut from_records = 0;
-        for (study, record) in records {
+        for record in records.into_values() {
             match self.study_from_record(&mut index, &record) {
                 Ok(()) => from_records += 1,
                 Err(e) => {
@@ -1270,7 +1275,6 @@ impl Inner {
                     for (uid, versions) in originals {
                         self.rebuild_study(&mut index, uid, versions, &derivs)?;
                     }
-                    let _ = study;
                 }
             }
         }

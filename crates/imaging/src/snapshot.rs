@@ -1,6 +1,6 @@
 //! The index kept between runs: one private record per study in the node's own store
 //! (`private/index/v1/<digest of the Study Instance UID>`), sealed for the store key, written
-//! in the background shortly after the study changes.
+//! in the background shortly after a version of the study is registered.
 //!
 //! A record says which versions of the study exist (every root, original and derivative),
 //! which are newest and which the ledger has registered, the patient's pseudonym, and the

@@ -4,6 +4,14 @@
 //! retrieval. medledger de-identifies, encrypts, stores both forms durably and registers the
 //! study on the ledger on top; Orthanc stores the files as they are.
 //!
+//! medledger answers a C-STORE or STOW-RS once the instance is sealed in its ingest journal
+//! and the journal is on disk; it stores after the answer. Both figures are printed: the
+//! acknowledged rate (what a sender sees, and what Orthanc's figure is) and the rate until
+//! every acknowledged instance is in the store. Orthanc's turn starts only once medledger
+//! has stored everything, so neither measures against the other's background work. The
+//! ceiling of the C-STORE figures is measured too: storescu sending to dcmtk's storescp that
+//! discards every instance.
+//!
 //! Each run sends a fresh copy of the series (new Study, Series and SOP Instance UIDs), so
 //! neither server can answer from what it already holds.
 
@@ -43,6 +51,10 @@ struct Side {
     qido_p50_ms: f64,
     qido_p99_ms: f64,
     wado_study_mb_per_s: f64,
+    /// From the first instance sent until every acknowledged one is in the store (medledger
+    /// acknowledges from its journal and stores after; Orthanc stores before answering).
+    cstore_stored_instances_per_s: f64,
+    stow_stored_instances_per_s: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -58,6 +70,9 @@ struct Report {
     /// Seconds from the last C-STORE acknowledgement until the study was final on the ledger
     /// and visible to QIDO-RS (median).
     registration_s: f64,
+    /// storescu (TCP_NODELAY) to dcmtk's storescp discarding every instance (`--ignore`):
+    /// how fast the client sends at all, the ceiling of any C-STORE server here.
+    cstore_client_ceiling_instances_per_s: f64,
 }
 
 struct Proc(std::process::Child);
@@ -219,6 +234,53 @@ fn wado(http: &reqwest::blocking::Client, url: &str) -> Result<f64> {
     Ok(best)
 }
 
+/// Waits until the node has stored everything it acknowledged (its journal is drained).
+fn wait_stored(http: &reqwest::blocking::Client, api: &str, limit: Duration) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        let text = http.get(format!("{api}/metrics")).send()?.text()?;
+        let left = text
+            .lines()
+            .find_map(|l| l.strip_prefix("medledger_journal_outstanding "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .context("the node's /metrics has no medledger_journal_outstanding")?;
+        if left == 0 {
+            return Ok(());
+        }
+        if start.elapsed() > limit {
+            bail!("{left} acknowledged instances not stored after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// storescu to dcmtk's storescp that receives and discards (`--ignore`), median of `runs`.
+fn client_ceiling(files: &[PathBuf], runs: usize) -> Result<f64> {
+    need("storescp")?;
+    let port = free_port()?;
+    let _scp = Proc(
+        Command::new("storescp")
+            .env("TCP_NODELAY", "1")
+            .args(["--ignore", "-aet", "SINK", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("cannot start storescp")?,
+    );
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if start.elapsed() > Duration::from_secs(10) {
+            bail!("storescp did not listen within 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut t = Vec::new();
+    for _ in 0..runs.max(1) {
+        t.push(storescu(port, "SINK", files)?);
+    }
+    Ok(files.len() as f64 / median(t))
+}
+
 fn wait_visible(http: &reqwest::blocking::Client, web: &str, limit: Duration) -> Result<String> {
     let start = Instant::now();
     let before = count(http, web)?;
@@ -299,6 +361,12 @@ pub fn run(args: BenchNodeArgs) -> Result<()> {
         report.ingest_stow_ratio,
         m.stow_mb_per_s,
         o.stow_mb_per_s
+    );
+    println!(
+        "  stored (not only acknowledged): C-STORE {:.0} inst/s, STOW-RS {:.0} inst/s; storescu to a server that discards everything: {:.0} inst/s",
+        m.cstore_stored_instances_per_s,
+        m.stow_stored_instances_per_s,
+        report.cstore_client_ceiling_instances_per_s
     );
     println!(
         "QIDO-RS p50 ms          {:>10.2} {:>12.2}            < 5 ms  (p99 {:.2} vs {:.2})",
@@ -394,22 +462,30 @@ fn measure(args: &BenchNodeArgs, files: &[PathBuf], megabytes: f64, tmp: &Path) 
         let mut cstore = (Vec::new(), Vec::new());
         let mut stow_t = (Vec::new(), Vec::new());
         let mut registration = Vec::new();
+        let mut stored = (Vec::new(), Vec::new());
         let mut m_study = String::new();
         let mut o_study = String::new();
         for r in 0..args.repeat.max(1) {
             let (_, copy) = fresh_copy(files, &tmp.join(format!("c{r}")), "m")?;
+            let sent = Instant::now();
             let t = storescu(m_dicom, "HOSPITAL_A", &copy)?;
             cstore.0.push(t);
             let acked = Instant::now();
+            wait_stored(&http, &m_api, Duration::from_secs(120))?;
+            stored.0.push(sent.elapsed().as_secs_f64());
             m_study = wait_visible(&http, &m_web, Duration::from_secs(60))?;
             registration.push(acked.elapsed().as_secs_f64());
             let (ostudy, copy) = fresh_copy(files, &tmp.join(format!("o{r}")), "o")?;
             cstore.1.push(storescu(o_dicom, "ORTHANC", &copy)?);
             o_study = ostudy;
             let (_, copy) = fresh_copy(files, &tmp.join(format!("s{r}")), "ms")?;
+            let sent = Instant::now();
             stow_t
                 .0
                 .push(stow(&http, &format!("{m_web}/studies"), &copy)?);
+            // Orthanc's turn starts once medledger has stored what it acknowledged.
+            wait_stored(&http, &m_api, Duration::from_secs(120))?;
+            stored.1.push(sent.elapsed().as_secs_f64());
             let (_, copy) = fresh_copy(files, &tmp.join(format!("t{r}")), "os")?;
             stow_t
                 .1
@@ -422,6 +498,8 @@ fn measure(args: &BenchNodeArgs, files: &[PathBuf], megabytes: f64, tmp: &Path) 
         o.cstore_instances_per_s = n / oc;
         o.cstore_mb_per_s = megabytes / oc;
         m.stow_instances_per_s = n / ms;
+        m.cstore_stored_instances_per_s = n / median(stored.0);
+        m.stow_stored_instances_per_s = n / median(stored.1);
         m.stow_mb_per_s = megabytes / ms;
         o.stow_instances_per_s = n / os;
         o.stow_mb_per_s = megabytes / os;
@@ -444,6 +522,7 @@ fn measure(args: &BenchNodeArgs, files: &[PathBuf], megabytes: f64, tmp: &Path) 
             ingest_stow_ratio: m.stow_instances_per_s / o.stow_instances_per_s,
             retrieve_ratio: m.wado_study_mb_per_s / o.wado_study_mb_per_s,
             registration_s: median(registration),
+            cstore_client_ceiling_instances_per_s: client_ceiling(files, args.repeat)?,
             medledger: m,
             orthanc: o,
         })

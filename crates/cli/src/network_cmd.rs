@@ -164,10 +164,13 @@ pub fn run_node(args: NodeArgs) -> Result<()> {
         "node of {} on chain {}: p2p {}, API http://{}",
         cfg.org, cfg.chain, cfg.p2p, cfg.api
     );
-    let Some(imaging) = cfg.imaging.clone() else {
+    let Some(mut imaging) = cfg.imaging.clone() else {
         medledger_node::run_node(cfg)?;
         return Ok(());
     };
+    imaging
+        .journal
+        .get_or_insert_with(|| cfg.data_dir.join("journal"));
     let service =
         medledger_imaging::Service::start(&cfg.org, &imaging, &format!("http://{}", cfg.api))?;
     let dimse = std::sync::Arc::new(medledger_imaging::Dimse::new(service.clone()));
@@ -234,7 +237,8 @@ pub fn run_node(args: NodeArgs) -> Result<()> {
 }
 
 /// On SIGTERM or SIGINT: stop taking associations and instances, let what is queued be
-/// committed (it was not acknowledged yet, but it will be if it makes it), then exit.
+/// committed (what the journal acknowledged is stored at the next start if it does not make
+/// it in time), then exit.
 fn shutdown_on_signal(service: medledger_imaging::Service, scps: Vec<medledger_dicom_net::Scp>) {
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -259,6 +263,7 @@ fn shutdown_on_signal(service: medledger_imaging::Service, scps: Vec<medledger_d
         while service.busy() && std::time::Instant::now() < deadline {
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
+        service.settle_journal();
         std::process::exit(0);
     });
 }

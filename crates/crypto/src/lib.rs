@@ -3,7 +3,8 @@
 //! RFC 9162-shaped Merkle trees with inclusion proofs, and Ed25519 signatures.
 //!
 //! Nothing here does I/O. Every key that seals data is generated inside [`seal`] and used
-//! exactly once, so nonces can never repeat.
+//! exactly once, or is a [`SequenceKey`] whose counter nonce only moves forward, so nonces can
+//! never repeat.
 
 mod aead;
 mod digest;
@@ -13,7 +14,7 @@ pub mod pki;
 mod sign;
 mod wrap;
 
-pub use aead::{KEY_LEN, ObjectKey, SEAL_OVERHEAD, open, open_owned, seal, seal_into};
+pub use aead::{KEY_LEN, ObjectKey, SEAL_OVERHEAD, SequenceKey, open, open_owned, seal, seal_into};
 pub use digest::Digest;
 pub use pki::{CertSpec, Certificate};
 pub use sign::{Signature, SigningKey, VerifyingKey, verify_all};

@@ -79,7 +79,14 @@ pub(crate) struct Conn {
     wbuf: Vec<u8>,
     /// Maximum length of the variable field of PDUs the peer accepts.
     peer_max: u32,
+    /// Length of the last data set received: the next one (most often another image of the
+    /// same series) is read into a buffer of that size, instead of one grown (and copied)
+    /// fragment by fragment.
+    data_hint: usize,
 }
+
+/// The largest buffer reserved ahead from [`Conn::data_hint`].
+const DATA_HINT_MAX: usize = 64 << 20;
 
 impl Conn {
     pub(crate) fn new(stream: TcpStream) -> std::io::Result<Conn> {
@@ -93,6 +100,7 @@ impl Conn {
             pdu_left: 0,
             wbuf: Vec::new(),
             peer_max: pdu::DEFAULT_MAX_PDU,
+            data_hint: 0,
         }
     }
 
@@ -241,6 +249,7 @@ impl Conn {
         cap: usize,
     ) -> Result<(), NetError> {
         let start = dest.len();
+        dest.reserve(self.data_hint.min(cap));
         loop {
             let pdv = self.next_data_fragment(pcid)?;
             if dest.len() - start + pdv.len > cap {
@@ -248,8 +257,10 @@ impl Conn {
                     "data set larger than {cap} bytes"
                 )));
             }
+            dest.reserve(pdv.len);
             self.read_value(pdv.len, dest)?;
             if pdv.last {
+                self.data_hint = (dest.len() - start).min(DATA_HINT_MAX);
                 return Ok(());
             }
         }

@@ -195,7 +195,7 @@ async fn metrics(State(s): State<Service>) -> Response {
             "# HELP medledger_{name} {help}\n# TYPE medledger_{name} gauge\nmedledger_{name} {v}\n"
         )
     };
-    let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 10] = [
+    let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 13] = [
         (
             "instances_received_total",
             "Instances received (C-STORE, STOW-RS, import).",
@@ -242,6 +242,21 @@ async fn metrics(State(s): State<Service>) -> Response {
             "Index records written to the store (one per changed study).",
             &m.index_records_written,
         ),
+        (
+            "instances_journaled_total",
+            "Instances acknowledged once sealed in the ingest journal (stored after the answer).",
+            &m.instances_journaled,
+        ),
+        (
+            "journal_replayed_total",
+            "Journal entries of an earlier run stored at start.",
+            &m.journal_replayed,
+        ),
+        (
+            "instances_failed_after_ack_total",
+            "Acknowledged instances the store refused (kept as private records ingest-failed/).",
+            &m.instances_failed_after_ack,
+        ),
     ];
     let body = [
         counters
@@ -259,6 +274,11 @@ async fn metrics(State(s): State<Service>) -> Response {
             "index_records_unwritten",
             "Studies whose index record is not written yet.",
             s.inner().records_unwritten(),
+        ),
+        g(
+            "journal_outstanding",
+            "Instances acknowledged from the ingest journal and not yet in the store.",
+            s.journal_outstanding() as usize,
         ),
         g(
             "index_start_studies_from_records",

@@ -4,6 +4,7 @@ pub mod access;
 pub mod dicomweb;
 pub mod dimse;
 pub mod index;
+pub mod journal;
 pub mod multipart;
 pub mod pixels;
 pub mod service;

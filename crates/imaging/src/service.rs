@@ -25,6 +25,7 @@ use medledger_store::{PutOptions, Scanned, Store, StoreError, StudyManifest, sca
 use rayon::prelude::*;
 
 use crate::index::{Index, InstanceMeta, StudyState, Version, View};
+use crate::journal::Journal;
 use crate::snapshot::{self, StudyRecord};
 
 /// Why the service could not start.
@@ -46,6 +47,8 @@ pub enum StartError {
     Option(String),
     #[error("rebuilding the index: {0}")]
     Index(String),
+    #[error("{0}")]
+    Journal(String),
 }
 
 /// Why an instance was not stored. Messages name attributes and kinds of problem, never
@@ -99,13 +102,58 @@ pub struct Metrics {
     pub index_from_records: AtomicU64,
     pub index_rebuilt: AtomicU64,
     pub index_start_ms: AtomicU64,
+    /// Instances acknowledged once journalled (stored after the answer).
+    pub instances_journaled: AtomicU64,
+    /// Journal entries of an earlier run stored at start.
+    pub journal_replayed: AtomicU64,
+    /// Acknowledged instances the store then refused: kept sealed in the store's private
+    /// records (`ingest-failed/`) for an administrator, never dropped.
+    pub instances_failed_after_ack: AtomicU64,
 }
 
 struct Job {
-    bytes: Vec<u8>,
+    bytes: Bytes,
     /// STOW-RS to a study's URL: instances of other studies are refused before storing.
     study: Option<String>,
-    reply: SyncSender<Result<Stored, IngestError>>,
+    /// The instance's attributes and split, when read before it was journalled.
+    pre: Option<Box<InstanceMeta>>,
+    reply: Reply,
+}
+
+/// Who learns how a job ended.
+enum Reply {
+    /// A sender waiting for its answer (the instance is not acknowledged yet).
+    Wait(SyncSender<Result<Stored, IngestError>>),
+    /// An instance acknowledged from the journal: its entry is released once it is stored.
+    Journal {
+        ticket: crate::journal::Ticket,
+        sop_uid: Option<String>,
+    },
+}
+
+/// What [`Inner::journaled_ingest`] did with an instance.
+enum Journaled {
+    /// Journalled: the sender may be told it is stored.
+    Acknowledged(Stored),
+    /// To be stored before it is answered (no journal, not ready, a SOP Instance UID seen
+    /// before, too large), with what was read of it already.
+    Not {
+        bytes: Bytes,
+        pre: Option<Box<InstanceMeta>>,
+    },
+}
+
+/// Queues a job, waiting while the queue is full (back pressure on the senders).
+fn send(queue: &SyncSender<Job>, job: Job) -> Result<(), IngestError> {
+    match queue.try_send(job) {
+        Ok(()) => Ok(()),
+        Err(TrySendError::Full(job)) => queue
+            .send(job)
+            .map_err(|_| IngestError::Unavailable("the node is shutting down".into())),
+        Err(TrySendError::Disconnected(_)) => {
+            Err(IngestError::Unavailable("the node is shutting down".into()))
+        }
+    }
 }
 
 /// The imaging service of one node.
@@ -147,16 +195,26 @@ pub(crate) struct Inner {
     /// count when each was last changed (a study changed while its record is being written
     /// stays due).
     dirty: Mutex<(u64, BTreeMap<String, u64>)>,
+    /// Where instances are journalled before they are acknowledged (see `journal`).
+    pub(crate) journal: Option<Journal>,
+    /// SOP Instance UIDs acknowledged from the journal and not yet stored: another instance
+    /// with one of them is stored before it is answered, so that a conflict is reported.
+    journaled: Mutex<HashSet<String>>,
 }
 
 /// Jobs queued beyond the one being committed; senders block when it is full (back pressure).
 const QUEUE: usize = 256;
+/// The committer's scheduling priority (nice) when senders are answered from the journal.
+const COMMITTER_NICE: i32 = 5;
 /// A batch is at most this many instances or bytes.
 const BATCH_INSTANCES: usize = 256;
 const BATCH_BYTES: usize = 256 << 20;
 /// How often the index records of changed studies are written: a crash loses at most this
 /// much of the records, which start-up then rebuilds from the store.
 const RECORD_EVERY: Duration = Duration::from_secs(1);
+/// A journal segment whose instances are all stored is closed after this long without a new
+/// one, so that a start does not read them again.
+const JOURNAL_IDLE: Duration = Duration::from_secs(2);
 
 fn read_key<T>(
     what: &'static str,
@@ -206,6 +264,12 @@ impl Service {
             location: config.store.clone(),
             source,
         })?;
+        let journal = match &config.journal {
+            Some(dir) => {
+                Some(Journal::open(dir, &owner).map_err(|e| StartError::Journal(e.to_string()))?)
+            }
+            None => None,
+        };
         let (tx, rx) = sync_channel(QUEUE);
         let deid = Deidentifier::new(DeidConfig::new(deid_key.clone(), options));
         // What the ledger records of how this node de-identifies (the same for every instance).
@@ -240,6 +304,8 @@ impl Service {
             stable: Duration::from_millis(config.stable_ms),
             metrics: Metrics::default(),
             dirty: Mutex::new((0, BTreeMap::new())),
+            journal,
+            journaled: Mutex::new(HashSet::new()),
         });
         // The index needs this node's own API (which versions the ledger holds), which starts
         // beside this service: rebuild once it answers, then start taking instances. Senders
@@ -270,6 +336,9 @@ impl Service {
                     .spawn(move || {
                         loop {
                             recorder.write_records();
+                            if let Some(j) = &recorder.journal {
+                                j.close_idle(JOURNAL_IDLE);
+                            }
                             std::thread::sleep(RECORD_EVERY);
                         }
                     })
@@ -279,6 +348,7 @@ impl Service {
                     .name("ingest".into())
                     .spawn(move || committer.commit_loop(rx))
                     .expect("spawn the ingest thread");
+                starter.replay_journal();
                 starter.register_loop();
             })
             .expect("spawn the imaging start thread");
@@ -312,7 +382,6 @@ impl Service {
     }
 
     fn ingest_inner(&self, file: Vec<u8>, study: Option<String>) -> Result<Stored, IngestError> {
-        let (reply, answer) = sync_channel(1);
         let queue = self
             .inner
             .queue
@@ -321,20 +390,23 @@ impl Service {
             .as_ref()
             .cloned()
             .ok_or_else(|| IngestError::Unavailable("the node is shutting down".into()))?;
-        let job = Job {
-            bytes: file,
-            study,
-            reply,
-        };
-        match queue.try_send(job) {
-            Ok(()) => {}
-            Err(TrySendError::Full(job)) => queue
-                .send(job)
-                .map_err(|_| IngestError::Unavailable("the node is shutting down".into()))?,
-            Err(TrySendError::Disconnected(_)) => {
-                return Err(IngestError::Unavailable("the node is shutting down".into()));
+        let (bytes, pre) = match self.inner.journaled_ingest(&queue, file, study.clone())? {
+            Journaled::Acknowledged(s) => {
+                let m = &self.inner.metrics;
+                m.instances_journaled.fetch_add(1, Ordering::Relaxed);
+                m.instances_stored.fetch_add(1, Ordering::Relaxed);
+                return Ok(s);
             }
-        }
+            Journaled::Not { bytes, pre } => (bytes, pre),
+        };
+        let (reply, answer) = sync_channel(1);
+        let job = Job {
+            bytes,
+            study,
+            pre,
+            reply: Reply::Wait(reply),
+        };
+        send(&queue, job)?;
         let r = answer
             .recv()
             .unwrap_or_else(|_| Err(IngestError::Unavailable("the ingest thread stopped".into())));
@@ -355,7 +427,19 @@ impl Service {
 
     /// True while instances are being committed.
     pub fn busy(&self) -> bool {
-        self.inner.metrics.in_flight.load(Ordering::Acquire) > 0
+        self.inner.metrics.in_flight.load(Ordering::Acquire) > 0 || self.journal_outstanding() > 0
+    }
+
+    /// Closes the journal's segment once everything in it is stored (at shutdown).
+    pub fn settle_journal(&self) {
+        if let Some(j) = &self.inner.journal {
+            j.close_idle(Duration::ZERO);
+        }
+    }
+
+    /// Instances acknowledged from the journal and not yet in the store.
+    pub fn journal_outstanding(&self) -> u64 {
+        self.inner.journal.as_ref().map_or(0, |j| j.outstanding())
     }
 
     pub fn is_ready(&self) -> bool {
@@ -441,67 +525,219 @@ struct Prepared {
 }
 
 impl Inner {
-    fn prepare(
-        &self,
-        name: String,
-        bytes: Vec<u8>,
-        study: Option<String>,
-    ) -> Result<Prepared, IngestError> {
-        let original_meta = InstanceMeta::read(&bytes).map_err(IngestError::Malformed)?;
+    /// Reads what the answer to an instance needs and refuses what cannot be stored: the
+    /// attributes, the study of a STOW-RS URL, the split into header and pixel objects.
+    fn check(
+        bytes: &[u8],
+        study: Option<&str>,
+    ) -> Result<(InstanceMeta, medledger_store::split::InstanceIds), IngestError> {
+        let meta = InstanceMeta::read(bytes).map_err(IngestError::Malformed)?;
         if let Some(want) = study {
-            let have = original_meta.text(tags::STUDY_INSTANCE_UID);
+            let have = meta.text(tags::STUDY_INSTANCE_UID);
             if have != want {
                 return Err(IngestError::Malformed(format!(
                     "the instance belongs to study {have}, not to the study of the request URL ({want})"
                 )));
             }
         }
-        let bytes = Bytes::from(bytes);
+        let split = medledger_store::split::split(bytes)
+            .map_err(|e| IngestError::Malformed(e.to_string()))?;
+        Ok((meta, split.ids))
+    }
+
+    /// Journals an instance and answers it when it can (see `journal`); otherwise hands it
+    /// back, with what was read of it, to be stored before it is answered.
+    fn journaled_ingest(
+        &self,
+        queue: &SyncSender<Job>,
+        file: Vec<u8>,
+        study: Option<String>,
+    ) -> Result<Journaled, IngestError> {
+        let bytes = Bytes::from(file);
+        let Some(journal) = &self.journal else {
+            return Ok(Journaled::Not { bytes, pre: None });
+        };
+        if !self.ready.load(Ordering::Acquire) {
+            // Until the index is built, whether the instance is new is not known.
+            return Ok(Journaled::Not { bytes, pre: None });
+        }
+        let (meta, ids) = Self::check(&bytes, study.as_deref())?;
+        let new = !self
+            .index
+            .read()
+            .expect("not poisoned")
+            .has_meta(View::Original, &ids.sop_instance_uid)
+            && self
+                .journaled
+                .lock()
+                .expect("not poisoned")
+                .insert(ids.sop_instance_uid.clone());
+        if !new {
+            // Stored or on its way already: the store says whether it is the same instance.
+            return Ok(Journaled::Not {
+                bytes,
+                pre: Some(Box::new(meta)),
+            });
+        }
+        let forget = || {
+            self.journaled
+                .lock()
+                .expect("not poisoned")
+                .remove(&ids.sop_instance_uid);
+        };
+        let ticket = match journal.append(study.as_deref(), &bytes) {
+            Ok(Some(t)) => t,
+            Ok(None) => {
+                forget();
+                return Ok(Journaled::Not {
+                    bytes,
+                    pre: Some(Box::new(meta)),
+                });
+            }
+            Err(e) => {
+                forget();
+                tracing::error!("cannot journal an instance: {e}");
+                return Err(IngestError::Unavailable(e.to_string()));
+            }
+        };
+        // On disk: from here the instance is stored even if the process dies (the journal is
+        // replayed at start).
+        let stored = Stored {
+            sop_class_uid: ids.sop_class_uid.clone(),
+            sop_instance_uid: ids.sop_instance_uid.clone(),
+            study_uid: ids.study_uid.clone(),
+            derived_study_uid: Some(self.derived_uid(&ids.study_uid)),
+            duplicate: false,
+            warning: None,
+        };
+        let job = Job {
+            bytes,
+            study,
+            pre: Some(Box::new(meta)),
+            reply: Reply::Journal {
+                ticket,
+                sop_uid: Some(ids.sop_instance_uid),
+            },
+        };
+        if let Err(e) = send(queue, job) {
+            // Journalled: stored at the next start.
+            tracing::warn!("an acknowledged instance waits in the journal: {e}");
+        }
+        Ok(Journaled::Acknowledged(stored))
+    }
+
+    /// The UID an original UID has in the de-identified derivative.
+    fn derived_uid(&self, uid: &str) -> String {
+        if self.deid.config().options.contains(DeidOption::RetainUids) {
+            uid.to_string()
+        } else {
+            self.deid_key.replace_uid(uid)
+        }
+    }
+
+    /// Stores what an earlier run journalled and did not store.
+    fn replay_journal(&self) {
+        let Some(journal) = &self.journal else {
+            return;
+        };
+        let Some(queue) = self.queue.lock().expect("not poisoned").as_ref().cloned() else {
+            return;
+        };
+        let n = journal.recover(|e| {
+            let sop_uid = InstanceMeta::read(&e.file)
+                .ok()
+                .map(|m| m.text(tags::SOP_INSTANCE_UID));
+            if let Some(u) = &sop_uid {
+                self.journaled
+                    .lock()
+                    .expect("not poisoned")
+                    .insert(u.clone());
+            }
+            let job = Job {
+                bytes: Bytes::from(e.file),
+                study: e.study,
+                pre: None,
+                reply: Reply::Journal {
+                    ticket: e.ticket,
+                    sop_uid,
+                },
+            };
+            if send(&queue, job).is_err() {
+                tracing::warn!("stopping while replaying the journal");
+            }
+        });
+        self.metrics
+            .journal_replayed
+            .fetch_add(n as u64, Ordering::Relaxed);
+        if n > 0 {
+            tracing::info!("journal: {n} instances of an earlier run queued for the store");
+        }
+    }
+
+    fn prepare(
+        &self,
+        name: String,
+        bytes: Bytes,
+        study: Option<String>,
+        pre: Option<Box<InstanceMeta>>,
+        acknowledged: bool,
+    ) -> Result<Prepared, IngestError> {
+        let original_meta = match pre {
+            Some(m) => *m,
+            None => Self::check(&bytes, study.as_deref())?.0,
+        };
         let original = scan_memory(name.clone(), bytes.clone()).map_err(|e| match e {
             StoreError::Split { error, .. } => IngestError::Malformed(error.to_string()),
             e => IngestError::Malformed(e.to_string()),
         })?;
         let ids = original.ids().clone();
-        let (derivative, warning) = match self.deid.deidentify(&bytes) {
-            Ok(d) => {
-                let meta = InstanceMeta::read(&d.bytes).map_err(|e| {
-                    IngestError::Unavailable(format!("reading the de-identified instance: {e}"))
+        let made = self.deid.deidentify(&bytes).map_err(|e| match e {
+            DeidError::Parse(e) if !acknowledged => {
+                IngestError::Malformed(format!("not a readable DICOM file: {e}"))
+            }
+            DeidError::NotAnInstance(e) if !acknowledged => {
+                IngestError::Malformed(format!("not a DICOM instance: {e}"))
+            }
+            e => IngestError::Unavailable(e.to_string()),
+        });
+        let derivative = made.and_then(|d| {
+            let meta = InstanceMeta::read(&d.bytes).map_err(|e| {
+                IngestError::Unavailable(format!("reading the de-identified instance: {e}"))
+            })?;
+            let record = DeidRecord {
+                profile: d.provenance.profile.clone(),
+                options: d
+                    .provenance
+                    .options
+                    .iter()
+                    .map(|o| o.name().to_string())
+                    .collect(),
+                table_edition: d.provenance.table_edition.clone(),
+                key_id: d.provenance.key_id.clone(),
+            };
+            let scanned = scan_memory(format!("{name} (de-identified)"), Bytes::from(d.bytes))
+                .map_err(|e| {
+                    IngestError::Unavailable(format!("splitting the de-identified instance: {e}"))
                 })?;
-                let record = DeidRecord {
-                    profile: d.provenance.profile.clone(),
-                    options: d
-                        .provenance
-                        .options
-                        .iter()
-                        .map(|o| o.name().to_string())
-                        .collect(),
-                    table_edition: d.provenance.table_edition.clone(),
-                    key_id: d.provenance.key_id.clone(),
-                };
-                let scanned = scan_memory(format!("{name} (de-identified)"), Bytes::from(d.bytes))
-                    .map_err(|e| {
-                        IngestError::Unavailable(format!(
-                            "splitting the de-identified instance: {e}"
-                        ))
-                    })?;
-                (Some((scanned, meta, record)), None)
-            }
-            Err(DeidError::Parse(e)) => {
-                return Err(IngestError::Malformed(format!(
-                    "not a readable DICOM file: {e}"
-                )));
-            }
-            Err(DeidError::NotAnInstance(e)) => {
-                return Err(IngestError::Malformed(format!("not a DICOM instance: {e}")));
-            }
+            Ok((scanned, meta, record))
+        });
+        let (derivative, warning) = match derivative {
+            Ok(d) => (Some(d), None),
+            Err(IngestError::Malformed(e)) => return Err(IngestError::Malformed(e)),
+            // An instance that cannot be de-identified is kept as an original only (and
+            // counted): it is never dropped, and never shown as de-identified.
             Err(e) => {
                 self.metrics
                     .instances_quarantined
                     .fetch_add(1, Ordering::Relaxed);
+                let why = match e {
+                    IngestError::Unavailable(m) | IngestError::Conflict(m) => m,
+                    IngestError::Malformed(m) => m,
+                };
                 (
                     None,
                     Some(format!(
-                        "stored as an original only, without a de-identified derivative: {e}"
+                        "stored as an original only, without a de-identified derivative: {why}"
                     )),
                 )
             }
@@ -518,6 +754,14 @@ impl Inner {
     }
 
     fn commit_loop(self: Arc<Self>, rx: Receiver<Job>) {
+        if self.journal.is_some() {
+            // Senders are answered from the journal, before their instances are stored: the
+            // threads that answer them go first when the CPUs are busy. Best effort.
+            let _ = rustix::process::setpriority_process(
+                Some(rustix::thread::gettid()),
+                COMMITTER_NICE,
+            );
+        }
         while let Ok(first) = rx.recv() {
             let mut size = first.bytes.len();
             let mut batch = vec![first];
@@ -537,15 +781,21 @@ impl Inner {
     }
 
     fn commit(&self, batch: Vec<Job>) {
-        let mut replies: Vec<Option<SyncSender<Result<Stored, IngestError>>>> = Vec::new();
+        let mut replies: Vec<Option<(Reply, Bytes)>> = Vec::new();
         let mut inputs = Vec::new();
         for (i, j) in batch.into_iter().enumerate() {
-            replies.push(Some(j.reply));
-            inputs.push((i, j.bytes, j.study));
+            let acknowledged = matches!(j.reply, Reply::Journal { .. });
+            replies.push(Some((j.reply, j.bytes.clone())));
+            inputs.push((i, j.bytes, j.study, j.pre, acknowledged));
         }
         let prepared: Vec<(usize, Result<Prepared, IngestError>)> = inputs
             .into_par_iter()
-            .map(|(i, bytes, study)| (i, self.prepare(format!("#{i}"), bytes, study)))
+            .map(|(i, bytes, study, pre, acknowledged)| {
+                (
+                    i,
+                    self.prepare(format!("#{i}"), bytes, study, pre, acknowledged),
+                )
+            })
             .collect();
         let mut by_study: BTreeMap<String, Vec<(usize, Prepared)>> = BTreeMap::new();
         for (i, p) in prepared {
@@ -557,7 +807,7 @@ impl Inner {
                 Err(e) => {
                     tracing::info!("refused an instance: {e}");
                     if let Some(r) = replies[i].take() {
-                        let _ = r.send(Err(e));
+                        self.answer(r, Err(e));
                     }
                 }
             }
@@ -566,9 +816,53 @@ impl Inner {
             let outcome = self.commit_study(&study_uid, items);
             for (i, r) in outcome {
                 if let Some(reply) = replies[i].take() {
-                    let _ = reply.send(r);
+                    self.answer(reply, r);
                 }
             }
+        }
+    }
+
+    /// Tells a waiting sender how its instance ended, or settles a journalled one.
+    fn answer(&self, (reply, bytes): (Reply, Bytes), r: Result<Stored, IngestError>) {
+        let (ticket, sop_uid) = match reply {
+            Reply::Wait(tx) => {
+                let _ = tx.send(r);
+                return;
+            }
+            Reply::Journal { ticket, sop_uid } => (ticket, sop_uid),
+        };
+        let journal = self.journal.as_ref().expect("journalled with a journal");
+        match r {
+            Ok(_) => journal.release(ticket),
+            Err(IngestError::Unavailable(e)) => {
+                // It stays in the journal, and is stored at the next start.
+                tracing::error!(
+                    "an acknowledged instance is not stored yet ({e}); it stays in the journal"
+                );
+            }
+            Err(e) => {
+                // Refused for good after it was acknowledged (it passed every check made
+                // before the answer, so this is not expected): kept, sealed, for an
+                // administrator, and counted.
+                self.metrics
+                    .instances_failed_after_ack
+                    .fetch_add(1, Ordering::Relaxed);
+                let name = format!("ingest-failed/{}", Digest::of(&bytes).to_hex());
+                match self.store.put_private(&name, &bytes, &self.owner.public()) {
+                    Ok(()) => {
+                        tracing::error!(
+                            "an acknowledged instance could not be stored ({e}); kept as private record {name}"
+                        );
+                        journal.release(ticket);
+                    }
+                    Err(pe) => tracing::error!(
+                        "an acknowledged instance could not be stored ({e}) nor kept ({pe}); it stays in the journal"
+                    ),
+                }
+            }
+        }
+        if let Some(u) = sop_uid {
+            self.journaled.lock().expect("not poisoned").remove(&u);
         }
     }
 

@@ -106,6 +106,10 @@ pub struct ImagingConfig {
     /// (a site's link to the others is shared with everything else it does); none: no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub share_limit_mb_s: Option<f64>,
+    /// Where instances are journalled (sealed, on local disk) before they are acknowledged;
+    /// default: `journal` in the node's data directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub journal: Option<PathBuf>,
 }
 
 fn default_true() -> bool {
@@ -356,6 +360,7 @@ pub fn init_network(
             linkage_key: Some(dir.join("linkage.key")),
             auto_share: true,
             share_limit_mb_s: None,
+            journal: None,
         };
         let cfg = NodeConfig {
             chain: chain.to_string(),

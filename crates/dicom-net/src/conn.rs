@@ -104,6 +104,11 @@ impl Conn {
         }
     }
 
+    /// The length of the last data set received (see `data_hint`).
+    pub(crate) fn data_hint(&self) -> usize {
+        self.data_hint
+    }
+
     pub(crate) fn stream(&self) -> &TcpStream {
         self.io.get_ref().tcp()
     }

@@ -167,6 +167,12 @@ pub trait Provider: Send + Sync + 'static {
     /// implementation class UID/version of this crate; then the data set bytes exactly as received).
     /// Return only once the instance is durable (or refused).
     fn store(&self, peer: &Peer, file: Vec<u8>) -> Status;
+    /// An empty buffer with room for at least `len` bytes, into which the SCP receives the next
+    /// C-STORE data set (a provider that hands back the buffers [`Provider::store`] took spares
+    /// the allocator and the kernel a fresh, zeroed block per instance).
+    fn receive_buffer(&self, len: usize) -> Vec<u8> {
+        Vec::with_capacity(len)
+    }
     /// C-FIND: the identifier as received; return the matches, each holding the requested keys
     /// (the SCP adds (0008,0052) QueryRetrieveLevel and sends each as a pending response).
     fn find(

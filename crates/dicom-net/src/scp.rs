@@ -542,7 +542,7 @@ impl Association<'_> {
             let s = Status::failure(Status::CANNOT_UNDERSTAND, "C-STORE-RQ without a data set");
             return respond(self, s);
         }
-        let mut file = match part10::header(&sop_class, &instance, &ctx.ts, &self.peer.calling_ae) {
+        let header = match part10::header(&sop_class, &instance, &ctx.ts, &self.peer.calling_ae) {
             Ok(h) => h,
             Err(e) => {
                 self.drain(pcid, &rq)?;
@@ -550,7 +550,12 @@ impl Association<'_> {
                 return respond(self, s);
             }
         };
-        let header_len = file.len();
+        let header_len = header.len();
+        let mut file = self
+            .shared
+            .provider
+            .receive_buffer(header_len + self.conn.data_hint());
+        file.extend_from_slice(&header);
         let started = Instant::now();
         self.conn.recv_data(pcid, &mut file, usize::MAX)?;
         let bytes = file.len() - header_len;

@@ -100,6 +100,10 @@ fn response(identifier: &InMemDicomObject, found: &InMemDicomObject) -> InMemDic
 }
 
 impl Provider for Dimse {
+    fn receive_buffer(&self, len: usize) -> Vec<u8> {
+        medledger_store::pool::take(len)
+    }
+
     fn store(&self, peer: &Peer, file: Vec<u8>) -> Status {
         match self.service.ingest(file) {
             Ok(s) => {

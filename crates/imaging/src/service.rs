@@ -143,6 +143,13 @@ enum Journaled {
     },
 }
 
+/// Senders are answered from the journal, before their instances are stored: the threads
+/// that answer them go first when the CPUs are busy, the threads that store yield. Best
+/// effort (a thread's nice value, Linux).
+fn lower_priority() {
+    let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), COMMITTER_NICE);
+}
+
 /// Queues a job, waiting while the queue is full (back pressure on the senders).
 fn send(queue: &SyncSender<Job>, job: Job) -> Result<(), IngestError> {
     match queue.try_send(job) {
@@ -197,6 +204,9 @@ pub(crate) struct Inner {
     dirty: Mutex<(u64, BTreeMap<String, u64>)>,
     /// Where instances are journalled before they are acknowledged (see `journal`).
     pub(crate) journal: Option<Journal>,
+    /// The threads the committer works on (de-identifying, splitting, sealing a batch in
+    /// parallel): at a lower priority when senders are answered from the journal.
+    workers: rayon::ThreadPool,
     /// SOP Instance UIDs acknowledged from the journal and not yet stored: another instance
     /// with one of them is stored before it is answered, so that a conflict is reported.
     journaled: Mutex<HashSet<String>>,
@@ -304,6 +314,18 @@ impl Service {
             stable: Duration::from_millis(config.stable_ms),
             metrics: Metrics::default(),
             dirty: Mutex::new((0, BTreeMap::new())),
+            workers: {
+                let lower = journal.is_some();
+                rayon::ThreadPoolBuilder::new()
+                    .thread_name(|i| format!("ingest-{i}"))
+                    .start_handler(move |_| {
+                        if lower {
+                            lower_priority();
+                        }
+                    })
+                    .build()
+                    .map_err(|e| StartError::Journal(format!("starting the ingest threads: {e}")))?
+            },
             journal,
             journaled: Mutex::new(HashSet::new()),
         });
@@ -755,12 +777,7 @@ impl Inner {
 
     fn commit_loop(self: Arc<Self>, rx: Receiver<Job>) {
         if self.journal.is_some() {
-            // Senders are answered from the journal, before their instances are stored: the
-            // threads that answer them go first when the CPUs are busy. Best effort.
-            let _ = rustix::process::setpriority_process(
-                Some(rustix::thread::gettid()),
-                COMMITTER_NICE,
-            );
+            lower_priority();
         }
         while let Ok(first) = rx.recv() {
             let mut size = first.bytes.len();
@@ -775,7 +792,7 @@ impl Inner {
                 }
             }
             self.metrics.batches.fetch_add(1, Ordering::Relaxed);
-            self.commit(batch);
+            self.workers.install(|| self.commit(batch));
         }
         tracing::info!("ingest stopped");
     }
@@ -827,6 +844,7 @@ impl Inner {
         let (ticket, sop_uid) = match reply {
             Reply::Wait(tx) => {
                 let _ = tx.send(r);
+                medledger_store::pool::give_bytes(bytes);
                 return;
             }
             Reply::Journal { ticket, sop_uid } => (ticket, sop_uid),
@@ -864,6 +882,8 @@ impl Inner {
         if let Some(u) = sop_uid {
             self.journaled.lock().expect("not poisoned").remove(&u);
         }
+        // The receive buffer, for the next instance (see `Provider::receive_buffer`).
+        medledger_store::pool::give_bytes(bytes);
     }
 
     /// Writes one study's new instances as a new version of its original and derivative.

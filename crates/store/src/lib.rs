@@ -8,7 +8,7 @@
 pub mod backend;
 pub mod codec;
 pub mod manifest;
-mod pool;
+pub mod pool;
 pub mod split;
 mod store;
 

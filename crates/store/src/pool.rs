@@ -1,4 +1,5 @@
-//! Buffers for the bytes a put reads and seals, handed back once written and used again.
+//! Buffers for the bytes a put reads and seals (and a node receives), handed back once
+//! written and used again.
 //!
 //! A put touches every byte of its input three times (read, seal, write). With a fresh
 //! allocation per file and per object, the kernel zeroes a fresh page for every 4 KiB of them
@@ -17,7 +18,7 @@ const MIN_BYTES: usize = 64 << 10;
 static FREE: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
 
 /// An empty buffer with room for at least `len` bytes.
-pub(crate) fn take(len: usize) -> Vec<u8> {
+pub fn take(len: usize) -> Vec<u8> {
     if len >= MIN_BYTES {
         let mut free = FREE.lock().expect("not poisoned");
         if let Some(i) = free.iter().position(|b| b.capacity() >= len) {
@@ -30,7 +31,7 @@ pub(crate) fn take(len: usize) -> Vec<u8> {
 }
 
 /// Hands a buffer back for reuse.
-pub(crate) fn give(v: Vec<u8>) {
+pub fn give(v: Vec<u8>) {
     if v.capacity() < MIN_BYTES {
         return;
     }
@@ -42,7 +43,7 @@ pub(crate) fn give(v: Vec<u8>) {
 }
 
 /// Hands back the buffer under `b` if nothing else refers to it.
-pub(crate) fn give_bytes(b: Bytes) {
+pub fn give_bytes(b: Bytes) {
     if b.len() < MIN_BYTES {
         return;
     }

@@ -108,6 +108,33 @@ fn study_count(web: &str) -> usize {
     v.as_array().map(Vec::len).unwrap_or(0)
 }
 
+/// Waits (at most 90 s) until every derived SOP Instance UID in `want` is visible to anonymous
+/// QIDO-RS; panics with the node's log if some are not.
+fn wait_all_visible(web: &str, want: &[String], log: &std::path::Path, what: &str) {
+    let visible = || -> usize {
+        let (_, all) = get_json(&format!("{web}/instances?limit=100000"));
+        let have: std::collections::HashSet<String> = all
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|i| attr(i, "00080018").as_str().unwrap_or("").to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
+        want.iter().filter(|u| have.contains(*u)).count()
+    };
+    let start = Instant::now();
+    while visible() < want.len() && start.elapsed() < Duration::from_secs(90) {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(
+        visible(),
+        want.len(),
+        "{what} missing after SIGKILL and restart; node log:\n{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+}
+
 #[test]
 fn a_node_ingests_queries_and_serves_dicom_and_keeps_what_it_acknowledged() {
     let tmp = tempfile::tempdir().unwrap();
@@ -922,27 +949,11 @@ fn a_node_ingests_queries_and_serves_dicom_and_keeps_what_it_acknowledged() {
     )
     .unwrap();
     let derived: Vec<String> = acknowledged.iter().map(|u| key.replace_uid(u)).collect();
-    let visible = || -> usize {
-        let (_, all) = get_json(&format!("{web}/instances?limit=100000"));
-        let have: std::collections::HashSet<String> = all
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .map(|i| attr(i, "00080018").as_str().unwrap_or("").to_string())
-                    .collect()
-            })
-            .unwrap_or_default();
-        derived.iter().filter(|u| have.contains(*u)).count()
-    };
-    let start = Instant::now();
-    while visible() < derived.len() && start.elapsed() < Duration::from_secs(90) {
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    assert_eq!(
-        visible(),
-        derived.len(),
-        "acknowledged instances missing after SIGKILL and restart; node log:\n{}",
-        std::fs::read_to_string(dir.join("hospital-a/node.log")).unwrap_or_default()
+    wait_all_visible(
+        &web,
+        &derived,
+        &dir.join("hospital-a/node.log"),
+        "acknowledged instances",
     );
     // Acknowledged, not yet stored: a STOW-RS request of 64 full-size CT slices is answered
     // once they are sealed in the journal, and storing them takes longer than a SIGKILL sent
@@ -1004,27 +1015,11 @@ fn a_node_ingests_queries_and_serves_dicom_and_keeps_what_it_acknowledged() {
         .output()
         .unwrap();
     assert!(up.status.success(), "{}", text(&up));
-    let visible_of = |want: &[String]| -> usize {
-        let (_, all) = get_json(&format!("{web}/instances?limit=100000"));
-        let have: std::collections::HashSet<String> = all
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .map(|i| attr(i, "00080018").as_str().unwrap_or("").to_string())
-                    .collect()
-            })
-            .unwrap_or_default();
-        want.iter().filter(|u| have.contains(*u)).count()
-    };
-    let start = Instant::now();
-    while visible_of(&uids) < uids.len() && start.elapsed() < Duration::from_secs(90) {
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    assert_eq!(
-        visible_of(&uids),
-        uids.len(),
-        "instances acknowledged by STOW-RS missing after SIGKILL and restart; node log:\n{}",
-        std::fs::read_to_string(dir.join("hospital-a/node.log")).unwrap_or_default()
+    wait_all_visible(
+        &web,
+        &uids,
+        &dir.join("hospital-a/node.log"),
+        "instances acknowledged by STOW-RS",
     );
     let metrics = http()
         .get(format!("{api}/metrics"))

@@ -49,8 +49,12 @@ const ENTRY_HEAD: usize = 16;
 /// At most this many segment files exist; beyond, instances are stored before they are
 /// answered (as without a journal) until the store catches up.
 const MAX_FILES: usize = 16;
-/// Released segment files kept for reuse; others are deleted.
-const KEEP_FREE: usize = 2;
+/// Released segment files kept for reuse (making one writes 64 MiB of zeros, as much as the
+/// instances it will hold); others are deleted.
+const KEEP_FREE: usize = 4;
+/// Segment files made when the journal opens, so that the first minutes of a busy start
+/// do not make them while instances arrive.
+const READY_AT_OPEN: usize = 2;
 
 const SEGMENT_MAGIC: &[u8; 4] = b"MLjs";
 const ENTRY_MAGIC: &[u8; 4] = b"MLje";
@@ -317,8 +321,8 @@ impl Journal {
             }
         }
         recovered.sort_by_key(|r| r.0);
-        if free.is_empty() && files.len() < MAX_FILES {
-            // Ready before the first instance arrives.
+        while free.len() < READY_AT_OPEN && files.len() < MAX_FILES {
+            // Ready before the first instances arrive.
             let slot = (0..).find(|s| !files.contains(s)).expect("a free slot");
             make_segment_file(dir, slot)?;
             files.insert(slot);

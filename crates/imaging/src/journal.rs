@@ -52,9 +52,6 @@ const MAX_FILES: usize = 16;
 /// Released segment files kept for reuse (making one writes 64 MiB of zeros, as much as the
 /// instances it will hold); others are deleted.
 const KEEP_FREE: usize = 4;
-/// Segment files made when the journal opens, so that the first minutes of a busy start
-/// do not make them while instances arrive.
-const READY_AT_OPEN: usize = 2;
 
 const SEGMENT_MAGIC: &[u8; 4] = b"MLjs";
 const ENTRY_MAGIC: &[u8; 4] = b"MLje";
@@ -321,13 +318,9 @@ impl Journal {
             }
         }
         recovered.sort_by_key(|r| r.0);
-        while free.len() < READY_AT_OPEN && files.len() < MAX_FILES {
-            // Ready before the first instances arrive.
-            let slot = (0..).find(|s| !files.contains(s)).expect("a free slot");
-            make_segment_file(dir, slot)?;
-            files.insert(slot);
-            free.push(slot);
-        }
+        // No segment file is made before the first instance: a node that receives none (a
+        // research or patient organisation's) never writes one. The first append makes one,
+        // and from then on one is made ahead in the background.
         let journal = Journal {
             dir: dir.to_path_buf(),
             owner: owner.public(),

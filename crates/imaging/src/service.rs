@@ -1,8 +1,9 @@
 //! The ingest pipeline and the registrar: every instance that arrives (C-STORE, STOW-RS,
-//! `medledger import`) is parsed, de-identified under the organisation's policy, stored
-//! encrypted as original and derivative, and acknowledged once durable; studies that have
-//! been quiet for `stable_ms` are registered on the ledger, and become visible to queries
-//! once the registration is final.
+//! `medledger import`) is checked, acknowledged once durable (sealed in the ingest journal
+//! and flushed, see `journal`; or, when it cannot go through the journal, once stored),
+//! de-identified under the organisation's policy and stored encrypted as original and
+//! derivative; studies that have been quiet for `stable_ms` are registered on the ledger,
+//! and become visible to queries once the registration is final.
 //!
 //! One committer thread takes whatever has queued up while it was busy (group commit): each
 //! study touched by the batch gets one new version of its original and one of its derivative,

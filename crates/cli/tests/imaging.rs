@@ -108,6 +108,19 @@ fn study_count(web: &str) -> usize {
     v.as_array().map(Vec::len).unwrap_or(0)
 }
 
+/// A STOW-RS request of a multipart/related body with this boundary, to the node's studies.
+fn stow_post(web: &str, boundary: &str, body: Vec<u8>) -> reqwest::blocking::Response {
+    http()
+        .post(format!("{web}/studies"))
+        .header(
+            "Content-Type",
+            format!("multipart/related; type=\"application/dicom\"; boundary={boundary}"),
+        )
+        .body(body)
+        .send()
+        .unwrap()
+}
+
 /// Waits (at most 90 s) until every derived SOP Instance UID in `want` is visible to anonymous
 /// QIDO-RS; panics with the node's log if some are not.
 fn wait_all_visible(web: &str, want: &[String], log: &std::path::Path, what: &str) {
@@ -555,15 +568,7 @@ fn a_node_ingests_queries_and_serves_dicom_and_keeps_what_it_acknowledged() {
     );
     body.extend_from_slice(b"this is not DICOM at all");
     body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
-    let r = http()
-        .post(format!("{web}/studies"))
-        .header(
-            "Content-Type",
-            format!("multipart/related; type=\"application/dicom\"; boundary={boundary}"),
-        )
-        .body(body)
-        .send()
-        .unwrap();
+    let r = stow_post(&web, boundary, body);
     assert_eq!(r.status().as_u16(), 409);
     let v: Value = r.json().unwrap();
     assert_eq!(
@@ -996,15 +1001,7 @@ fn a_node_ingests_queries_and_serves_dicom_and_keeps_what_it_acknowledged() {
         .trim()
         .parse()
         .unwrap();
-    let r = http()
-        .post(format!("{web}/studies"))
-        .header(
-            "Content-Type",
-            format!("multipart/related; type=\"application/dicom\"; boundary={boundary}"),
-        )
-        .body(body)
-        .send()
-        .unwrap();
+    let r = stow_post(&web, boundary, body);
     let _ = Command::new("kill")
         .args(["-KILL", &pid.to_string()])
         .status();

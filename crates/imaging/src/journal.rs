@@ -49,6 +49,8 @@ const ENTRY_HEAD: usize = 16;
 /// At most this many segment files exist; beyond, instances are stored before they are
 /// answered (as without a journal) until the store catches up.
 const MAX_FILES: usize = 16;
+/// How long opening waits for another process to let go of the journal.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Released segment files kept for reuse (making one writes 64 MiB of zeros, as much as the
 /// instances it will hold); others are deleted.
 const KEEP_FREE: usize = 4;
@@ -258,6 +260,15 @@ impl Journal {
     /// Opens (or makes) the journal in `dir`. Entries left by an earlier run are read back by
     /// [`Journal::recover`].
     pub fn open(dir: &Path, owner: &SecretKey) -> Result<Journal, JournalError> {
+        Self::open_waiting(dir, owner, LOCK_WAIT)
+    }
+
+    /// [`Journal::open`], waiting at most `wait` for another process to let go of it.
+    fn open_waiting(
+        dir: &Path,
+        owner: &SecretKey,
+        wait: std::time::Duration,
+    ) -> Result<Journal, JournalError> {
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
         let lock_path = dir.join("lock");
         let lock = OpenOptions::new()
@@ -266,12 +277,20 @@ impl Journal {
             .write(true)
             .open(&lock_path)
             .map_err(io_err(&lock_path))?;
-        match rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => {}
-            Err(rustix::io::Errno::WOULDBLOCK) => {
-                return Err(JournalError::InUse(dir.display().to_string()));
+        // A node restarted at once after it was killed may find its predecessor still
+        // holding the lock for a moment, until the kernel has torn the old process down.
+        let waiting = std::time::Instant::now();
+        loop {
+            match rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => break,
+                Err(rustix::io::Errno::WOULDBLOCK) if waiting.elapsed() < wait => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(rustix::io::Errno::WOULDBLOCK) => {
+                    return Err(JournalError::InUse(dir.display().to_string()));
+                }
+                Err(e) => return Err(io_err(&lock_path)(e.into())),
             }
-            Err(e) => return Err(io_err(&lock_path)(e.into())),
         }
         let mut files = BTreeSet::new();
         let mut free = Vec::new();
@@ -752,10 +771,15 @@ mod tests {
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].file, b"three");
         // One node per journal.
+        let t = std::time::Instant::now();
         assert!(matches!(
-            Journal::open(dir.path(), &key),
+            Journal::open_waiting(dir.path(), &key, std::time::Duration::from_millis(200)),
             Err(JournalError::InUse(_))
         ));
+        assert!(t.elapsed() >= std::time::Duration::from_millis(200));
+        // Once the holder lets go, it opens.
+        drop(j);
+        Journal::open_waiting(dir.path(), &key, std::time::Duration::ZERO).unwrap();
     }
 
     fn segment_paths(dir: &Path, key: &SecretKey) -> Vec<PathBuf> {

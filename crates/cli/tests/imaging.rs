@@ -123,6 +123,19 @@ fn stow_post(web: &str, boundary: &str, body: Vec<u8>) -> reqwest::blocking::Res
 
 /// Waits (at most 90 s) until every derived SOP Instance UID in `want` is visible to anonymous
 /// QIDO-RS; panics with the node's log if some are not.
+/// One of the node's metrics (`medledger_<name>`); `u64::MAX` when it cannot be read.
+fn metric(api: &str, name: &str) -> u64 {
+    let body = http()
+        .get(format!("{api}/metrics"))
+        .send()
+        .and_then(|r| r.text())
+        .unwrap_or_default();
+    body.lines()
+        .find_map(|l| l.strip_prefix(&format!("medledger_{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(u64::MAX)
+}
+
 fn wait_all_visible(web: &str, want: &[String], log: &std::path::Path, what: &str) {
     let visible = || -> usize {
         let (_, all) = get_json(&format!("{web}/instances?limit=100000"));
@@ -468,6 +481,24 @@ fn a_node_ingests_queries_and_serves_dicom_and_keeps_what_it_acknowledged() {
         .send()
         .unwrap();
     assert_eq!(any.status().as_u16(), 200);
+    // Read again, the instance comes from the read cache: the same bytes, counted as hits.
+    let any = parts(any);
+    let hits = metric(&api, "read_cache_hits_total");
+    let again = parts(
+        http()
+            .get(&inst_url)
+            .header(
+                "Accept",
+                "multipart/related; type=\"application/dicom\"; transfer-syntax=*",
+            )
+            .send()
+            .unwrap(),
+    );
+    assert!(again == any, "a cached read gave other bytes");
+    assert!(
+        metric(&api, "read_cache_hits_total") > hits,
+        "the second read of an instance did not hit the read cache"
+    );
     let missing = http().get(format!("{inst_url}/frames/2")).send().unwrap();
     assert_eq!(missing.status().as_u16(), 404);
     let unknown = http().get(format!("{web}/studies/1.2.3.4")).send().unwrap();
@@ -793,17 +824,7 @@ fn a_node_ingests_queries_and_serves_dicom_and_keeps_what_it_acknowledged() {
     // The index comes back from its sealed records in the store: a node killed once every
     // study is registered and recorded answers the same without rebuilding any study from
     // the store; a damaged or missing record costs only its own study's rebuild.
-    let metric = |name: &str| -> u64 {
-        let body = http()
-            .get(format!("{api}/metrics"))
-            .send()
-            .and_then(|r| r.text())
-            .unwrap_or_default();
-        body.lines()
-            .find_map(|l| l.strip_prefix(&format!("medledger_{name} ")))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(u64::MAX)
-    };
+    let metric = |name: &str| metric(&api, name);
     wait_for(
         "every study registered and its index record written",
         Duration::from_secs(90),
@@ -1018,19 +1039,8 @@ fn a_node_ingests_queries_and_serves_dicom_and_keeps_what_it_acknowledged() {
         &dir.join("hospital-a/node.log"),
         "instances acknowledged by STOW-RS",
     );
-    let metrics = http()
-        .get(format!("{api}/metrics"))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
-    let replayed: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("medledger_journal_replayed_total "))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let replayed = metric("journal_replayed_total");
+    assert_ne!(replayed, u64::MAX, "metrics unreadable");
     assert!(
         replayed > 0,
         "the kill came after the node had stored everything: the journal was not replayed"

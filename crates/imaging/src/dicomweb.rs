@@ -258,11 +258,27 @@ async fn metrics(State(s): State<Service>) -> Response {
             &m.instances_failed_after_ack,
         ),
     ];
+    let cache = s.read_cache();
     let body = [
         counters
             .iter()
             .map(|(name, help, v)| c(name, help, v.load(Ordering::Relaxed)))
             .collect::<String>(),
+        c(
+            "read_cache_hits_total",
+            "Object reads served from the read cache (decrypted and verified earlier).",
+            cache.hits,
+        ),
+        c(
+            "read_cache_misses_total",
+            "Object reads the read cache did not hold (read, decrypted and verified).",
+            cache.misses,
+        ),
+        g(
+            "read_cache_bytes",
+            "Plaintext bytes held by the read cache.",
+            cache.bytes as usize,
+        ),
         g("studies", "Studies held.", studies),
         g("instances", "Instances held (originals).", instances),
         g(

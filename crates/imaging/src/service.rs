@@ -271,10 +271,12 @@ impl Service {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let options = OptionSet::new(options).map_err(|e| StartError::Option(e.to_string()))?;
-        let store = Store::open(&config.store).map_err(|source| StartError::Store {
-            location: config.store.clone(),
-            source,
-        })?;
+        let store = Store::open(&config.store)
+            .map_err(|source| StartError::Store {
+                location: config.store.clone(),
+                source,
+            })?
+            .with_read_cache(config.read_cache_mib << 20);
         let journal = match &config.journal {
             Some(dir) => {
                 Some(Journal::open(dir, &owner).map_err(|e| StartError::Journal(e.to_string()))?)
@@ -463,6 +465,11 @@ impl Service {
     /// Instances acknowledged from the journal and not yet in the store.
     pub fn journal_outstanding(&self) -> u64 {
         self.inner.journal.as_ref().map_or(0, |j| j.outstanding())
+    }
+
+    /// What the store's read cache has done (all zero without one).
+    pub fn read_cache(&self) -> medledger_store::CacheStats {
+        self.inner.store.read_cache_stats().unwrap_or_default()
     }
 
     pub fn is_ready(&self) -> bool {

@@ -110,6 +110,14 @@ pub struct ImagingConfig {
     /// default: `journal` in the node's data directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub journal: Option<PathBuf>,
+    /// MiB of objects read lately kept decrypted and verified in memory, so a viewer reading
+    /// the same study again costs no decryption or hashing; 0: none.
+    #[serde(default = "default_read_cache_mib")]
+    pub read_cache_mib: u64,
+}
+
+fn default_read_cache_mib() -> u64 {
+    256
 }
 
 fn default_true() -> bool {
@@ -361,6 +369,7 @@ pub fn init_network(
             auto_share: true,
             share_limit_mb_s: None,
             journal: None,
+            read_cache_mib: default_read_cache_mib(),
         };
         let cfg = NodeConfig {
             chain: chain.to_string(),

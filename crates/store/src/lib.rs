@@ -6,6 +6,7 @@
 //! See `docs/store.md` for the format and what sharing and revocation can promise.
 
 pub mod backend;
+mod cache;
 pub mod codec;
 pub mod manifest;
 pub mod pool;
@@ -13,6 +14,7 @@ pub mod split;
 mod store;
 
 pub use backend::{Backend, BackendError, BatchWriter, FsBackend, Location, S3Backend};
+pub use cache::CacheStats;
 pub use codec::DecodeError;
 pub use manifest::{
     InstanceEntry, InstanceProof, ObjectRef, SeriesEntry, SeriesProof, StudyManifest,

@@ -20,6 +20,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{Backend, BackendError, BatchWriter};
+use crate::cache::{CacheStats, ObjectCache};
 use crate::codec::DecodeError;
 use crate::manifest::{InstanceEntry, ObjectRef, SeriesEntry, StudyManifest};
 use crate::split::{self, InstanceIds, Split, SplitError};
@@ -513,11 +514,39 @@ impl VerifyReport {
 #[derive(Debug)]
 pub struct Store {
     backend: Box<dyn Backend>,
+    /// Verified plaintext of objects read lately ([`Store::with_read_cache`]); none by default.
+    cache: Option<ObjectCache>,
 }
 
 impl Store {
     pub fn new(backend: Box<dyn Backend>) -> Store {
-        Store { backend }
+        Store {
+            backend,
+            cache: None,
+        }
+    }
+
+    /// Keeps up to `bytes` of the objects [`Store::fetch_instance`] and its kin read, decrypted
+    /// and verified, in memory, so that reading them again costs neither decryption nor
+    /// hashing (see `cache.rs` for why a hit is as good as a verified read). For a process
+    /// that serves the same studies repeatedly; 0 keeps nothing.
+    pub fn with_read_cache(mut self, bytes: u64) -> Store {
+        self.cache = (bytes > 0).then(|| ObjectCache::new(bytes));
+        self
+    }
+
+    /// What the read cache has done; none without one.
+    pub fn read_cache_stats(&self) -> Option<CacheStats> {
+        self.cache.as_ref().map(ObjectCache::stats)
+    }
+
+    /// Deletes objects, and forgets every cached one (a deleted object must not be served).
+    fn delete_objects(&self, keys: &[String]) -> Result<(), StoreError> {
+        let r = self.backend.delete_many(keys);
+        if let Some(c) = &self.cache {
+            c.clear();
+        }
+        Ok(r?)
     }
 
     /// Opens `s3://bucket/prefix` or a directory (created if missing).
@@ -1367,13 +1396,27 @@ impl Store {
         Ok(plain)
     }
 
+    /// [`Store::fetch`] through the read cache, if there is one: a hit is the plaintext an
+    /// earlier fetch of the same reference verified; a miss is fetched, verified and kept.
+    fn fetch_shared(&self, r: &ObjectRef) -> Result<Bytes, StoreError> {
+        let Some(cache) = &self.cache else {
+            return self.fetch(r).map(Bytes::from);
+        };
+        if let Some(plain) = cache.get(r) {
+            return Ok(plain);
+        }
+        let plain = Bytes::from(self.fetch(r)?);
+        cache.insert(r, plain.clone());
+        Ok(plain)
+    }
+
     /// Rebuilds one instance's Part 10 file, every object verified.
     pub fn fetch_instance(&self, instance: &InstanceEntry) -> Result<Vec<u8>, StoreError> {
-        let header = self.fetch(&instance.header)?;
-        let pixels: Vec<Vec<u8>> = instance
+        let header = self.fetch_shared(&instance.header)?;
+        let pixels: Vec<Bytes> = instance
             .pixels
             .iter()
-            .map(|p| self.fetch(p))
+            .map(|p| self.fetch_shared(p))
             .collect::<Result<_, _>>()?;
         split::rebuild(&header, &pixels)
             .map_err(|reason| corrupt(format!("instance {}", instance.sop_instance_uid), reason))
@@ -1387,7 +1430,7 @@ impl Store {
         &self,
         instance: &InstanceEntry,
     ) -> Result<Vec<u8>, StoreError> {
-        let header = self.fetch(&instance.header)?;
+        let header = self.fetch_shared(&instance.header)?;
         let lens: Vec<u64> = instance.pixels.iter().map(|p| p.len).collect();
         split::rebuild_without_pixels(&header, &lens)
             .map_err(|reason| corrupt(format!("instance {}", instance.sop_instance_uid), reason))
@@ -1399,11 +1442,11 @@ impl Store {
         &self,
         instance: &InstanceEntry,
     ) -> Result<Vec<bytes::Bytes>, StoreError> {
-        let header = bytes::Bytes::from(self.fetch(&instance.header)?);
-        let pixels: Vec<bytes::Bytes> = instance
+        let header = self.fetch_shared(&instance.header)?;
+        let pixels: Vec<Bytes> = instance
             .pixels
             .iter()
-            .map(|p| self.fetch(p).map(bytes::Bytes::from))
+            .map(|p| self.fetch_shared(p))
             .collect::<Result<_, _>>()?;
         split::rebuild_parts(header, pixels)
             .map_err(|reason| corrupt(format!("instance {}", instance.sop_instance_uid), reason))
@@ -1716,7 +1759,7 @@ impl Store {
                 doomed.push(object_key(address));
             }
         }
-        self.backend.delete_many(&doomed)?;
+        self.delete_objects(&doomed)?;
         let deleted = doomed.len() as u64;
         Ok(RekeyOutcome {
             objects_resealed: resealed,
@@ -1748,7 +1791,7 @@ impl Store {
                 out.bytes_freed += len;
             }
         }
-        self.backend.delete_many(&doomed)?;
+        self.delete_objects(&doomed)?;
         Ok(out)
     }
 

@@ -478,6 +478,60 @@ fn rekey_revokes_old_keys_and_keeps_derivatives_working() {
 /// version writes only its new objects, resending changes nothing, a changed instance under a
 /// known SOP Instance UID is refused, and the last version equals the study put at once.
 #[test]
+fn the_read_cache_serves_verified_bytes_and_forgets_what_rekeying_deletes() {
+    let files = chest_files(6);
+    let owner = SecretKey::generate();
+    let (_dir, store) = fs_store();
+    let store = store.with_read_cache(64 << 20);
+    let root = put_one(&store, &files, &owner).root;
+    let originals: HashMap<String, Vec<u8>> = files
+        .iter()
+        .map(|f| {
+            let b = std::fs::read(f).unwrap();
+            (sop_uid(&b), b)
+        })
+        .collect();
+    let (_, manifest) = store.open_manifest(&root, &owner).unwrap();
+    let objects = manifest
+        .instances()
+        .map(|(_, i)| i.objects().count())
+        .sum::<usize>() as u64;
+    for pass in 1..=2u64 {
+        for (_, i) in manifest.instances() {
+            let file = store.fetch_instance(i).unwrap();
+            assert!(
+                file == originals[&i.sop_instance_uid],
+                "{}",
+                i.sop_instance_uid
+            );
+            let parts = store.fetch_instance_parts(i).unwrap().concat();
+            assert!(parts == originals[&i.sop_instance_uid]);
+        }
+        let stats = store.read_cache_stats().unwrap();
+        assert_eq!(
+            stats.misses, objects,
+            "pass {pass}: each object read from the store once"
+        );
+        assert_eq!(stats.hits, (2 * pass - 1) * objects, "pass {pass}");
+    }
+    // A reference that differs from the one verified (here a wrong key) is not served from
+    // the cache: it goes to the store and fails there.
+    let (_, first) = manifest.instances().next().unwrap();
+    let mut forged = first.clone();
+    forged.header.key = manifest.instances().nth(1).unwrap().1.header.key.clone();
+    assert!(store.fetch_instance(&forged).is_err());
+
+    // Re-keying deletes the old objects; the cache must not keep serving them.
+    store.rekey(&root, &owner, &[]).unwrap();
+    assert!(
+        store.fetch_instance(first).is_err(),
+        "a deleted object was served from the cache"
+    );
+    assert_eq!(store.read_cache_stats().unwrap().bytes, 0);
+    assert_eq!(get_all(&store, &root, &owner).unwrap().len(), 6);
+}
+
+#[test]
 fn a_study_grows_by_versions_that_write_only_what_is_new() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path().to_str().unwrap()).unwrap();

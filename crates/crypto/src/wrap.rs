@@ -24,9 +24,10 @@ const INFO: &[u8] = b"medledger key wrap v1";
 const SECRET_PREFIX: &str = "medledger-x25519-secret-v1:";
 const PUBLIC_PREFIX: &str = "medledger-x25519-v1:";
 
-/// A recipient's (an organisation's or member's) X25519 private key.
+/// A recipient's (an organisation's or member's) X25519 private key, with its public key
+/// worked out once (a scalar multiplication: every study a store writes wraps a key to it).
 #[derive(Clone)]
-pub struct SecretKey(HpkePrivate);
+pub struct SecretKey(HpkePrivate, PublicKey);
 
 /// A recipient's X25519 public key: what senders wrap keys to.
 #[derive(Clone, PartialEq, Eq)]
@@ -34,12 +35,17 @@ pub struct PublicKey(HpkePublic);
 
 impl SecretKey {
     pub fn generate() -> SecretKey {
-        let (sk, _) = KemT::gen_keypair(&mut rand::rngs::OsRng);
-        SecretKey(sk)
+        let (sk, pk) = KemT::gen_keypair(&mut rand::rngs::OsRng);
+        SecretKey(sk, PublicKey(pk))
+    }
+
+    fn from_private(sk: HpkePrivate) -> SecretKey {
+        let pk = PublicKey(KemT::sk_to_pk(&sk));
+        SecretKey(sk, pk)
     }
 
     pub fn public(&self) -> PublicKey {
-        PublicKey(KemT::sk_to_pk(&self.0))
+        self.1.clone()
     }
 
     /// `medledger-x25519-secret-v1:<64 hex digits>`.
@@ -53,7 +59,7 @@ impl SecretKey {
         })?;
         let bytes = decode32(hex_part)?;
         HpkePrivate::from_bytes(&bytes)
-            .map(SecretKey)
+            .map(SecretKey::from_private)
             .map_err(|e| CryptoError::KeyFormat(format!("not an X25519 secret key: {e}")))
     }
 }

@@ -136,6 +136,37 @@ fn metric(api: &str, name: &str) -> u64 {
         .unwrap_or(u64::MAX)
 }
 
+/// A STOW-RS body of `files` as parts of type application/dicom.
+fn stow_body(files: &[Vec<u8>], boundary: &str) -> Vec<u8> {
+    let mut body = Vec::new();
+    for f in files {
+        body.extend_from_slice(
+            format!("--{boundary}\r\nContent-Type: application/dicom\r\n\r\n").as_bytes(),
+        );
+        body.extend_from_slice(f);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    body
+}
+
+/// The SOP Instance UIDs `files` have in the de-identified view (made with `key`).
+fn derived_sop_uids(files: &[Vec<u8>], key: &medledger_deid::DeidKey) -> Vec<String> {
+    files
+        .iter()
+        .map(|f| {
+            let (_, obj) = medledger_deid::read_instance(f).unwrap();
+            key.replace_uid(
+                obj.get(dicom_dictionary_std::tags::SOP_INSTANCE_UID)
+                    .unwrap()
+                    .to_str()
+                    .unwrap()
+                    .trim_end_matches('\0'),
+            )
+        })
+        .collect()
+}
+
 fn wait_all_visible(web: &str, want: &[String], log: &std::path::Path, what: &str) {
     let visible = || -> usize {
         let (_, all) = get_json(&format!("{web}/instances?limit=100000"));
@@ -994,29 +1025,9 @@ fn a_node_ingests_queries_and_serves_dicom_and_keeps_what_it_acknowledged() {
         &medledger_testkit::synth::FakePatient::generate(8),
         &spec,
     );
-    let uids: Vec<String> = files
-        .iter()
-        .map(|f| {
-            let (_, obj) = medledger_deid::read_instance(f).unwrap();
-            key.replace_uid(
-                obj.get(dicom_dictionary_std::tags::SOP_INSTANCE_UID)
-                    .unwrap()
-                    .to_str()
-                    .unwrap()
-                    .trim_end_matches('\0'),
-            )
-        })
-        .collect();
+    let uids = derived_sop_uids(&files, &key);
     let boundary = "journal-boundary";
-    let mut body = Vec::new();
-    for f in &files {
-        body.extend_from_slice(
-            format!("--{boundary}\r\nContent-Type: application/dicom\r\n\r\n").as_bytes(),
-        );
-        body.extend_from_slice(f);
-        body.extend_from_slice(b"\r\n");
-    }
-    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    let body = stow_body(&files, boundary);
     let pid: i32 = std::fs::read_to_string(dir.join("hospital-a/node.pid"))
         .unwrap()
         .trim()
@@ -1044,6 +1055,51 @@ fn a_node_ingests_queries_and_serves_dicom_and_keeps_what_it_acknowledged() {
     assert!(
         replayed > 0,
         "the kill came after the node had stored everything: the journal was not replayed"
+    );
+
+    // The store goes away under the node (a volume unmounted, a disk full) after the journal
+    // acknowledged an instance: the node keeps it in its journal, tries again with back-off,
+    // and stores it once the store is back, without a restart.
+    let files = medledger_testkit::synth::ct_study(
+        &medledger_testkit::synth::FakePatient::generate(9),
+        &medledger_testkit::synth::CtStudySpec {
+            slices: 3,
+            rows: 64,
+            columns: 64,
+            ..medledger_testkit::synth::CtStudySpec::for_seed(9)
+        },
+    );
+    let uids = derived_sop_uids(&files, &key);
+    let store = dir.join("hospital-a/store");
+    let away = dir.join("hospital-a/store.away");
+    let retries = metric("journal_retries_total");
+    std::fs::rename(&store, &away).unwrap();
+    let r = stow_post(&web, "retry-boundary", stow_body(&files, "retry-boundary"));
+    assert_eq!(r.status().as_u16(), 200, "{}", r.text().unwrap_or_default());
+    wait_for(
+        "the node finding its store gone and planning a retry",
+        Duration::from_secs(30),
+        || {
+            let n = metric("journal_retries_total");
+            n != u64::MAX && n > retries
+        },
+    );
+    assert!(metric("journal_outstanding") >= 1);
+    assert!(
+        !store.exists(),
+        "the node made a new store where the old one was"
+    );
+    std::fs::rename(&away, &store).unwrap();
+    wait_all_visible(
+        &web,
+        &uids,
+        &dir.join("hospital-a/node.log"),
+        "instances acknowledged while the store was away",
+    );
+    wait_for(
+        "the journal drained once the store came back",
+        Duration::from_secs(30),
+        || metric("journal_outstanding") == 0,
     );
 
     // And the store verifies.

@@ -195,7 +195,7 @@ async fn metrics(State(s): State<Service>) -> Response {
             "# HELP medledger_{name} {help}\n# TYPE medledger_{name} gauge\nmedledger_{name} {v}\n"
         )
     };
-    let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 13] = [
+    let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 14] = [
         (
             "instances_received_total",
             "Instances received (C-STORE, STOW-RS, import).",
@@ -256,6 +256,11 @@ async fn metrics(State(s): State<Service>) -> Response {
             "instances_failed_after_ack_total",
             "Acknowledged instances the store refused (kept as private records ingest-failed/).",
             &m.instances_failed_after_ack,
+        ),
+        (
+            "journal_retries_total",
+            "Acknowledged instances queued again after the store could not take them.",
+            &m.journal_retries,
         ),
     ];
     let cache = s.read_cache();

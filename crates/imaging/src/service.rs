@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -110,6 +110,8 @@ pub struct Metrics {
     /// Acknowledged instances the store then refused: kept sealed in the store's private
     /// records (`ingest-failed/`) for an administrator, never dropped.
     pub instances_failed_after_ack: AtomicU64,
+    /// Acknowledged instances queued again after the store could not take them.
+    pub journal_retries: AtomicU64,
 }
 
 struct Job {
@@ -129,7 +131,17 @@ enum Reply {
     Journal {
         ticket: crate::journal::Ticket,
         sop_uid: Option<String>,
+        /// How many times the store could not take it so far.
+        attempt: u32,
     },
+}
+
+/// Acknowledged instances the store could not take (unreachable, full), each queued again
+/// at its time: the node heals when its store comes back, without a restart.
+#[derive(Default)]
+struct Retries {
+    jobs: Vec<(Instant, Job)>,
+    bytes: usize,
 }
 
 /// What [`Inner::journaled_ingest`] did with an instance.
@@ -211,6 +223,8 @@ pub(crate) struct Inner {
     /// SOP Instance UIDs acknowledged from the journal and not yet stored: another instance
     /// with one of them is stored before it is answered, so that a conflict is reported.
     journaled: Mutex<HashSet<String>>,
+    retries: Mutex<Retries>,
+    retry_due: Condvar,
 }
 
 /// Jobs queued beyond the one being committed; senders block when it is full (back pressure).
@@ -226,6 +240,12 @@ const RECORD_EVERY: Duration = Duration::from_secs(1);
 /// A journal segment whose instances are all stored is closed after this long without a new
 /// one, so that a start does not read them again.
 const JOURNAL_IDLE: Duration = Duration::from_secs(2);
+/// An acknowledged instance the store could not take is tried again after this, doubling
+/// up to [`RETRY_LONGEST`]; at most [`RETRY_BYTES`] of them wait in memory, the others wait
+/// in the journal only, for the next start.
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_LONGEST: Duration = Duration::from_secs(60);
+const RETRY_BYTES: usize = 256 << 20;
 
 fn read_key<T>(
     what: &'static str,
@@ -331,6 +351,8 @@ impl Service {
             },
             journal,
             journaled: Mutex::new(HashSet::new()),
+            retries: Mutex::new(Retries::default()),
+            retry_due: Condvar::new(),
         });
         // The index needs this node's own API (which versions the ledger holds), which starts
         // beside this service: rebuild once it answers, then start taking instances. Senders
@@ -373,6 +395,13 @@ impl Service {
                     .name("ingest".into())
                     .spawn(move || committer.commit_loop(rx))
                     .expect("spawn the ingest thread");
+                if starter.journal.is_some() {
+                    let retrier = starter.clone();
+                    std::thread::Builder::new()
+                        .name("ingest-retry".into())
+                        .spawn(move || retrier.retry_loop())
+                        .expect("spawn the ingest retry thread");
+                }
                 starter.replay_journal();
                 starter.register_loop();
             })
@@ -647,6 +676,7 @@ impl Inner {
             reply: Reply::Journal {
                 ticket,
                 sop_uid: Some(ids.sop_instance_uid),
+                attempt: 0,
             },
         };
         if let Err(e) = send(queue, job) {
@@ -690,6 +720,7 @@ impl Inner {
                 reply: Reply::Journal {
                     ticket: e.ticket,
                     sop_uid,
+                    attempt: 0,
                 },
             };
             if send(&queue, job).is_err() {
@@ -847,24 +878,114 @@ impl Inner {
         }
     }
 
+    /// Queues a journalled instance again once its wait is over; gives it back if the
+    /// retries already hold [`RETRY_BYTES`].
+    fn retry_later(&self, job: Job, why: &str) -> Result<(), Job> {
+        let attempt = match &job.reply {
+            Reply::Journal { attempt, .. } => *attempt,
+            Reply::Wait(_) => 1,
+        };
+        let wait = RETRY_FIRST
+            .saturating_mul(1 << attempt.saturating_sub(1).min(6))
+            .min(RETRY_LONGEST);
+        let mut r = self.retries.lock().expect("not poisoned");
+        if r.bytes + job.bytes.len() > RETRY_BYTES {
+            return Err(job);
+        }
+        r.bytes += job.bytes.len();
+        r.jobs.push((Instant::now() + wait, job));
+        drop(r);
+        self.metrics.journal_retries.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            "an acknowledged instance is not stored yet ({why}); trying again in {} s (attempt {attempt})",
+            wait.as_secs()
+        );
+        self.retry_due.notify_one();
+        Ok(())
+    }
+
+    /// Sends each retry to the committer when its time comes.
+    fn retry_loop(&self) {
+        let mut r = self.retries.lock().expect("not poisoned");
+        loop {
+            let now = Instant::now();
+            if r.jobs.iter().any(|(t, _)| *t <= now) {
+                let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut r.jobs)
+                    .into_iter()
+                    .partition(|(t, _)| *t <= now);
+                r.jobs = later;
+                r.bytes -= due.iter().map(|(_, j)| j.bytes.len()).sum::<usize>();
+                drop(r);
+                // The queue is looked up each time, so that this thread never keeps the
+                // committer running at shutdown.
+                let queue = self.queue.lock().expect("not poisoned").as_ref().cloned();
+                let Some(queue) = queue else {
+                    return;
+                };
+                for (_, job) in due {
+                    if send(&queue, job).is_err() {
+                        return;
+                    }
+                }
+                drop(queue);
+                r = self.retries.lock().expect("not poisoned");
+                continue;
+            }
+            let next = r.jobs.iter().map(|(t, _)| *t).min();
+            r = match next {
+                Some(t) => {
+                    self.retry_due
+                        .wait_timeout(r, t.saturating_duration_since(now))
+                        .expect("not poisoned")
+                        .0
+                }
+                None => self.retry_due.wait(r).expect("not poisoned"),
+            };
+        }
+    }
+
     /// Tells a waiting sender how its instance ended, or settles a journalled one.
     fn answer(&self, (reply, bytes): (Reply, Bytes), r: Result<Stored, IngestError>) {
-        let (ticket, sop_uid) = match reply {
+        let (ticket, sop_uid, attempt) = match reply {
             Reply::Wait(tx) => {
                 let _ = tx.send(r);
                 medledger_store::pool::give_bytes(bytes);
                 return;
             }
-            Reply::Journal { ticket, sop_uid } => (ticket, sop_uid),
+            Reply::Journal {
+                ticket,
+                sop_uid,
+                attempt,
+            } => (ticket, sop_uid, attempt),
         };
         let journal = self.journal.as_ref().expect("journalled with a journal");
         match r {
             Ok(_) => journal.release(ticket),
             Err(IngestError::Unavailable(e)) => {
-                // It stays in the journal, and is stored at the next start.
-                tracing::error!(
-                    "an acknowledged instance is not stored yet ({e}); it stays in the journal"
-                );
+                // It stays in the journal whatever happens, and is tried again in a while
+                // (or at the next start).
+                let job = Job {
+                    bytes,
+                    study: None,
+                    pre: None,
+                    reply: Reply::Journal {
+                        ticket,
+                        sop_uid,
+                        attempt: attempt + 1,
+                    },
+                };
+                if let Err(job) = self.retry_later(job, &e) {
+                    tracing::error!(
+                        "an acknowledged instance is not stored yet ({e}); it stays in the journal until the next start"
+                    );
+                    if let Reply::Journal {
+                        sop_uid: Some(u), ..
+                    } = job.reply
+                    {
+                        self.journaled.lock().expect("not poisoned").remove(&u);
+                    }
+                }
+                return;
             }
             Err(e) => {
                 // Refused for good after it was acknowledged (it passed every check made

@@ -99,15 +99,6 @@ impl<W: Write> Writer<W> {
         self.entries.is_empty()
     }
 
-    /// Bytes written so far.
-    pub fn position(&self) -> u64 {
-        self.pos
-    }
-
-    pub fn get_mut(&mut self) -> &mut W {
-        &mut self.out
-    }
-
     /// Writes the index and trailer; returns the output and the entries.
     pub fn finish(mut self) -> io::Result<(W, Vec<Entry>)> {
         let count = u32::try_from(self.entries.len()).map_err(|_| {

@@ -385,7 +385,7 @@ pub fn run(args: BenchNodeArgs) -> Result<()> {
         m.wado_study_mb_per_s, o.wado_study_mb_per_s, report.retrieve_ratio
     );
     println!(
-        "  first of the five retrievals (medledger decrypting and verifying every object): {:.0} vs {:.0} MB/s ({:.2}x)",
+        "  first of the five retrievals (medledger reading, decrypting and verifying every object): {:.0} vs {:.0} MB/s ({:.2}x)",
         m.wado_study_first_mb_per_s,
         o.wado_study_first_mb_per_s,
         m.wado_study_first_mb_per_s / o.wado_study_first_mb_per_s

@@ -7,8 +7,8 @@
 
 mod common;
 use common::{
-    Child, attr, chest_ct, dcmtk, free_port, get_json, http, medledger, network_with, run, text,
-    wait_for,
+    Child, attr, chest_ct, dcmtk, free_port, get_json, http, medledger, network_with, run,
+    stow_body, text, wait_for,
 };
 
 use std::net::SocketAddr;
@@ -134,20 +134,6 @@ fn metric(api: &str, name: &str) -> u64 {
         .find_map(|l| l.strip_prefix(&format!("medledger_{name} ")))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(u64::MAX)
-}
-
-/// A STOW-RS body of `files` as parts of type application/dicom.
-fn stow_body(files: &[Vec<u8>], boundary: &str) -> Vec<u8> {
-    let mut body = Vec::new();
-    for f in files {
-        body.extend_from_slice(
-            format!("--{boundary}\r\nContent-Type: application/dicom\r\n\r\n").as_bytes(),
-        );
-        body.extend_from_slice(f);
-        body.extend_from_slice(b"\r\n");
-    }
-    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
-    body
 }
 
 /// The SOP Instance UIDs `files` have in the de-identified view (made with `key`).

@@ -10,7 +10,7 @@
 
 mod common;
 use common::{
-    Child, attr, chest_ct, free_port, get_json, http, network, post_json, text, wait_for,
+    Child, attr, chest_ct, free_port, get_json, http, network, post_json, stow_body, text, wait_for,
 };
 
 use std::path::{Path, PathBuf};
@@ -688,15 +688,7 @@ fn dicomweb_client_pynetdicom_and_orthanc_work_with_a_node() {
 /// A STOW-RS request body of Part 10 files.
 fn stow(url: &str, files: &[Vec<u8>]) -> (u16, Value) {
     let boundary = "interop-0123456789abcdef";
-    let mut body = Vec::new();
-    for f in files {
-        body.extend_from_slice(
-            format!("--{boundary}\r\nContent-Type: application/dicom\r\n\r\n").as_bytes(),
-        );
-        body.extend_from_slice(f);
-        body.extend_from_slice(b"\r\n");
-    }
-    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    let body = stow_body(files, boundary);
     let r = http()
         .post(url)
         .header(

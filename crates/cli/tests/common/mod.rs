@@ -187,3 +187,17 @@ pub fn free_base(start: u16) -> u16 {
         assert!(base < 60_000 && base > 1024, "no free ports for a network");
     }
 }
+
+/// A STOW-RS request body: `files` (Part 10) as parts of type application/dicom.
+pub fn stow_body(files: &[Vec<u8>], boundary: &str) -> Vec<u8> {
+    let mut body = Vec::new();
+    for f in files {
+        body.extend_from_slice(
+            format!("--{boundary}\r\nContent-Type: application/dicom\r\n\r\n").as_bytes(),
+        );
+        body.extend_from_slice(f);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    body
+}

@@ -683,15 +683,16 @@ impl PackOut {
         chunk.buf.resize(chunk.lead + padded, 0);
         let file = self.file.clone();
         let tx = self.done_tx.clone();
-        self.in_flight += 1;
         std::thread::Builder::new()
             .name("pack-write".into())
             .spawn(move || {
                 let r = file.write_all_at(chunk.bytes(), at);
                 chunk.buf.truncate(chunk.lead + len);
                 let _ = tx.send((chunk, at, r));
-            })
-            .map(|_| ())
+            })?;
+        // Counted once its thread runs: every thread sends exactly one answer.
+        self.in_flight += 1;
+        Ok(())
     }
 
     /// Waits for one chunk being written; returns its buffer, emptied.

@@ -7,8 +7,8 @@
 
 mod common;
 use common::{
-    Child, attr, chest_ct, dcmtk, free_port, get_json, http, medledger, network_with, run,
-    stow_body, text, wait_for,
+    Child, attr, chest_ct, dcmtk, free_port, get_json, http, kill_and_wait, medledger, network_up,
+    network_with, run, stow_body, text, wait_for,
 };
 
 use std::net::SocketAddr;
@@ -866,19 +866,26 @@ fn a_node_ingests_queries_and_serves_dicom_and_keeps_what_it_acknowledged() {
     let studies_before = metric("studies");
     let restart = |what: &str| -> (u64, u64) {
         let pid = std::fs::read_to_string(dir.join("hospital-a/node.pid")).unwrap();
-        let _ = Command::new("kill").args(["-KILL", pid.trim()]).status();
+        kill_and_wait(pid.trim().parse().unwrap());
         let up = medledger(home)
             .args(["network", "up"])
             .arg(&dir)
             .output()
             .unwrap();
         assert!(up.status.success(), "{what}: {}", text(&up));
-        wait_for(what, Duration::from_secs(60), || {
-            http()
-                .get(format!("{api}/health"))
-                .send()
-                .is_ok_and(|r| r.status().is_success())
-        });
+        let start = Instant::now();
+        while !http()
+            .get(format!("{api}/health"))
+            .send()
+            .is_ok_and(|r| r.status().is_success())
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "{what}: not healthy within 60 s; node log:\n{}",
+                std::fs::read_to_string(dir.join("hospital-a/node.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
         (
             metric("index_start_studies_from_records"),
             metric("index_start_studies_rebuilt"),
@@ -969,21 +976,14 @@ fn a_node_ingests_queries_and_serves_dicom_and_keeps_what_it_acknowledged() {
         .trim()
         .parse()
         .unwrap();
-    let _ = Command::new("kill")
-        .args(["-KILL", &pid.to_string()])
-        .status();
+    kill_and_wait(pid);
     sender.join().unwrap();
     let acknowledged = acked.lock().unwrap().clone();
     assert!(
         acknowledged.len() < 600,
         "the kill came too late to test anything"
     );
-    let up = medledger(home)
-        .args(["network", "up"])
-        .arg(&dir)
-        .output()
-        .unwrap();
-    assert!(up.status.success(), "{}", text(&up));
+    network_up(home, &dir);
     // The derivatives' UIDs are the site key's replacements of the originals'.
     let key = medledger_deid::DeidKey::from_text(
         std::fs::read_to_string(dir.join("hospital-a/deid.key"))
@@ -1020,16 +1020,9 @@ fn a_node_ingests_queries_and_serves_dicom_and_keeps_what_it_acknowledged() {
         .parse()
         .unwrap();
     let r = stow_post(&web, boundary, body);
-    let _ = Command::new("kill")
-        .args(["-KILL", &pid.to_string()])
-        .status();
+    kill_and_wait(pid);
     assert_eq!(r.status().as_u16(), 200, "{}", r.text().unwrap_or_default());
-    let up = medledger(home)
-        .args(["network", "up"])
-        .arg(&dir)
-        .output()
-        .unwrap();
-    assert!(up.status.success(), "{}", text(&up));
+    network_up(home, &dir);
     wait_all_visible(
         &web,
         &uids,

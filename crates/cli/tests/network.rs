@@ -4,7 +4,7 @@
 //! the state root, a node killed with SIGKILL and restarted catching up, `network down`.
 
 mod common;
-use common::{medledger, text};
+use common::{kill_and_wait, medledger, network_up, text};
 
 use std::path::Path;
 use std::process::Command;
@@ -66,13 +66,8 @@ fn four_processes_agree_survive_a_kill_and_catch_up() {
         text(&small)
     );
 
-    let up = medledger(home)
-        .args(["network", "up"])
-        .arg(&dir)
-        .output()
-        .unwrap();
     let _guard = Network(home, dir.clone());
-    assert!(up.status.success(), "{}", text(&up));
+    network_up(home, &dir);
     let apis: Vec<String> = (0..4)
         .map(|i| format!("http://127.0.0.1:{}", base + 100 + i))
         .collect();
@@ -301,23 +296,14 @@ fn four_processes_agree_survive_a_kill_and_catch_up() {
         .trim()
         .parse()
         .unwrap();
-    Command::new("kill")
-        .args(["-9", &pid.to_string()])
-        .status()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    kill_and_wait(pid);
     let o = submit(&apis[0], "hospital-a", 20);
     assert!(
         o.status.success(),
         "three of four keep finalising: {}",
         text(&o)
     );
-    let up = medledger(home)
-        .args(["network", "up"])
-        .arg(&dir)
-        .output()
-        .unwrap();
-    assert!(up.status.success(), "{}", text(&up));
+    network_up(home, &dir);
     wait_agree("after the restart");
     let h = |i: usize| status(home, &apis[i]).unwrap()["height"].as_u64().unwrap();
     assert!(h(2) > 0);

@@ -10,7 +10,7 @@ use std::process::Output;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{get_json, http, medledger, post_json, text, wait_for};
+use common::{get_json, http, medledger, network_up, post_json, text, wait_for};
 use medledger_crypto::{Digest, SigningKey};
 use medledger_imaging::share::{Orgs, tls};
 use medledger_ledger::identity::OrgCa;
@@ -296,12 +296,7 @@ impl World {
         wait_for("the node to stop", FINAL, || {
             !Path::new(&format!("/proc/{pid}")).exists()
         });
-        let up = medledger(self.home.path())
-            .args(["network", "up"])
-            .arg(&self.dir)
-            .output()
-            .unwrap();
-        assert!(up.status.success(), "{}", text(&up));
+        network_up(self.home.path(), &self.dir);
         self.wait_healthy(org);
         wait_for("the sharing endpoint", FINAL, || {
             std::net::TcpStream::connect(self.share_addr(org)).is_ok()
@@ -767,12 +762,7 @@ fn a_node_down_mid_transfer_resumes_and_one_series_is_proven_alone() {
 
     // A comes back; the retrieval resumes from what was verified and stored.
     let home = w.dir.parent().unwrap();
-    let up = medledger(home)
-        .args(["network", "up"])
-        .arg(&w.dir)
-        .output()
-        .unwrap();
-    assert!(up.status.success(), "{}", text(&up));
+    network_up(home, &w.dir);
     wait_for("A's sharing endpoint", FINAL, || {
         std::net::TcpStream::connect(w.share_addr(A)).is_ok()
             && http()
@@ -845,12 +835,7 @@ fn an_interrupted_retrieval_resumes_by_itself_when_the_owner_is_back() {
     }
     assert!(status["attempts"].as_u64().unwrap() >= 1, "{status}");
     assert!(status["next_attempt_ms"].as_u64().is_some(), "{status}");
-    let up = medledger(w.home.path())
-        .args(["network", "up"])
-        .arg(&w.dir)
-        .output()
-        .unwrap();
-    assert!(up.status.success(), "{}", text(&up));
+    network_up(w.home.path(), &w.dir);
     let done = w.retrieval(B, &grant.id);
     assert_eq!(done["state"], "done", "{done}");
     let n = |k: &str| done["outcome"][k].as_u64().unwrap();

@@ -133,13 +133,8 @@ pub fn network_with(
     cfg["imaging"]["dicom_peers"] = peers;
     edit(&mut cfg);
     std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
-    let up = medledger(home)
-        .args(["network", "up"])
-        .arg(dir)
-        .output()
-        .unwrap();
     let net = Network(home.to_path_buf(), dir.to_path_buf());
-    assert!(up.status.success(), "{}", text(&up));
+    network_up(home, dir);
     let api = format!("http://127.0.0.1:{}", base + 100);
     wait_for("the imaging service", Duration::from_secs(60), || {
         http()
@@ -200,4 +195,33 @@ pub fn stow_body(files: &[Vec<u8>], boundary: &str) -> Vec<u8> {
     }
     body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
     body
+}
+
+/// `medledger network up DIR`, which must succeed.
+pub fn network_up(home: &Path, dir: &Path) {
+    let up = medledger(home)
+        .args(["network", "up"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(up.status.success(), "{}", text(&up));
+}
+
+/// Sends SIGKILL to process `pid` and waits until it is gone (or a zombie): a dying process
+/// still shows in /proc for a moment, and `network up` would take it for a running node.
+pub fn kill_and_wait(pid: i32) {
+    let _ = Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status();
+    let gone = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| s.contains(") Z "))
+    };
+    let start = Instant::now();
+    while !gone() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "process {pid} still there 30 s after SIGKILL"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }

@@ -262,14 +262,19 @@ fn wait_stored(http: &reqwest::blocking::Client, api: &str, limit: Duration) -> 
     }
 }
 
-/// storescu to dcmtk's storescp that receives and discards (`--ignore`), median of `runs`.
+/// storescu to dcmtk's storescp that receives and discards (`--ignore`) and takes PDUs as
+/// large as the node does, median of `runs`.
 fn client_ceiling(files: &[PathBuf], runs: usize) -> Result<f64> {
     need("storescp")?;
     let port = free_port()?;
+    let max_pdu = medledger_dicom_net::ScpConfig::default().max_pdu_length;
     let _scp = Proc(
         Command::new("storescp")
             .env("TCP_NODELAY", "1")
-            .args(["--ignore", "-aet", "SINK", &port.to_string()])
+            // Offering the PDU size the node offers: storescu sends in PDUs of the size its
+            // peer takes, and at storescp's default (16 KiB) the client itself is slower.
+            .args(["--ignore", "--max-pdu", &max_pdu.to_string()])
+            .args(["-aet", "SINK", &port.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -289,11 +294,16 @@ fn client_ceiling(files: &[PathBuf], runs: usize) -> Result<f64> {
     Ok(files.len() as f64 / median(t))
 }
 
-fn wait_visible(http: &reqwest::blocking::Client, web: &str, limit: Duration) -> Result<String> {
+/// Waits until `studies` studies are visible to QIDO-RS; returns the UID of the last one.
+fn wait_visible(
+    http: &reqwest::blocking::Client,
+    web: &str,
+    studies: usize,
+    limit: Duration,
+) -> Result<String> {
     let start = Instant::now();
-    let before = count(http, web)?;
     loop {
-        if count(http, web)?.0 > before.0 {
+        if count(http, web)?.0 >= studies {
             break;
         }
         if start.elapsed() > limit {
@@ -479,6 +489,10 @@ fn measure(args: &BenchNodeArgs, files: &[PathBuf], megabytes: f64, tmp: &Path) 
         let mut stored = (Vec::new(), Vec::new());
         let mut m_study = String::new();
         let mut o_study = String::new();
+        // Studies of medledger's earlier runs, each waited for before the next step: a study
+        // still being registered would otherwise be counted as the next one, and its
+        // registration would run during Orthanc's turn.
+        let mut visible = count(&http, &m_web)?.0;
         for r in 0..args.repeat.max(1) {
             let (_, copy) = fresh_copy(files, &tmp.join(format!("c{r}")), "m")?;
             let sent = Instant::now();
@@ -487,7 +501,8 @@ fn measure(args: &BenchNodeArgs, files: &[PathBuf], megabytes: f64, tmp: &Path) 
             let acked = Instant::now();
             wait_stored(&http, &m_api, Duration::from_secs(120))?;
             stored.0.push(sent.elapsed().as_secs_f64());
-            m_study = wait_visible(&http, &m_web, Duration::from_secs(60))?;
+            visible += 1;
+            m_study = wait_visible(&http, &m_web, visible, Duration::from_secs(60))?;
             registration.push(acked.elapsed().as_secs_f64());
             let (ostudy, copy) = fresh_copy(files, &tmp.join(format!("o{r}")), "o")?;
             cstore.1.push(storescu(o_dicom, "ORTHANC", &copy)?);
@@ -497,9 +512,12 @@ fn measure(args: &BenchNodeArgs, files: &[PathBuf], megabytes: f64, tmp: &Path) 
             stow_t
                 .0
                 .push(stow(&http, &format!("{m_web}/studies"), &copy)?);
-            // Orthanc's turn starts once medledger has stored what it acknowledged.
+            // Orthanc's turn starts once medledger has stored what it acknowledged and
+            // registered the study.
             wait_stored(&http, &m_api, Duration::from_secs(120))?;
             stored.1.push(sent.elapsed().as_secs_f64());
+            visible += 1;
+            wait_visible(&http, &m_web, visible, Duration::from_secs(60))?;
             let (_, copy) = fresh_copy(files, &tmp.join(format!("t{r}")), "os")?;
             stow_t
                 .1

@@ -1,6 +1,7 @@
 //! `medledger network`, `medledger node` and `medledger ledger`: a local network of one node
 //! per organisation as separate processes, and a client for the ledger's API.
 
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -331,11 +332,23 @@ fn up(dir: &Path, quiet: bool) -> Result<()> {
     let mut apis = Vec::new();
     for d in node_dirs(dir)? {
         let pid_file = d.join("node.pid");
-        if let Some(pid) = read_pid(&pid_file)
-            && alive(pid)
-        {
-            eprintln!("{} already running (pid {pid})", d.display());
-            continue;
+        let config = d.join("node.json");
+        if let Some(pid) = read_pid(&pid_file) {
+            match node_process(pid, &config) {
+                NodeProcess::Running => {
+                    eprintln!("{} already running (pid {pid})", d.display());
+                    continue;
+                }
+                NodeProcess::Dying => {
+                    if !wait_gone(pid, &config, Duration::from_secs(30)) {
+                        bail!(
+                            "the node in {} (pid {pid}) is still exiting after 30 s; try again when it is gone",
+                            d.display()
+                        );
+                    }
+                }
+                NodeProcess::Gone => {}
+            }
         }
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -400,22 +413,126 @@ fn alive(pid: i32) -> bool {
         && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
 }
 
+/// What a pid from a `node.pid` file is now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NodeProcess {
+    /// A `medledger node` of this configuration, not being killed.
+    Running,
+    /// That node, being torn down (killed, or exiting): its ports and journal are not free
+    /// yet, and a new node started now would find them taken.
+    Dying,
+    /// No such process, a zombie, or another program that got the pid since (after a reboot,
+    /// say): nothing to wait for, and nothing `down` may signal.
+    Gone,
+}
+
+/// Looks at `/proc/<pid>` (Linux): whether it is the node of `config`, and whether it is
+/// on its way out.
+fn node_process(pid: i32, config: &Path) -> NodeProcess {
+    let proc = PathBuf::from(format!("/proc/{pid}"));
+    let Ok(stat) = std::fs::read_to_string(proc.join("stat")) else {
+        return NodeProcess::Gone;
+    };
+    // After the command name, which may hold spaces and parentheses: state, ppid, pgrp,
+    // session, tty, tpgid, flags.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
+    if matches!(fields.first(), None | Some(&"Z") | Some(&"X")) {
+        return NodeProcess::Gone;
+    }
+    if !runs_config(&proc, config) {
+        return NodeProcess::Gone;
+    }
+    const PF_EXITING: u64 = 0x4;
+    let exiting = fields
+        .get(6)
+        .and_then(|f| f.parse::<u64>().ok())
+        .is_some_and(|flags| flags & PF_EXITING != 0);
+    // SIGKILL (9) pending for the process or its main thread: it is being killed even if no
+    // thread has started exiting yet.
+    let killed = std::fs::read_to_string(proc.join("status")).is_ok_and(|status| {
+        status.lines().any(|l| {
+            let Some((name, mask)) = l.split_once(':') else {
+                return false;
+            };
+            matches!(name, "SigPnd" | "ShdPnd")
+                && u64::from_str_radix(mask.trim(), 16).is_ok_and(|m| m & (1 << 8) != 0)
+        })
+    });
+    if exiting || killed {
+        NodeProcess::Dying
+    } else {
+        NodeProcess::Running
+    }
+}
+
+/// Whether the process under `proc` is `medledger node --config <config>` (the same file,
+/// however the path was spelt, relative paths taken from the process's working directory).
+fn runs_config(proc: &Path, config: &Path) -> bool {
+    let Ok(cmdline) = std::fs::read(proc.join("cmdline")) else {
+        return false;
+    };
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let Some(i) = args.iter().position(|a| *a == b"--config") else {
+        return false;
+    };
+    if !args.contains(&&b"node"[..]) {
+        return false;
+    }
+    let Some(arg) = args.get(i + 1) else {
+        return false;
+    };
+    let arg = Path::new(std::ffi::OsStr::from_bytes(arg));
+    let theirs = if arg.is_absolute() {
+        arg.to_path_buf()
+    } else {
+        match std::fs::read_link(proc.join("cwd")) {
+            Ok(cwd) => cwd.join(arg),
+            Err(_) => return false,
+        }
+    };
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(theirs), std::fs::metadata(config)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+/// Waits up to `limit` for a dying node to be gone; whether it is.
+fn wait_gone(pid: i32, config: &Path, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if node_process(pid, config) == NodeProcess::Gone {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn down(dir: &Path, quiet: bool) -> Result<()> {
     for d in node_dirs(dir)? {
         let pid_file = d.join("node.pid");
         let Some(pid) = read_pid(&pid_file) else {
             continue;
         };
-        if alive(pid)
+        let config = d.join("node.json");
+        // Only the node itself is signalled: after a reboot the pid may be another program's.
+        if node_process(pid, &config) == NodeProcess::Dying {
+            wait_gone(pid, &config, Duration::from_secs(10));
+        }
+        if node_process(pid, &config) == NodeProcess::Running
             && let Some(p) = rustix::process::Pid::from_raw(pid)
         {
             let _ = rustix::process::kill_process(p, rustix::process::Signal::TERM);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while alive(pid) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            if alive(pid) {
+            if !wait_gone(pid, &config, Duration::from_secs(10))
+                && node_process(pid, &config) == NodeProcess::Running
+            {
                 let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+                wait_gone(pid, &config, Duration::from_secs(10));
             }
             if !quiet {
                 println!("stopped {} (pid {pid})", d.display());
@@ -596,4 +713,61 @@ pub fn run_identity(cmd: IdentityCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A process whose command line reads `... node --config <config>` (a shell blocked on
+    /// its input), started in `cwd`.
+    fn fake_node(cwd: &Path, config: &str) -> std::process::Child {
+        Command::new("sh")
+            .args(["-c", "read x", "node", "--config", config])
+            .current_dir(cwd)
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("sh runs")
+    }
+
+    #[test]
+    fn a_pid_is_a_running_node_only_for_its_own_config_and_not_once_killed() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("node.json");
+        let other = dir.path().join("other.json");
+        std::fs::write(&config, "{}").unwrap();
+        std::fs::write(&other, "{}").unwrap();
+
+        let mut absolute = fake_node(Path::new("/"), config.to_str().unwrap());
+        let mut relative = fake_node(dir.path(), "node.json");
+        for child in [&absolute, &relative] {
+            let pid = child.id() as i32;
+            assert_eq!(node_process(pid, &config), NodeProcess::Running);
+            // Another node's pid file, or a pid reused by another program: not ours.
+            assert_eq!(node_process(pid, &other), NodeProcess::Gone);
+        }
+        let mut stranger = Command::new("sleep").arg("30").spawn().unwrap();
+        assert_eq!(
+            node_process(stranger.id() as i32, &config),
+            NodeProcess::Gone
+        );
+        stranger.kill().unwrap();
+        stranger.wait().unwrap();
+
+        // Right after SIGKILL the process may still be in /proc, not yet a zombie: it is never
+        // taken for a running node.
+        let pid = absolute.id() as i32;
+        absolute.kill().unwrap();
+        assert_ne!(node_process(pid, &config), NodeProcess::Running);
+        absolute.wait().unwrap();
+        assert_eq!(node_process(pid, &config), NodeProcess::Gone);
+        assert!(wait_gone(pid, &config, Duration::from_secs(1)));
+
+        relative.kill().unwrap();
+        relative.wait().unwrap();
+        assert_eq!(
+            node_process(relative.id() as i32, &config),
+            NodeProcess::Gone
+        );
+    }
 }

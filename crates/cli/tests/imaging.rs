@@ -1020,7 +1020,13 @@ fn a_node_ingests_queries_and_serves_dicom_and_keeps_what_it_acknowledged() {
         .parse()
         .unwrap();
     let r = stow_post(&web, boundary, body);
-    kill_and_wait(pid);
+    // Not waited for: `network up` right after a SIGKILL finds the node still being torn
+    // down, and must wait for it rather than take it for a running one.
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
     assert_eq!(r.status().as_u16(), 200, "{}", r.text().unwrap_or_default());
     network_up(home, &dir);
     wait_all_visible(

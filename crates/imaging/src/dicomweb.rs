@@ -1233,7 +1233,8 @@ async fn store_part(
             ));
             return (pct, Err(e));
         }
-        let r = s.ingest_into(Vec::from(bytes), study);
+        // The part as the splitter cut it, not copied.
+        let r = s.ingest_into(bytes, study);
         (pct, r)
     })
 }

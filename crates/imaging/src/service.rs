@@ -415,12 +415,17 @@ impl Service {
 
     /// Stores one instance (a Part 10 file); returns once it is durable, or why it was not
     /// stored.
-    pub fn ingest(&self, file: Vec<u8>) -> Result<Stored, IngestError> {
+    pub fn ingest(&self, file: impl Into<Bytes>) -> Result<Stored, IngestError> {
         self.ingest_into(file, None)
     }
 
     /// Like [`Service::ingest`], but only an instance of study `study` is accepted.
-    pub fn ingest_into(&self, file: Vec<u8>, study: Option<String>) -> Result<Stored, IngestError> {
+    pub fn ingest_into(
+        &self,
+        file: impl Into<Bytes>,
+        study: Option<String>,
+    ) -> Result<Stored, IngestError> {
+        let file = file.into();
         self.inner
             .metrics
             .instances_received
@@ -435,7 +440,7 @@ impl Service {
         r
     }
 
-    fn ingest_inner(&self, file: Vec<u8>, study: Option<String>) -> Result<Stored, IngestError> {
+    fn ingest_inner(&self, file: Bytes, study: Option<String>) -> Result<Stored, IngestError> {
         let queue = self
             .inner
             .queue
@@ -609,10 +614,9 @@ impl Inner {
     fn journaled_ingest(
         &self,
         queue: &SyncSender<Job>,
-        file: Vec<u8>,
+        bytes: Bytes,
         study: Option<String>,
     ) -> Result<Journaled, IngestError> {
-        let bytes = Bytes::from(file);
         let Some(journal) = &self.journal else {
             return Ok(Journaled::Not { bytes, pre: None });
         };

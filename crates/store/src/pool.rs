@@ -10,8 +10,9 @@ use std::sync::Mutex;
 
 use bytes::Bytes;
 
-/// At most this many bytes of buffers are kept for reuse.
-const KEPT_BYTES: usize = 64 << 20;
+/// At most this many bytes of buffers are kept for reuse: what a STOW-RS request of a CT
+/// series holds at once (a buffer per part) plus a put's chunks in flight, with room.
+const KEPT_BYTES: usize = 256 << 20;
 /// Buffers smaller than this are left to the allocator (it reuses small blocks well).
 const MIN_BYTES: usize = 64 << 10;
 
@@ -21,7 +22,15 @@ static FREE: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
 pub fn take(len: usize) -> Vec<u8> {
     if len >= MIN_BYTES {
         let mut free = FREE.lock().expect("not poisoned");
-        if let Some(i) = free.iter().position(|b| b.capacity() >= len) {
+        // The smallest that fits, so that a small request does not take a large buffer a
+        // large one then has to allocate afresh.
+        let best = free
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.capacity() >= len)
+            .min_by_key(|(_, b)| b.capacity())
+            .map(|(i, _)| i);
+        if let Some(i) = best {
             let mut v = free.swap_remove(i);
             v.clear();
             return v;
@@ -42,14 +51,24 @@ pub fn give(v: Vec<u8>) {
     }
 }
 
-/// Hands back the buffer under `b` if nothing else refers to it.
+/// Hands back the buffer under `b` if nothing else refers to it (the whole allocation, also
+/// when `b` is a slice of it).
 pub fn give_bytes(b: Bytes) {
     if b.len() < MIN_BYTES {
         return;
     }
-    if let Ok(m) = b.try_into_mut() {
-        give(Vec::from(m));
+    if let Some(v) = reclaim(b) {
+        give(v);
     }
+}
+
+/// The allocation under `b`, empty, if nothing else refers to it.
+fn reclaim(b: Bytes) -> Option<Vec<u8>> {
+    let mut m = b.try_into_mut().ok()?;
+    // Emptied first: turning a buffer back into a vector moves its contents to the front of
+    // the allocation, which is a copy of all of it when it is a slice.
+    m.clear();
+    Some(Vec::from(m))
 }
 
 #[cfg(test)]
@@ -64,6 +83,18 @@ mod tests {
         let again = take(90_000);
         assert!(again.is_empty());
         assert!(again.capacity() >= 90_000);
+        // A slice of a buffer gives back the whole allocation, emptied.
+        let mut v = Vec::with_capacity(400_000);
+        v.extend_from_slice(&[9u8; 300_000]);
+        let at = v.as_ptr();
+        let whole = Bytes::from(v);
+        let slice = whole.slice(1000..200_000);
+        assert!(reclaim(slice.clone()).is_none(), "still shared");
+        drop(whole);
+        let back = reclaim(slice).expect("unique");
+        assert!(back.is_empty());
+        assert_eq!(back.as_ptr(), at);
+        assert_eq!(back.capacity(), 400_000);
         // A buffer still referred to elsewhere is not taken back.
         let shared = Bytes::from(vec![1u8; 100_000]);
         let other = shared.clone();

@@ -180,3 +180,36 @@ fn garage_s3_backend_conforms() {
     let err = bad.get("objects/anything").unwrap_err().to_string();
     assert!(err.contains("object store"), "{err}");
 }
+
+#[test]
+fn an_unreachable_s3_service_gives_an_error_within_seconds() {
+    // A port nothing listens on: every request is refused at connect.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let b = S3Backend::with_config(&S3Config {
+        endpoint: format!("http://127.0.0.1:{port}"),
+        region: "garage".into(),
+        bucket: "medledger-test".into(),
+        access_key_id: "GK000000000000000000000000".into(),
+        secret_access_key: "0".repeat(64),
+        prefix: String::new(),
+    })
+    .unwrap();
+    let t = std::time::Instant::now();
+    let err = b
+        .put("objects/aa/unreachable", bytes::Bytes::from_static(b"x"))
+        .unwrap_err()
+        .to_string();
+    // Three quick retries, under a second; object_store's default retries took about 11 s
+    // here, and up to three minutes against a service that answers slowly.
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(5),
+        "the error took {:?}",
+        t.elapsed()
+    );
+    assert!(err.contains("objects/aa/unreachable"), "{err}");
+    assert!(b.get("objects/aa/unreachable").is_err());
+}

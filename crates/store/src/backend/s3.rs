@@ -17,6 +17,22 @@ use super::{Backend, BackendError, check_key};
 /// Requests in flight at once in a batch.
 const CONCURRENCY: usize = 16;
 
+/// How long one request is retried before its error reaches the caller: a few quick retries
+/// for a blip, then the error, within seconds. `object_store`'s default (ten retries, up to
+/// three minutes) would hold a node's committer, and a sender waiting for its answer, for
+/// minutes during an outage; the node retries stored work with its own back-off instead.
+fn retry() -> object_store::RetryConfig {
+    object_store::RetryConfig {
+        backoff: object_store::BackoffConfig {
+            init_backoff: std::time::Duration::from_millis(100),
+            max_backoff: std::time::Duration::from_secs(2),
+            base: 2.0,
+        },
+        max_retries: 3,
+        retry_timeout: std::time::Duration::from_secs(10),
+    }
+}
+
 #[derive(Debug)]
 pub struct S3Backend {
     url: String,
@@ -47,7 +63,9 @@ impl S3Backend {
         if bucket.is_empty() {
             return Err(BackendError::Config(format!("{url}: no bucket name")));
         }
-        let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
+        let mut builder = AmazonS3Builder::from_env()
+            .with_bucket_name(bucket)
+            .with_retry(retry());
         let endpoint = std::env::var("AWS_ENDPOINT_URL")
             .or_else(|_| std::env::var("AWS_ENDPOINT"))
             .unwrap_or_default();
@@ -74,6 +92,7 @@ impl S3Backend {
             .with_bucket_name(&c.bucket)
             .with_access_key_id(&c.access_key_id)
             .with_secret_access_key(&c.secret_access_key)
+            .with_retry(retry())
             .build()
             .map_err(|e| BackendError::Config(format!("{}: {e}", c.endpoint)))?;
         S3Backend::new(

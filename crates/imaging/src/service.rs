@@ -1136,8 +1136,8 @@ impl Inner {
         if let Err(e) = self.store.write_staged(&both) {
             return fail(accepted, e.to_string());
         }
-        let original = staged_original.outcome;
-        let derivative = staged_derivative.map(|d| d.outcome);
+        let original = staged_original.into_outcome();
+        let derivative = staged_derivative.map(medledger_store::Staged::into_outcome);
         // Durable: update the index, then answer.
         let patient = self.pseudonym(&metas, derivative.as_ref().map(|d| &d.manifest));
         {

@@ -36,7 +36,21 @@ pub fn take(len: usize) -> Vec<u8> {
             return v;
         }
     }
-    Vec::with_capacity(len)
+    Vec::with_capacity(class(len))
+}
+
+/// The capacity a new buffer for `len` bytes gets: the next of 2^k and 1.5 * 2^k. Buffers
+/// made for somewhat different lengths (an instance as received, as a STOW-RS part with its
+/// headers, sealed with its tag) then fit each other's requests. With exact sizes, the
+/// sealing of objects took the larger part buffers and gave back smaller ones, and a STOW-RS
+/// of a CT series found no fitting buffer for nearly every part.
+fn class(len: usize) -> usize {
+    if len < MIN_BYTES {
+        return len;
+    }
+    let p = len.next_power_of_two();
+    let between = p / 4 * 3;
+    if len <= between { between } else { p }
 }
 
 /// Hands a buffer back for reuse.
@@ -74,6 +88,20 @@ fn reclaim(b: Bytes) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn new_buffers_come_in_a_few_sizes() {
+        assert_eq!(class(100), 100);
+        assert_eq!(class(64 << 10), 64 << 10);
+        assert_eq!(class(527_000), 768 << 10);
+        assert_eq!(class(600_000), 768 << 10);
+        assert_eq!(class(800_000), 1 << 20);
+        assert_eq!(class((4 << 20) + 4096), 6 << 20);
+        for len in [65_536, 70_000, 524_288, 1_000_000, 3 << 20, 9_999_999] {
+            let c = class(len);
+            assert!(c >= len && c < len * 3 / 2 + 1, "{len} -> {c}");
+        }
+    }
 
     #[test]
     fn buffers_come_back_empty_and_large_enough() {

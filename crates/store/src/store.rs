@@ -450,6 +450,17 @@ pub struct Staged {
     record: Option<StudyRef>,
 }
 
+impl Staged {
+    /// The outcome, once written: the sealed objects' buffers go back to the pool for the
+    /// next ones (a node's committer otherwise drained the pool of what receiving needs).
+    pub fn into_outcome(self) -> PutOutcome {
+        for (_, b) in self.writes {
+            crate::pool::give_bytes(b);
+        }
+        self.outcome
+    }
+}
+
 /// Receives each instance of a study being read: its series, its entry, its rebuilt file.
 pub type InstanceSink<'a> =
     dyn Fn(&SeriesEntry, &InstanceEntry, Vec<u8>) -> Result<(), StoreError> + Sync + 'a;

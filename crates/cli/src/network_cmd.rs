@@ -381,7 +381,7 @@ fn up(dir: &Path, quiet: bool) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     for (api, d, pid) in &apis {
         while client.get(format!("{api}/api/status")).send().is_err() {
-            let exited = !alive(*pid);
+            let exited = node_process(*pid, &d.join("node.json")) == NodeProcess::Gone;
             if exited || Instant::now() > deadline {
                 let log = std::fs::read_to_string(d.join("node.log")).unwrap_or_default();
                 let tail: Vec<&str> = log.lines().rev().take(12).collect();
@@ -406,11 +406,6 @@ fn up(dir: &Path, quiet: bool) -> Result<()> {
 
 fn read_pid(path: &Path) -> Option<i32> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
-}
-
-fn alive(pid: i32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
-        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
 }
 
 /// What a pid from a `node.pid` file is now.

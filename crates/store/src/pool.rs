@@ -16,7 +16,16 @@ const KEPT_BYTES: usize = 256 << 20;
 /// Buffers smaller than this are left to the allocator (it reuses small blocks well).
 const MIN_BYTES: usize = 64 << 10;
 
-static FREE: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+/// The kept buffers and the sum of their capacities.
+struct Free {
+    buffers: Vec<Vec<u8>>,
+    bytes: usize,
+}
+
+static FREE: Mutex<Free> = Mutex::new(Free {
+    buffers: Vec::new(),
+    bytes: 0,
+});
 
 /// An empty buffer with room for at least `len` bytes.
 pub fn take(len: usize) -> Vec<u8> {
@@ -25,13 +34,15 @@ pub fn take(len: usize) -> Vec<u8> {
         // The smallest that fits, so that a small request does not take a large buffer a
         // large one then has to allocate afresh.
         let best = free
+            .buffers
             .iter()
             .enumerate()
             .filter(|(_, b)| b.capacity() >= len)
             .min_by_key(|(_, b)| b.capacity())
             .map(|(i, _)| i);
         if let Some(i) = best {
-            let mut v = free.swap_remove(i);
+            let mut v = free.buffers.swap_remove(i);
+            free.bytes -= v.capacity();
             v.clear();
             return v;
         }
@@ -59,9 +70,9 @@ pub fn give(v: Vec<u8>) {
         return;
     }
     let mut free = FREE.lock().expect("not poisoned");
-    let kept: usize = free.iter().map(Vec::capacity).sum();
-    if kept + v.capacity() <= KEPT_BYTES {
-        free.push(v);
+    if free.bytes + v.capacity() <= KEPT_BYTES {
+        free.bytes += v.capacity();
+        free.buffers.push(v);
     }
 }
 

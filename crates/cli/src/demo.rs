@@ -494,13 +494,21 @@ pub fn run(args: DemoArgs) -> Result<()> {
 
     // 6. Revocation.
     step.next("The patient revokes hospital B's care consent; B's next retrieval is refused");
-    agent.execute(
+    let revoked = agent.execute(
         &patient.key,
         Op::RevokeConsent {
             consent: care_consent.clone(),
         },
         WAIT,
     )?;
+    // Each node applies finalised blocks on its own: the story goes on once hospital A's
+    // has applied the revocation, as a clinician's next request would come seconds later.
+    wait_until("hospital A's node to apply the revocation", || {
+        a.status()
+            .ok()
+            .and_then(|s| s["ledger_blocks"].as_u64())
+            .is_some_and(|h| h >= revoked.height)
+    })?;
     let grant_b = outcomes
         .first()
         .and_then(|o| o["grant"].as_str().map(str::to_string))

@@ -490,6 +490,34 @@ fn every_refusal_is_explained_and_audited() {
         "one event per transfer, none for the replay"
     );
 
+    // A requester whose ledger is ahead: A waits for its own to catch up (it applies blocks
+    // on its own), then says why it cannot answer yet, without refusing or recording.
+    let sessions = format!("{base_a}/share/v1/grants/{}/sessions", grant.id);
+    let t = std::time::Instant::now();
+    let ahead = node_b
+        .post(format!("{sessions}?height={}", u64::MAX / 2))
+        .send()
+        .unwrap();
+    assert_eq!(ahead.status().as_u16(), 503);
+    assert!(t.elapsed() >= Duration::from_secs(4), "{:?}", t.elapsed());
+    let why: Value = ahead.json().unwrap();
+    assert!(
+        why["error"]
+            .as_str()
+            .unwrap()
+            .contains("behind the requester's"),
+        "{why}"
+    );
+    let reached = w.client(A).status().unwrap()["ledger_blocks"]
+        .as_u64()
+        .unwrap();
+    let caught_up = node_b
+        .post(format!("{sessions}?height={reached}"))
+        .send()
+        .unwrap();
+    assert!(caught_up.status().is_success(), "{}", caught_up.status());
+    assert_eq!(count(&grant.id), 2, "a session alone records nothing");
+
     // Wrong organisation: the research node presents B's grant to A.
     let node_r = w.node_client(RESEARCH);
     let wrong = node_r

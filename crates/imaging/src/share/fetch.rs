@@ -307,10 +307,12 @@ fn fetch_inner(
         owner: owner.clone(),
         reason,
     };
-    // Open a transfer.
+    // Open a transfer, telling the owner how far this node's ledger had got when it read the
+    // grant: the owner's node may not have applied that block yet.
+    let height = inner.ledger_height().map_err(FetchError::Local)?;
     let session = match remote.call(
         Some(Vec::new()),
-        &format!("/share/v1/grants/{grant_id}/sessions"),
+        &format!("/share/v1/grants/{grant_id}/sessions?height={height}"),
     ) {
         Answer::Ok(b) => serde_json::from_slice::<Value>(&b)
             .ok()

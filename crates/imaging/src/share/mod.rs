@@ -250,6 +250,18 @@ impl Sharing {
 }
 
 impl SharingInner {
+    /// How many finalised blocks this node's ledger has applied: in memory in the node
+    /// process, through the API elsewhere.
+    pub(crate) fn ledger_height(&self) -> Result<u64, String> {
+        if let Some(ledger) = medledger_node::local_ledger() {
+            return Ok(ledger.read().expect("not poisoned").height());
+        }
+        let status = self.svc.client.status().map_err(|e| e.to_string())?;
+        status["ledger_blocks"]
+            .as_u64()
+            .ok_or_else(|| "the node's status has no ledger height".to_string())
+    }
+
     /// Waits, under the serving rate limit, until `bytes` may be sent (blocking).
     pub(crate) fn pace(&self, bytes: usize) {
         let Some(rate) = self.limit else {

@@ -1,8 +1,11 @@
 //! The serving side: another organisation's node fetches a study it was granted.
 //!
-//! `POST /share/v1/grants/{grant}/sessions` opens a transfer after checking that the peer
-//! (by its verified TLS certificate) is an active node of its organisation on the ledger and
-//! that the ledger lets that organisation retrieve under the grant. Then, each request
+//! `POST /share/v1/grants/{grant}/sessions?height=N` opens a transfer after checking that the
+//! peer (by its verified TLS certificate) is an active node of its organisation on the ledger
+//! and that the ledger lets that organisation retrieve under the grant. `height` is the
+//! requester's ledger height when it read the grant: each node applies finalised blocks on its
+//! own, so this node first waits (a few seconds at most) until it has applied as many, rather
+//! than refuse a grant it has not seen yet. Then, each request
 //! checked against the ledger again: `GET /share/v1/sessions/{id}/manifest` (the sealed
 //! manifest), `.../series/{uid}` (one series' entry with its Merkle proof, for a partial
 //! retrieval), `.../objects/{address}` (a sealed object of the study, as stored), and
@@ -13,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Json;
-use axum::extract::{ConnectInfo, Path, State};
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use medledger_crypto::{Digest, Signature, VerifyingKey};
@@ -28,6 +31,15 @@ use super::tls::Peer;
 /// Sessions idle longer than this are forgotten.
 const SESSION_IDLE: Duration = Duration::from_secs(3600);
 const MAX_SESSIONS: usize = 4096;
+/// How long a session request waits for this node's ledger to reach the requester's height.
+const CATCH_UP: Duration = Duration::from_secs(5);
+
+/// The query of a session request.
+#[derive(Debug, serde::Deserialize)]
+struct SessionQuery {
+    /// The requester's ledger height when it read the grant.
+    height: Option<u64>,
+}
 
 /// One transfer in progress.
 #[derive(Debug, Clone)]
@@ -123,8 +135,15 @@ async fn open_session(
     State(s): State<Arc<SharingInner>>,
     ConnectInfo(peer): ConnectInfo<Peer>,
     Path(grant): Path<String>,
+    Query(q): Query<SessionQuery>,
 ) -> Response {
-    blocking(move || s.open_session(&peer, &grant)).await
+    blocking(move || {
+        if let Some(h) = q.height {
+            s.catch_up(h)?;
+        }
+        s.open_session(&peer, &grant)
+    })
+    .await
 }
 
 async fn manifest(
@@ -313,6 +332,30 @@ fn store_refusal(e: StoreError) -> Refusal {
 }
 
 impl SharingInner {
+    /// Waits until this node has applied `height` finalised blocks; 503 if it has not within
+    /// [`CATCH_UP`] (the requester tries again later).
+    fn catch_up(&self, height: u64) -> Result<(), Refusal> {
+        let started = Instant::now();
+        loop {
+            let mine = self
+                .ledger_height()
+                .map_err(|e| refuse(StatusCode::SERVICE_UNAVAILABLE, e))?;
+            if mine >= height {
+                return Ok(());
+            }
+            if started.elapsed() >= CATCH_UP {
+                return Err(refuse(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "this node's ledger is at height {mine}, behind the requester's {height}; \
+                         try again shortly"
+                    ),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The ledger's answer to "may this peer retrieve under this grant now?".
     fn authorise(self: &Arc<Self>, peer: &Peer, grant: &str) -> Result<Grant, Refusal> {
         let org = peer.cert.org.clone();

@@ -337,9 +337,8 @@ impl Journal {
             }
         }
         recovered.sort_by_key(|r| r.0);
-        // No segment file is made before the first instance: a node that receives none (a
-        // research or patient organisation's) never writes one. The first append makes one,
-        // and from then on one is made ahead in the background.
+        // No segment file is made here; `prepare` makes one in the background (the node
+        // calls it once started), and from then on one is made ahead of need.
         let journal = Journal {
             dir: dir.to_path_buf(),
             owner: owner.public(),
@@ -601,6 +600,15 @@ impl Journal {
         }
     }
 
+    /// Makes a segment file in the background if none is free, so that the first instance
+    /// does not wait for 64 MiB to be written (a few hundred milliseconds here).
+    pub fn prepare(&self) {
+        let mut st = self.state.lock().expect("not poisoned");
+        if st.free.is_empty() && st.files.len() < MAX_FILES {
+            self.prepare_spare(&mut st);
+        }
+    }
+
     /// Releases one entry: it is in the store now.
     pub fn release(&self, ticket: Ticket) {
         let mut st = self.state.lock().expect("not poisoned");
@@ -740,6 +748,32 @@ mod tests {
         let got = entries(&again);
         assert_eq!(got.len(), 1, "only the entry appended after the release");
         assert_eq!(got[0].file, b"next");
+    }
+
+    #[test]
+    fn prepare_makes_one_free_segment_ahead_of_the_first_append() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = SecretKey::generate();
+        let j = Journal::open(dir.path(), &key).unwrap();
+        assert_eq!(j.files(), 0, "opening makes no file");
+        j.prepare();
+        let waited = std::time::Instant::now();
+        while j.state.lock().unwrap().free.is_empty() {
+            assert!(waited.elapsed().as_secs() < 30, "no segment made");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(j.files(), 1);
+        let made = std::fs::metadata(slot_path(dir.path(), 0)).unwrap();
+        assert_eq!(made.len(), SEGMENT);
+        // One free already: nothing more.
+        j.prepare();
+        assert_eq!(j.files(), 1);
+        drop(j);
+        // Found free at the next start, and used by the first append.
+        let j = Journal::open(dir.path(), &key).unwrap();
+        assert_eq!(j.state.lock().unwrap().free, vec![0]);
+        j.append(None, b"first").unwrap().unwrap();
+        assert_eq!(j.state.lock().unwrap().active.as_ref().unwrap().slot, 0);
     }
 
     #[test]

@@ -403,6 +403,9 @@ impl Service {
                         .expect("spawn the ingest retry thread");
                 }
                 starter.replay_journal();
+                if let Some(j) = &starter.journal {
+                    j.prepare();
+                }
                 starter.register_loop();
             })
             .expect("spawn the imaging start thread");

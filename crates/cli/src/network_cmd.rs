@@ -373,15 +373,17 @@ fn up(dir: &Path, quiet: bool) -> Result<()> {
                 cfg.api
             );
         }
-        apis.push((format!("http://{}", cfg.api), d.clone(), child.id() as i32));
+        apis.push((format!("http://{}", cfg.api), d.clone(), child));
     }
     // Wait until every API answers; a node that exits or stays silent is reported with the
     // end of its log.
     let client = reqwest::blocking::Client::new();
     let deadline = Instant::now() + Duration::from_secs(60);
-    for (api, d, pid) in &apis {
+    for (api, d, child) in &mut apis {
         while client.get(format!("{api}/api/status")).send().is_err() {
-            let exited = node_process(*pid, &d.join("node.json")) == NodeProcess::Gone;
+            // Asked of the child itself, not of /proc: right after exec its command line
+            // may read empty there for a moment, and it would look like another program.
+            let exited = !matches!(child.try_wait(), Ok(None));
             if exited || Instant::now() > deadline {
                 let log = std::fs::read_to_string(d.join("node.log")).unwrap_or_default();
                 let tail: Vec<&str> = log.lines().rev().take(12).collect();
@@ -717,12 +719,24 @@ mod tests {
     /// A process whose command line reads `... node --config <config>` (a shell blocked on
     /// its input), started in `cwd`.
     fn fake_node(cwd: &Path, config: &str) -> std::process::Child {
-        Command::new("sh")
+        let child = Command::new("sh")
             .args(["-c", "read x", "node", "--config", config])
             .current_dir(cwd)
             .stdin(Stdio::piped())
             .spawn()
-            .expect("sh runs")
+            .expect("sh runs");
+        // `spawn` returns once the exec has begun; the new command line shows in /proc a
+        // moment later (it read empty here once, under load).
+        let cmdline = format!("/proc/{}/cmdline", child.id());
+        let started = Instant::now();
+        while !std::fs::read(&cmdline).is_ok_and(|c| c.windows(8).any(|w| w == b"--config")) {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "sh did not start"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        child
     }
 
     #[test]

@@ -33,6 +33,10 @@ const SESSION_IDLE: Duration = Duration::from_secs(3600);
 const MAX_SESSIONS: usize = 4096;
 /// How long a session request waits for this node's ledger to reach the requester's height.
 const CATCH_UP: Duration = Duration::from_secs(5);
+/// A requester further ahead than this many blocks (an idle network makes two a second) is
+/// answered at once: waiting would not help, and a peer could hold threads with made-up
+/// heights.
+const MAX_AHEAD: u64 = 64;
 
 /// The query of a session request.
 #[derive(Debug, serde::Deserialize)]
@@ -333,7 +337,8 @@ fn store_refusal(e: StoreError) -> Refusal {
 
 impl SharingInner {
     /// Waits until this node has applied `height` finalised blocks; 503 if it has not within
-    /// [`CATCH_UP`] (the requester tries again later).
+    /// [`CATCH_UP`], or at once if it is more than [`MAX_AHEAD`] blocks behind (the requester
+    /// tries again later).
     fn catch_up(&self, height: u64) -> Result<(), Refusal> {
         let started = Instant::now();
         loop {
@@ -342,6 +347,16 @@ impl SharingInner {
                 .map_err(|e| refuse(StatusCode::SERVICE_UNAVAILABLE, e))?;
             if mine >= height {
                 return Ok(());
+            }
+            if height - mine > MAX_AHEAD {
+                return Err(refuse(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "this node's ledger is at height {mine}, {} blocks behind the requester's \
+                         {height}; try again once it has caught up",
+                        height - mine
+                    ),
+                ));
             }
             if started.elapsed() >= CATCH_UP {
                 return Err(refuse(

@@ -504,10 +504,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     // Each node applies finalised blocks on its own: the story goes on once hospital A's
     // has applied the revocation, as a clinician's next request would come seconds later.
     wait_until("hospital A's node to apply the revocation", || {
-        a.status()
-            .ok()
-            .and_then(|s| s["ledger_blocks"].as_u64())
-            .is_some_and(|h| h >= revoked.height)
+        a.ledger_height().is_ok_and(|h| h >= revoked.height)
     })?;
     let grant_b = outcomes
         .first()

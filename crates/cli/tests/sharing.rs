@@ -494,11 +494,7 @@ fn every_refusal_is_explained_and_audited() {
     // on its own), then says why it cannot answer yet, without refusing or recording.
     // Far ahead (a made-up height): answered at once.
     let sessions = format!("{base_a}/share/v1/grants/{}/sessions", grant.id);
-    let height_a = || {
-        w.client(A).status().unwrap()["ledger_blocks"]
-            .as_u64()
-            .unwrap()
-    };
+    let height_a = || w.client(A).ledger_height().unwrap();
     let behind = |r: reqwest::blocking::Response| {
         assert_eq!(r.status().as_u16(), 503);
         let why: Value = r.json().unwrap();

@@ -143,6 +143,17 @@ impl Client {
             })
     }
 
+    /// How many finalised blocks the node's ledger has applied (each node applies them on
+    /// its own, so another node may be a block ahead or behind).
+    pub fn ledger_height(&self) -> Result<u64, ClientError> {
+        self.status()?["ledger_blocks"]
+            .as_u64()
+            .ok_or_else(|| ClientError::Format {
+                url: format!("{}/api/status", self.base),
+                message: "no ledger height".into(),
+            })
+    }
+
     /// The nonce `key`'s next transaction must carry, by the node's finalised state.
     pub fn next_nonce(&self, key: &VerifyingKey) -> Result<u64, ClientError> {
         let v: Value = self.get(&format!("/api/nonce/{key}"))?;

@@ -256,10 +256,7 @@ impl SharingInner {
         if let Some(ledger) = medledger_node::local_ledger() {
             return Ok(ledger.read().expect("not poisoned").height());
         }
-        let status = self.svc.client.status().map_err(|e| e.to_string())?;
-        status["ledger_blocks"]
-            .as_u64()
-            .ok_or_else(|| "the node's status has no ledger height".to_string())
+        self.svc.client.ledger_height().map_err(|e| e.to_string())
     }
 
     /// Waits, under the serving rate limit, until `bytes` may be sent (blocking).

@@ -760,4 +760,36 @@ fn the_same_instance_sent_again_by_another_route_is_not_a_conflict() {
         code, 200,
         "STOW-RS of an instance already received by C-STORE: {v}"
     );
+
+    // A C-STORE cut off inside its pixel data (a sender that crashed while reading the
+    // file): refused, and what the node wrote of it while it arrived is not kept for the
+    // instance. Sent whole afterwards, it is acknowledged from the journal like any new
+    // instance.
+    let journaled = || metric(&api, "instances_journaled_total");
+    let before = journaled();
+    let cut = a[..a.len() * 3 / 4].to_vec();
+    let st = medledger_dicom_net::store_to(dimse, "MODALITY", "HOSPITAL_A", &[cut]).unwrap();
+    assert!(st[0].is_failure(), "a cut-off data set: {st:?}");
+    let st =
+        medledger_dicom_net::store_to(dimse, "MODALITY", "HOSPITAL_A", std::slice::from_ref(&a))
+            .unwrap();
+    assert!(st[0].is_success(), "{st:?}");
+    assert_eq!(
+        journaled(),
+        before + 1,
+        "the whole instance, after a cut-off one with its UID, was not journalled"
+    );
+    wait_for("the instance registered", Duration::from_secs(60), || {
+        node_instances(&web, &study_uid) == 2
+    });
+}
+
+fn metric(api: &str, name: &str) -> u64 {
+    let body = reqwest::blocking::get(format!("{api}/metrics"))
+        .and_then(|r| r.text())
+        .unwrap_or_default();
+    body.lines()
+        .find_map(|l| l.strip_prefix(&format!("medledger_{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(u64::MAX)
 }

@@ -267,6 +267,18 @@ impl Conn {
         dest: &mut Vec<u8>,
         cap: usize,
     ) -> Result<(), NetError> {
+        self.recv_data_watched(pcid, dest, cap, &mut |_| {})
+    }
+
+    /// [`Conn::recv_data`], calling `grew` with all of `dest` after each fragment but the
+    /// last.
+    pub(crate) fn recv_data_watched(
+        &mut self,
+        pcid: u8,
+        dest: &mut Vec<u8>,
+        cap: usize,
+        grew: &mut dyn FnMut(&[u8]),
+    ) -> Result<(), NetError> {
         let start = dest.len();
         dest.reserve(self.data_hint.min(cap));
         loop {
@@ -282,6 +294,7 @@ impl Conn {
                 self.data_hint = (dest.len() - start).min(DATA_HINT_MAX);
                 return Ok(());
             }
+            grew(dest);
         }
     }
 
@@ -453,6 +466,31 @@ mod tests {
         assert_eq!(dest.len(), want.len());
         assert!(dest == want, "the data set differs from what was sent");
         assert_eq!(conn.data_hint(), want.len() - 6);
+    }
+
+    #[test]
+    fn a_watched_data_set_shows_each_fragment_but_the_last_as_it_arrives() {
+        let fragments = [data(70_000, 1), data(5, 2), data(130_000, 3)];
+        let mut wire = pdata(&[(5, false, &fragments[0]), (5, false, &fragments[1])]);
+        wire.extend(pdata(&[(5, true, &fragments[2])]));
+        let mut conn = receiving(wire);
+        let mut dest = b"head".to_vec();
+        let mut seen = Vec::new();
+        conn.recv_data_watched(5, &mut dest, usize::MAX, &mut |f| seen.push(f.to_vec()))
+            .unwrap();
+        let mut first = b"head".to_vec();
+        first.extend_from_slice(&fragments[0]);
+        let mut second = first.clone();
+        second.extend_from_slice(&fragments[1]);
+        assert_eq!(
+            seen.len(),
+            2,
+            "after the first two fragments, not after the last"
+        );
+        assert!(seen[0] == first && seen[1] == second);
+        let mut whole = second;
+        whole.extend_from_slice(&fragments[2]);
+        assert!(dest == whole);
     }
 
     #[test]

@@ -167,6 +167,14 @@ pub trait Provider: Send + Sync + 'static {
     /// implementation class UID/version of this crate; then the data set bytes exactly as received).
     /// Return only once the instance is durable (or refused).
     fn store(&self, peer: &Peer, file: Vec<u8>) -> Status;
+    /// C-STORE, before the data set is read: a provider that takes the instance in while it
+    /// arrives (writing what came so far) returns a [`Receiving`], which then sees the file
+    /// grow and stores it in place of [`Provider::store`]. `sop_instance_uid` is the
+    /// request's Affected SOP Instance UID, a claim the data set may contradict.
+    fn receiving(&self, peer: &Peer, sop_instance_uid: &str) -> Option<Box<dyn Receiving>> {
+        let _ = (peer, sop_instance_uid);
+        None
+    }
     /// An empty buffer with room for at least `len` bytes, into which the SCP receives the next
     /// C-STORE data set (a provider that hands back the buffers [`Provider::store`] took spares
     /// the allocator and the kernel a fresh, zeroed block per instance).
@@ -194,6 +202,15 @@ pub trait Provider: Send + Sync + 'static {
     fn fetch(&self, peer: &Peer, sop_instance_uid: &str) -> Result<Vec<u8>, Status>;
     /// Where a C-MOVE destination AE title listens, if it is a known peer.
     fn destination(&self, ae_title: &str) -> Option<SocketAddr>;
+}
+
+/// A C-STORE data set being received (see [`Provider::receiving`]). Dropped without
+/// [`Receiving::finish`] when the transfer fails (the association broke or was aborted).
+pub trait Receiving: Send {
+    /// The file so far: the Part 10 header and every fragment received until now.
+    fn grew(&mut self, file: &[u8]);
+    /// The whole file: store it, as [`Provider::store`] would, and answer.
+    fn finish(self: Box<Self>, file: Vec<u8>) -> Status;
 }
 
 /// Errors of the SCU helpers (and of association handling, internally).

@@ -86,6 +86,10 @@ struct Shared {
     conns_changed: Condvar,
     associations: AtomicUsize,
     next_conn: AtomicU64,
+    /// The length of the last C-STORE data set any association received: the first
+    /// buffer of a new association is taken at this size, instead of growing (reallocating
+    /// into fresh memory the kernel zeroes) while the first instance arrives.
+    last_data_len: AtomicUsize,
 }
 
 /// A running SCP: binds, spawns an accept thread and one thread per association.
@@ -120,6 +124,7 @@ impl Scp {
             conns_changed: Condvar::new(),
             associations: AtomicUsize::new(0),
             next_conn: AtomicU64::new(1),
+            last_data_len: AtomicUsize::new(0),
         });
         let s = Arc::clone(&shared);
         let accept = std::thread::Builder::new()
@@ -551,15 +556,26 @@ impl Association<'_> {
             }
         };
         let header_len = header.len();
-        let mut file = self
-            .shared
-            .provider
-            .receive_buffer(header_len + self.conn.data_hint());
+        let hint = match self.conn.data_hint() {
+            0 => self.shared.last_data_len.load(Ordering::Relaxed),
+            n => n,
+        };
+        let mut file = self.shared.provider.receive_buffer(header_len + hint);
         file.extend_from_slice(&header);
         let started = Instant::now();
-        self.conn.recv_data(pcid, &mut file, usize::MAX)?;
+        let mut receiving = self.shared.provider.receiving(&self.peer, &instance);
+        match receiving.as_mut() {
+            Some(r) => self
+                .conn
+                .recv_data_watched(pcid, &mut file, usize::MAX, &mut |f| r.grew(f))?,
+            None => self.conn.recv_data(pcid, &mut file, usize::MAX)?,
+        }
         let bytes = file.len() - header_len;
-        let status = self.shared.provider.store(&self.peer, file);
+        self.shared.last_data_len.store(bytes, Ordering::Relaxed);
+        let status = match receiving {
+            Some(r) => r.finish(file),
+            None => self.shared.provider.store(&self.peer, file),
+        };
         debug!(
             calling_ae = %self.peer.calling_ae,
             sop_instance_uid = %instance,

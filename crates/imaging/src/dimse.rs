@@ -8,10 +8,10 @@ use std::net::SocketAddr;
 
 use dicom_core::{DataElement, PrimitiveValue, Tag};
 use dicom_dictionary_std::tags;
-use medledger_dicom_net::{InMemDicomObject, Level, Model, Peer, Provider, Status};
+use medledger_dicom_net::{InMemDicomObject, Level, Model, Peer, Provider, Receiving, Status};
 
 use crate::index::{Include, Query, QueryLevel, View, text};
-use crate::service::{IngestError, Service};
+use crate::service::{Incoming, IngestError, Service, Stored};
 
 /// The [`Provider`] of a node's imaging service.
 #[derive(Debug, Clone)]
@@ -41,6 +41,50 @@ impl Dimse {
         } else {
             View::Deidentified
         }
+    }
+}
+
+/// The C-STORE status of an ingest.
+fn status(calling_ae: &str, r: Result<Stored, IngestError>) -> Status {
+    match r {
+        Ok(s) => {
+            tracing::debug!(
+                "C-STORE from {calling_ae}: {} stored{}",
+                s.sop_instance_uid,
+                if s.duplicate { " (again)" } else { "" }
+            );
+            match s.warning {
+                // Stored, but only as an original: a warning the sender need not act on.
+                Some(w) => Status {
+                    code: 0xB000,
+                    comment: Some(w),
+                },
+                None => Status::success(),
+            }
+        }
+        Err(IngestError::Malformed(e)) => Status::failure(Status::CANNOT_UNDERSTAND, e),
+        Err(IngestError::Conflict(e)) => Status::failure(0xC001, e),
+        Err(IngestError::Unavailable(e)) => Status::failure(Status::OUT_OF_RESOURCES, e),
+    }
+}
+
+/// A C-STORE data set written into the journal while it arrives.
+struct Arriving {
+    incoming: Incoming,
+    calling_ae: String,
+}
+
+impl Receiving for Arriving {
+    fn grew(&mut self, file: &[u8]) {
+        self.incoming.grew(file);
+    }
+
+    fn finish(self: Box<Self>, file: Vec<u8>) -> Status {
+        let Arriving {
+            incoming,
+            calling_ae,
+        } = *self;
+        status(&calling_ae, incoming.finish(file))
     }
 }
 
@@ -105,27 +149,15 @@ impl Provider for Dimse {
     }
 
     fn store(&self, peer: &Peer, file: Vec<u8>) -> Status {
-        match self.service.ingest(file) {
-            Ok(s) => {
-                tracing::debug!(
-                    "C-STORE from {}: {} stored{}",
-                    peer.calling_ae,
-                    s.sop_instance_uid,
-                    if s.duplicate { " (again)" } else { "" }
-                );
-                match s.warning {
-                    // Stored, but only as an original: a warning the sender need not act on.
-                    Some(w) => Status {
-                        code: 0xB000,
-                        comment: Some(w),
-                    },
-                    None => Status::success(),
-                }
-            }
-            Err(IngestError::Malformed(e)) => Status::failure(Status::CANNOT_UNDERSTAND, e),
-            Err(IngestError::Conflict(e)) => Status::failure(0xC001, e),
-            Err(IngestError::Unavailable(e)) => Status::failure(Status::OUT_OF_RESOURCES, e),
-        }
+        status(&peer.calling_ae, self.service.ingest(file))
+    }
+
+    fn receiving(&self, peer: &Peer, sop_instance_uid: &str) -> Option<Box<dyn Receiving>> {
+        let incoming = self.service.receive(sop_instance_uid)?;
+        Some(Box::new(Arriving {
+            incoming,
+            calling_ae: peer.calling_ae.clone(),
+        }))
     }
 
     fn find(

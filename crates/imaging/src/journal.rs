@@ -14,14 +14,25 @@
 //! - A segment in use starts with a 4 KiB header: magic `MLjs`, version, the segment's id
 //!   (increasing, never reused) and a fresh AES-256-GCM key wrapped (HPKE) for the store's
 //!   owner with the id as context. The header is flushed before the first entry is written.
-//! - Entries follow at 4 KiB boundaries: magic `MLje`, the entry's counter (0, 1, 2, ... in
-//!   the segment) and the sealed length, then the sealed payload (the STOW-RS study of the
-//!   request, if any, and the Part 10 file). The key's counter is the nonce; the associated
-//!   data binds the segment id and the entry's offset.
-//! - Reading stops at the first entry that does not open: the end, a torn write, or what an
+//! - Records follow at 4 KiB boundaries: magic `MLjr`, the record's counter (0, 1, 2, ... in
+//!   the segment), the sealed length, the entry it belongs to (the offset of the entry's
+//!   first record), its part number in the entry and whether it is the last part; then the
+//!   sealed part. The key's counter is the nonce; the associated data binds the segment id,
+//!   the record's offset, the entry, the part number and the flag. An entry's payload (the
+//!   STOW-RS study of the request, if any, and the Part 10 file) is the concatenation of its
+//!   parts.
+//! - An entry is one record when the whole instance is at hand (STOW-RS, import). A C-STORE
+//!   data set is written in parts while it arrives ([`Journal::begin`], [`Journal::write`]):
+//!   when its last fragment comes, most of it is sealed and on its way to the disk already,
+//!   and what the sender waits for is the last part and the flush. Records of concurrent
+//!   senders interleave; an entry whose last part was never written (the sender went away,
+//!   the instance was refused) is skipped when the segment is read.
+//! - Reading stops at the first record that does not open: the end, a torn write, or what an
 //!   earlier use of the file left (sealed under another key). Every acknowledged entry lies
-//!   before that point: entries are written in order and acknowledged only after a flush
-//!   that covers them and everything before them.
+//!   before that point: records are written in order, one at a time, and an entry is
+//!   acknowledged only after a flush that covers its last record and everything before it.
+//! - Segments of version 1 (a whole entry per record, magic `MLje`, 16-byte head) are still
+//!   read, so that what an older build journalled is stored after an upgrade.
 //! - A segment is released once every entry in it has been committed to the store; its file
 //!   is then kept for reuse (its header made invalid) or deleted.
 //!
@@ -44,8 +55,14 @@ pub const SEGMENT: u64 = 64 << 20;
 const HEAD: u64 = 4096;
 /// Entries start at multiples of this.
 const ALIGN: u64 = 4096;
-/// Bytes before an entry's sealed payload: magic, counter, sealed length.
-const ENTRY_HEAD: usize = 16;
+/// Bytes before a version 1 entry's sealed payload: magic, counter, sealed length.
+const ENTRY_HEAD_V1: usize = 16;
+/// Bytes before a record's sealed part: magic, counter, sealed length, entry, part, flags.
+const RECORD_HEAD: usize = 32;
+/// The flag of an entry's last record.
+const LAST: u32 = 1;
+/// Bytes of an AES-GCM tag.
+const TAG: usize = 16;
 /// At most this many segment files exist; beyond, instances are stored before they are
 /// answered (as without a journal) until the store catches up.
 const MAX_FILES: usize = 16;
@@ -56,8 +73,9 @@ const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 const KEEP_FREE: usize = 4;
 
 const SEGMENT_MAGIC: &[u8; 4] = b"MLjs";
-const ENTRY_MAGIC: &[u8; 4] = b"MLje";
-const VERSION: u32 = 1;
+const ENTRY_MAGIC_V1: &[u8; 4] = b"MLje";
+const RECORD_MAGIC: &[u8; 4] = b"MLjr";
+const VERSION: u32 = 2;
 /// Header bytes: magic, version, id, envelope (recipient, encapsulated key, sealed key).
 const HEADER_LEN: usize = 4 + 4 + 8 + 32 + 32 + 48;
 
@@ -65,6 +83,33 @@ const HEADER_LEN: usize = 4 + 4 + 8 + 32 + 32 + 48;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ticket {
     segment: u64,
+}
+
+impl Ticket {
+    #[cfg(test)]
+    pub(crate) fn for_tests() -> Ticket {
+        Ticket { segment: 0 }
+    }
+}
+
+/// An entry being written in parts: see [`Journal::begin`].
+#[derive(Debug)]
+pub struct EntryWriter {
+    /// The STOW-RS study's length and bytes, written before the first part.
+    prefix: Vec<u8>,
+    /// The segment and the entry (the offset of its first record), once a part is written.
+    at: Option<(u64, u64)>,
+    parts: u32,
+    /// The entry cannot go on where it started (its segment was closed, or is full): it is
+    /// to be appended whole.
+    broken: bool,
+}
+
+impl EntryWriter {
+    /// True once the entry cannot go on in its segment (see [`Journal::write`]).
+    pub fn broken(&self) -> bool {
+        self.broken
+    }
 }
 
 /// One entry read back at start.
@@ -121,8 +166,8 @@ struct State {
     active: Option<Active>,
     next_id: u64,
     live: BTreeMap<u64, Live>,
-    /// Segments found at start, their entries not yet read back.
-    recovered: Vec<(u64, u64, Arc<File>, SequenceKey)>,
+    /// Segments found at start (id, version, file, key), their entries not yet read back.
+    recovered: Vec<(u64, u32, Arc<File>, SequenceKey)>,
     buf: Vec<u8>,
 }
 
@@ -171,12 +216,35 @@ fn context(id: u64) -> Vec<u8> {
     c
 }
 
-fn aad(id: u64, offset: u64) -> [u8; 20] {
+fn aad_v1(id: u64, offset: u64) -> [u8; 20] {
     let mut a = [0u8; 20];
-    a[..4].copy_from_slice(ENTRY_MAGIC);
+    a[..4].copy_from_slice(ENTRY_MAGIC_V1);
     a[4..12].copy_from_slice(&id.to_be_bytes());
     a[12..].copy_from_slice(&offset.to_be_bytes());
     a
+}
+
+/// Where a record is and what it is part of.
+#[derive(Debug, Clone, Copy)]
+struct Place {
+    segment: u64,
+    offset: u64,
+    entry: u64,
+    part: u32,
+    flags: u32,
+}
+
+impl Place {
+    fn aad(&self) -> [u8; 36] {
+        let mut a = [0u8; 36];
+        a[..4].copy_from_slice(RECORD_MAGIC);
+        a[4..12].copy_from_slice(&self.segment.to_be_bytes());
+        a[12..20].copy_from_slice(&self.offset.to_be_bytes());
+        a[20..28].copy_from_slice(&self.entry.to_be_bytes());
+        a[28..32].copy_from_slice(&self.part.to_be_bytes());
+        a[32..].copy_from_slice(&self.flags.to_be_bytes());
+        a
+    }
 }
 
 fn align(n: u64) -> u64 {
@@ -187,11 +255,13 @@ fn slot_path(dir: &Path, slot: u64) -> PathBuf {
     dir.join(format!("j-{slot}"))
 }
 
-/// Reads a segment header: its id and key, or `None` if it is not a header for `secret`.
-fn read_header(file: &File, secret: &SecretKey) -> Option<(u64, SequenceKey)> {
+/// Reads a segment header: its id, version and key, or `None` if it is not a header for
+/// `secret`.
+fn read_header(file: &File, secret: &SecretKey) -> Option<(u64, u32, SequenceKey)> {
     let mut h = [0u8; HEADER_LEN];
     file.read_exact_at(&mut h, 0).ok()?;
-    if &h[..4] != SEGMENT_MAGIC || u32::from_be_bytes(h[4..8].try_into().ok()?) != VERSION {
+    let version = u32::from_be_bytes(h[4..8].try_into().ok()?);
+    if &h[..4] != SEGMENT_MAGIC || !(1..=VERSION).contains(&version) {
         return None;
     }
     let id = u64::from_be_bytes(h[8..16].try_into().ok()?);
@@ -204,11 +274,59 @@ fn read_header(file: &File, secret: &SecretKey) -> Option<(u64, SequenceKey)> {
         return None;
     }
     let key: ObjectKey = medledger_crypto::unwrap(&envelope, secret, &context(id)).ok()?;
-    Some((id, SequenceKey::opener(key)))
+    Some((id, version, SequenceKey::opener(key)))
 }
 
-/// Reads the entry at `offset` of segment `id`; `None` at the end of what was written.
-fn read_entry(
+/// A record read back: where it is, its part, and where the next one starts.
+struct Record {
+    place: Place,
+    data: Vec<u8>,
+    next: u64,
+}
+
+/// Reads the record at `offset` of segment `id`; `None` at the end of what was written.
+fn read_record(
+    file: &File,
+    id: u64,
+    key: &SequenceKey,
+    expect: u64,
+    offset: u64,
+    len: u64,
+) -> Option<Record> {
+    let mut head = [0u8; RECORD_HEAD];
+    if offset + RECORD_HEAD as u64 > len {
+        return None;
+    }
+    file.read_exact_at(&mut head, offset).ok()?;
+    if &head[..4] != RECORD_MAGIC {
+        return None;
+    }
+    let counter = u64::from_be_bytes(head[4..12].try_into().ok()?);
+    let sealed = u32::from_be_bytes(head[12..16].try_into().ok()?) as u64;
+    if counter != expect || offset + RECORD_HEAD as u64 + sealed > len {
+        return None;
+    }
+    let place = Place {
+        segment: id,
+        offset,
+        entry: u64::from_be_bytes(head[16..24].try_into().ok()?),
+        part: u32::from_be_bytes(head[24..28].try_into().ok()?),
+        flags: u32::from_be_bytes(head[28..32].try_into().ok()?),
+    };
+    let mut data = vec![0u8; sealed as usize];
+    file.read_exact_at(&mut data, offset + RECORD_HEAD as u64)
+        .ok()?;
+    key.open_at(counter, &place.aad(), &mut data).ok()?;
+    Some(Record {
+        place,
+        data,
+        next: align(offset + RECORD_HEAD as u64 + sealed),
+    })
+}
+
+/// Reads the version 1 entry at `offset` of segment `id`; `None` at the end of what was
+/// written.
+fn read_entry_v1(
     file: &File,
     id: u64,
     key: &SequenceKey,
@@ -216,28 +334,24 @@ fn read_entry(
     offset: u64,
     len: u64,
 ) -> Option<(Vec<u8>, u64)> {
-    let mut head = [0u8; ENTRY_HEAD];
-    if offset + ENTRY_HEAD as u64 > len {
+    let mut head = [0u8; ENTRY_HEAD_V1];
+    if offset + ENTRY_HEAD_V1 as u64 > len {
         return None;
     }
     file.read_exact_at(&mut head, offset).ok()?;
-    if &head[..4] != ENTRY_MAGIC {
+    if &head[..4] != ENTRY_MAGIC_V1 {
         return None;
     }
     let counter = u64::from_be_bytes(head[4..12].try_into().ok()?);
     let sealed = u32::from_be_bytes(head[12..16].try_into().ok()?) as u64;
-    if counter != expect || offset + ENTRY_HEAD as u64 + sealed > len {
+    if counter != expect || offset + ENTRY_HEAD_V1 as u64 + sealed > len {
         return None;
     }
     let mut body = vec![0u8; sealed as usize];
-    file.read_exact_at(&mut body, offset + ENTRY_HEAD as u64)
+    file.read_exact_at(&mut body, offset + ENTRY_HEAD_V1 as u64)
         .ok()?;
-    key.open_at(counter, &aad(id, offset), &mut body).ok()?;
-    Some((body, align(offset + ENTRY_HEAD as u64 + sealed)))
-}
-
-fn payload_parts(study: Option<&str>) -> [u8; 2] {
-    (study.map_or(0, str::len) as u16).to_be_bytes()
+    key.open_at(counter, &aad_v1(id, offset), &mut body).ok()?;
+    Some((body, align(offset + ENTRY_HEAD_V1 as u64 + sealed)))
 }
 
 fn parse_payload(mut body: Vec<u8>) -> Option<(Option<String>, Vec<u8>)> {
@@ -254,6 +368,62 @@ fn parse_payload(mut body: Vec<u8>) -> Option<(Option<String>, Vec<u8>)> {
     };
     body.drain(..2 + n);
     Some((study, body))
+}
+
+/// Hands each complete entry of a segment to `found`, in the order their last parts were
+/// written; stops at the first record that does not open.
+fn read_segment(file: &File, id: u64, key: &SequenceKey, found: &mut impl FnMut(Vec<u8>)) {
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    // Entries whose last part has not been read yet: the next part's number and the payload.
+    let mut open: BTreeMap<u64, (u32, Vec<u8>)> = BTreeMap::new();
+    let mut offset = HEAD;
+    let mut counter = 0;
+    while let Some(r) = read_record(file, id, key, counter, offset, len) {
+        offset = r.next;
+        counter += 1;
+        let p = r.place;
+        let payload = if p.part == 0 && p.entry == p.offset {
+            open.entry(p.entry).or_insert((0, Vec::new()))
+        } else {
+            match open.get_mut(&p.entry) {
+                Some(e) if e.0 == p.part => e,
+                _ => {
+                    // Cannot be written so; sealed under this segment's key all the same.
+                    tracing::error!("journal segment {id}: a record out of its entry's order");
+                    open.remove(&p.entry);
+                    continue;
+                }
+            }
+        };
+        payload.0 += 1;
+        if payload.1.is_empty() {
+            payload.1 = r.data;
+        } else {
+            payload.1.extend_from_slice(&r.data);
+        }
+        if p.flags & LAST != 0 {
+            let (_, body) = open.remove(&p.entry).expect("just filled");
+            found(body);
+        }
+    }
+    if !open.is_empty() {
+        tracing::info!(
+            "journal segment {id}: {} entries never finished (not acknowledged), skipped",
+            open.len()
+        );
+    }
+}
+
+/// [`read_segment`] for a segment of version 1: one record per entry.
+fn read_segment_v1(file: &File, id: u64, key: &SequenceKey, found: &mut impl FnMut(Vec<u8>)) {
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut offset = HEAD;
+    let mut counter = 0;
+    while let Some((body, next)) = read_entry_v1(file, id, key, counter, offset, len) {
+        offset = next;
+        counter += 1;
+        found(body);
+    }
 }
 
 impl Journal {
@@ -317,7 +487,7 @@ impl Journal {
             let len = file.metadata().map_err(io_err(&path))?.len();
             files.insert(slot);
             match read_header(&file, owner) {
-                Some((id, key)) => {
+                Some((id, version, key)) => {
                     next_id = next_id.max(id + 1);
                     live.insert(
                         id,
@@ -327,7 +497,7 @@ impl Journal {
                             closed: false,
                         },
                     );
-                    recovered.push((id, slot, Arc::new(file), key));
+                    recovered.push((id, version, Arc::new(file), key));
                 }
                 None if len == SEGMENT => free.push(slot),
                 None => {
@@ -365,16 +535,11 @@ impl Journal {
     pub fn recover(&self, mut take: impl FnMut(Entry)) -> usize {
         let recovered = std::mem::take(&mut self.state.lock().expect("not poisoned").recovered);
         let mut n = 0;
-        for (id, _slot, file, key) in recovered {
-            let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-            let mut offset = HEAD;
-            let mut counter = 0;
-            while let Some((body, next)) = read_entry(&file, id, &key, counter, offset, len) {
-                offset = next;
-                counter += 1;
+        for (id, version, file, key) in recovered {
+            let mut found = |body: Vec<u8>| {
                 let Some((study, bytes)) = parse_payload(body) else {
-                    tracing::error!("journal segment {id}: entry {counter} has no payload");
-                    continue;
+                    tracing::error!("journal segment {id}: an entry has no payload");
+                    return;
                 };
                 if let Some(l) = self.state.lock().expect("not poisoned").live.get_mut(&id) {
                     l.outstanding += 1;
@@ -385,6 +550,11 @@ impl Journal {
                     study,
                     file: bytes,
                 });
+            };
+            if version == 1 {
+                read_segment_v1(&file, id, &key, &mut found);
+            } else {
+                read_segment(&file, id, &key, &mut found);
             }
             let mut st = self.state.lock().expect("not poisoned");
             if let Some(l) = st.live.get_mut(&id) {
@@ -399,52 +569,135 @@ impl Journal {
     /// cannot take it now (too large, or too much is waiting for the store): the caller
     /// stores it before answering instead.
     pub fn append(&self, study: Option<&str>, file: &[u8]) -> Result<Option<Ticket>, JournalError> {
-        let study_bytes = study.unwrap_or("").as_bytes();
-        if study_bytes.len() > u16::MAX as usize {
-            return Ok(None);
+        match self.begin(study) {
+            Some(w) => self.finish(w, file),
+            None => Ok(None),
         }
-        let need = align((ENTRY_HEAD + 2 + study_bytes.len() + file.len() + 16) as u64);
-        if need > SEGMENT - HEAD {
-            return Ok(None);
+    }
+
+    /// Starts an entry to be written in parts: [`Journal::write`] while the instance
+    /// arrives, [`Journal::finish`] with the rest. Nothing is written yet. `None` if the
+    /// study's UID is too long to be recorded.
+    pub fn begin(&self, study: Option<&str>) -> Option<EntryWriter> {
+        let study = study.unwrap_or("").as_bytes();
+        let len = u16::try_from(study.len()).ok()?;
+        let mut prefix = len.to_be_bytes().to_vec();
+        prefix.extend_from_slice(study);
+        Some(EntryWriter {
+            prefix,
+            at: None,
+            parts: 0,
+            broken: false,
+        })
+    }
+
+    /// Writes the next part of an entry, not flushed, and has the kernel start writing it
+    /// to the disk. If the entry cannot go on in its segment, nothing is written and the
+    /// writer is marked broken: the caller then appends the instance whole.
+    pub fn write(&self, w: &mut EntryWriter, part: &[u8]) -> Result<(), JournalError> {
+        if w.broken {
+            return Ok(());
         }
-        let ticket = {
-            let mut st = self.state.lock().expect("not poisoned");
-            let fits = st
-                .active
-                .as_ref()
-                .is_some_and(|a| a.offset + need <= SEGMENT);
-            if !fits && !self.roll(&mut st)? {
-                return Ok(None);
-            }
-            let st = &mut *st;
-            let a = st.active.as_mut().expect("rolled");
-            let mut buf = std::mem::take(&mut st.buf);
-            buf.clear();
-            buf.extend_from_slice(&[0u8; ENTRY_HEAD]);
-            let counter = a.key.seal_next(
-                &aad(a.id, a.offset),
-                &[&payload_parts(study), study_bytes, file],
-                &mut buf,
+        if let Some((file, offset, len)) = self.write_record(w, part, false)? {
+            // Writing back what is written while the rest arrives leaves less for the
+            // flush that the sender waits for. DONTNEED starts writeback of dirty pages
+            // (and drops clean ones: the journal is read back only after a crash).
+            let _ = rustix::fs::fadvise(
+                &*file,
+                offset,
+                std::num::NonZeroU64::new(len),
+                rustix::fs::Advice::DontNeed,
             );
-            let sealed = (buf.len() - ENTRY_HEAD) as u32;
-            buf[..4].copy_from_slice(ENTRY_MAGIC);
-            buf[4..12].copy_from_slice(&counter.to_be_bytes());
-            buf[12..16].copy_from_slice(&sealed.to_be_bytes());
-            let path = slot_path(&self.dir, a.slot);
-            let written = a.file.write_all_at(&buf, a.offset);
-            st.buf = buf;
-            written.map_err(io_err(&path))?;
-            a.offset += need;
-            a.last_append = std::time::Instant::now();
-            let id = a.id;
+        }
+        Ok(())
+    }
+
+    /// Writes an entry's last part and returns once the whole entry is on disk; `Ok(None)`
+    /// if the journal cannot take it (the writer broke, the instance is too large, too
+    /// much waits for the store): the caller appends it whole, or stores it before
+    /// answering.
+    pub fn finish(&self, mut w: EntryWriter, part: &[u8]) -> Result<Option<Ticket>, JournalError> {
+        if w.broken {
+            return Ok(None);
+        }
+        if self.write_record(&mut w, part, true)?.is_none() {
+            return Ok(None);
+        }
+        let (segment, _) = w.at.expect("a record was written");
+        self.wait_flushed()?;
+        Ok(Some(Ticket { segment }))
+    }
+
+    /// Seals and writes one record of `w` at the end of the active segment; `None` (and the
+    /// writer broken) if it does not fit there, or the entry's segment is no longer the
+    /// active one. Returns the file and the range written.
+    fn write_record(
+        &self,
+        w: &mut EntryWriter,
+        part: &[u8],
+        last: bool,
+    ) -> Result<Option<(Arc<File>, u64, u64)>, JournalError> {
+        let prefix: &[u8] = if w.at.is_none() { &w.prefix } else { &[] };
+        let need = align((RECORD_HEAD + prefix.len() + part.len() + TAG) as u64);
+        let mut st = self.state.lock().expect("not poisoned");
+        let fits = |st: &State| {
+            st.active
+                .as_ref()
+                .is_some_and(|a| a.offset + need <= SEGMENT)
+        };
+        match w.at {
+            None => {
+                if need > SEGMENT - HEAD || (!fits(&st) && !self.roll(&mut st)?) {
+                    w.broken = true;
+                    return Ok(None);
+                }
+            }
+            Some((segment, _)) => {
+                let same = st.active.as_ref().is_some_and(|a| a.id == segment);
+                if !same || !fits(&st) {
+                    w.broken = true;
+                    return Ok(None);
+                }
+            }
+        }
+        let st = &mut *st;
+        let a = st.active.as_mut().expect("checked");
+        let place = Place {
+            segment: a.id,
+            offset: a.offset,
+            entry: w.at.map_or(a.offset, |(_, entry)| entry),
+            part: w.parts,
+            flags: if last { LAST } else { 0 },
+        };
+        let mut buf = std::mem::take(&mut st.buf);
+        buf.clear();
+        buf.extend_from_slice(&[0u8; RECORD_HEAD]);
+        let counter = a.key.seal_next(&place.aad(), &[prefix, part], &mut buf);
+        let sealed = (buf.len() - RECORD_HEAD) as u32;
+        buf[..4].copy_from_slice(RECORD_MAGIC);
+        buf[4..12].copy_from_slice(&counter.to_be_bytes());
+        buf[12..16].copy_from_slice(&sealed.to_be_bytes());
+        buf[16..24].copy_from_slice(&place.entry.to_be_bytes());
+        buf[24..28].copy_from_slice(&place.part.to_be_bytes());
+        buf[28..32].copy_from_slice(&place.flags.to_be_bytes());
+        let written = a.file.write_all_at(&buf, a.offset);
+        let len = buf.len() as u64;
+        st.buf = buf;
+        if let Err(e) = written {
+            w.broken = true;
+            return Err(io_err(&slot_path(&self.dir, a.slot))(e));
+        }
+        a.offset += need;
+        a.last_append = std::time::Instant::now();
+        w.at = Some((a.id, place.entry));
+        w.parts += 1;
+        if last {
             st.live
-                .get_mut(&id)
+                .get_mut(&place.segment)
                 .expect("the active segment is live")
                 .outstanding += 1;
-            Ticket { segment: id }
-        };
-        self.wait_flushed()?;
-        Ok(Some(ticket))
+        }
+        Ok(Some((a.file.clone(), place.offset, len)))
     }
 
     /// Returns once a flush that started after this call has completed: one `fdatasync`
@@ -822,7 +1075,7 @@ mod tests {
             .map(|e| e.unwrap().path())
             .filter_map(|p| {
                 let f = File::open(&p).ok()?;
-                read_header(&f, key).map(|(id, _)| (id, p))
+                read_header(&f, key).map(|(id, _, _)| (id, p))
             })
             .collect();
         v.sort();
@@ -912,6 +1165,122 @@ mod tests {
                 .collect();
             assert_eq!(order, (0..12).collect::<Vec<_>>());
         }
+    }
+
+    #[test]
+    fn entries_written_in_parts_come_back_whole_and_unfinished_ones_are_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = SecretKey::generate();
+        let (a, b, c) = (file(1, 300_000), file(2, 200_000), file(3, 5000));
+        {
+            let j = Journal::open(dir.path(), &key).unwrap();
+            // Three senders at once: A in three parts, B never finished (its sender went
+            // away), C whole in between; their records interleave.
+            let mut wa = j.begin(None).unwrap();
+            let mut wb = j.begin(None).unwrap();
+            j.write(&mut wa, &a[..100_000]).unwrap();
+            j.write(&mut wb, &b[..150_000]).unwrap();
+            j.write(&mut wa, &a[100_000..250_000]).unwrap();
+            let tc = j.append(Some("1.2.3"), &c).unwrap().unwrap();
+            assert!(!wa.broken() && !wb.broken());
+            assert_eq!(j.outstanding(), 1, "only a finished entry counts");
+            let ta = j.finish(wa, &a[250_000..]).unwrap().unwrap();
+            assert_eq!(ta, tc, "same segment");
+            assert_eq!(j.outstanding(), 2);
+            drop(wb);
+        }
+        let j = Journal::open(dir.path(), &key).unwrap();
+        let got = entries(&j);
+        assert_eq!(got.len(), 2, "A and C; B was never finished");
+        assert_eq!(got[0].study.as_deref(), Some("1.2.3"));
+        assert!(got[0].file == c);
+        assert_eq!(got[1].study, None);
+        assert!(got[1].file == a, "A's parts make the file again");
+        // Once both are stored, B's parts are not read again either.
+        for e in &got {
+            j.release(e.ticket);
+        }
+        j.close_idle(std::time::Duration::ZERO);
+        drop(j);
+        let j = Journal::open(dir.path(), &key).unwrap();
+        assert!(entries(&j).is_empty());
+    }
+
+    #[test]
+    fn parts_cut_off_by_another_segment_leave_the_entry_to_be_appended_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = SecretKey::generate();
+        let j = Journal::open(dir.path(), &key).unwrap();
+        let a = file(4, 400_000);
+        let mut wa = j.begin(None).unwrap();
+        j.write(&mut wa, &a[..200_000]).unwrap();
+        // Others fill the segment meanwhile: the next entry starts another one.
+        let big = file(5, 8 << 20);
+        for _ in 0..8 {
+            j.append(None, &big).unwrap().unwrap();
+        }
+        j.write(&mut wa, &a[200_000..300_000]).unwrap();
+        assert!(wa.broken(), "its segment is not the active one any more");
+        assert!(j.finish(wa, &a[300_000..]).unwrap().is_none());
+        j.append(None, &a).unwrap().unwrap();
+        drop(j);
+        let j = Journal::open(dir.path(), &key).unwrap();
+        let got = entries(&j);
+        assert_eq!(got.len(), 9);
+        assert!(got.last().unwrap().file == a);
+        assert_eq!(got.iter().filter(|e| e.file == big).count(), 8);
+    }
+
+    #[test]
+    fn a_segment_an_earlier_version_wrote_is_still_read() {
+        // Version 1: one record per entry, a 16-byte head, the associated data binding the
+        // segment and the offset only.
+        let dir = tempfile::tempdir().unwrap();
+        let key = SecretKey::generate();
+        make_segment_file(dir.path(), 0).unwrap();
+        let f = OpenOptions::new()
+            .write(true)
+            .open(slot_path(dir.path(), 0))
+            .unwrap();
+        let id = 7;
+        let mut seq = SequenceKey::generate();
+        let envelope = medledger_crypto::wrap(seq.object_key(), &key.public(), &context(id));
+        let mut h = Vec::new();
+        h.extend_from_slice(SEGMENT_MAGIC);
+        h.extend_from_slice(&1u32.to_be_bytes());
+        h.extend_from_slice(&id.to_be_bytes());
+        h.extend_from_slice(&envelope.recipient);
+        h.extend_from_slice(&envelope.enc);
+        h.extend_from_slice(&envelope.ciphertext);
+        f.write_all_at(&h, 0).unwrap();
+        let mut offset = HEAD;
+        let files = [file(6, 70_000), file(7, 10)];
+        for (i, body) in files.iter().enumerate() {
+            let study: &[u8] = if i == 0 { b"9.8" } else { b"" };
+            let mut buf = vec![0u8; ENTRY_HEAD_V1];
+            let counter = seq.seal_next(
+                &aad_v1(id, offset),
+                &[&(study.len() as u16).to_be_bytes(), study, body],
+                &mut buf,
+            );
+            let sealed = (buf.len() - ENTRY_HEAD_V1) as u32;
+            buf[..4].copy_from_slice(ENTRY_MAGIC_V1);
+            buf[4..12].copy_from_slice(&counter.to_be_bytes());
+            buf[12..16].copy_from_slice(&sealed.to_be_bytes());
+            f.write_all_at(&buf, offset).unwrap();
+            offset = align(offset + buf.len() as u64);
+        }
+        drop(f);
+        let j = Journal::open(dir.path(), &key).unwrap();
+        let got = entries(&j);
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].study.as_deref(), Some("9.8"));
+        assert!(got[0].file == files[0]);
+        assert!(got[1].file == files[1]);
+        // New entries go into a segment of the current version, after the old one's id.
+        j.append(None, b"new").unwrap().unwrap();
+        let st = j.state.lock().unwrap();
+        assert!(st.active.as_ref().unwrap().id > id);
     }
 
     #[test]

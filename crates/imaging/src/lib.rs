@@ -14,5 +14,5 @@ mod snapshot;
 pub use dicomweb::router;
 pub use dimse::Dimse;
 pub use index::{Index, Query, QueryLevel, View};
-pub use service::{IngestError, Service, StartError, Stored};
+pub use service::{Incoming, IngestError, Service, StartError, Stored};
 pub use share::Sharing;

@@ -123,6 +123,27 @@ struct Job {
     reply: Reply,
 }
 
+/// Jobs taken for one commit.
+#[derive(Default)]
+struct Batch {
+    jobs: Vec<Job>,
+    bytes: usize,
+    /// A sender waits for one of them to be stored.
+    waiting: bool,
+}
+
+impl Batch {
+    fn push(&mut self, job: Job) {
+        self.bytes += job.bytes.len();
+        self.waiting |= matches!(job.reply, Reply::Wait(_));
+        self.jobs.push(job);
+    }
+
+    fn full(&self) -> bool {
+        self.jobs.len() >= BATCH_INSTANCES || self.bytes >= BATCH_BYTES
+    }
+}
+
 /// Who learns how a job ended.
 enum Reply {
     /// A sender waiting for its answer (the instance is not acknowledged yet).
@@ -144,6 +165,69 @@ struct Retries {
     bytes: usize,
 }
 
+/// A C-STORE instance written into the journal while it arrives: see [`Service::receive`].
+/// Dropped unfinished (the transfer failed), its parts are never read back.
+pub struct Incoming {
+    service: Service,
+    parts: Option<Parts>,
+}
+
+/// The journal entry of an instance being received.
+struct Parts {
+    writer: crate::journal::EntryWriter,
+    /// Bytes of the file in the journal so far.
+    written: usize,
+    /// The SOP Instance UID the request named, claimed (see `Inner::claim`) until the
+    /// instance is answered.
+    claimed: String,
+}
+
+/// The least a part of an instance written while it arrives holds (a C-STORE data set
+/// arrives in PDUs of up to 128 KiB here): each part costs a record's head, its tag and
+/// the rest of its 4 KiB block.
+const PART_MIN: usize = 64 << 10;
+
+impl Incoming {
+    /// The file so far (header and the fragments received): what came since the last part
+    /// is written once it is [`PART_MIN`] bytes or more.
+    pub fn grew(&mut self, file: &[u8]) {
+        let Some(p) = self.parts.as_mut() else {
+            return;
+        };
+        if p.writer.broken() || file.len() < p.written + PART_MIN {
+            return;
+        }
+        let journal = self.service.inner.journal.as_ref().expect("parts need one");
+        match journal.write(&mut p.writer, &file[p.written..]) {
+            Ok(()) if !p.writer.broken() => p.written = file.len(),
+            Ok(()) => {}
+            // The instance is appended whole once received, or refused then.
+            Err(e) => tracing::warn!("writing an arriving instance into the journal: {e}"),
+        }
+    }
+
+    /// The whole file: stored as [`Service::ingest`] stores it, with the parts written so
+    /// far as the start of its journal entry.
+    pub fn finish(mut self, file: impl Into<Bytes>) -> Result<Stored, IngestError> {
+        let parts = self.parts.take();
+        self.service.ingest_with(file.into(), None, parts)
+    }
+}
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        self.service.inner.unclaim(self.parts.take());
+    }
+}
+
+impl std::fmt::Debug for Incoming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Incoming")
+            .field("written", &self.parts.as_ref().map(|p| p.written))
+            .finish_non_exhaustive()
+    }
+}
+
 /// What [`Inner::journaled_ingest`] did with an instance.
 enum Journaled {
     /// Journalled: the sender may be told it is stored.
@@ -161,6 +245,48 @@ enum Journaled {
 /// effort (a thread's nice value, Linux).
 fn lower_priority() {
     let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), COMMITTER_NICE);
+}
+
+/// How long the committer waits for senders answered from the journal (see [`gather`]).
+#[derive(Debug, Clone, Copy)]
+struct Defer {
+    quiet: Duration,
+    longest: Duration,
+}
+
+/// The batch that starts with `first`: what is queued, and, with `defer`, what senders
+/// answered from the journal send until they pause for `quiet`.
+///
+/// Why wait: the instances are durable in the journal already, and committing them while
+/// they arrive takes the CPUs and the disk from the senders, who wait for each answer (a
+/// C-STORE sender's next instance waits for the journal's flush, which the store's own
+/// writes slow down). A study sent in one go is committed in the pause that follows it. The
+/// wait ends early when the batch is full, when a sender waits for its job to be stored, or
+/// after `longest`, so a sender that never pauses still has its instances stored in batches
+/// as before, and the memory held stays that of a batch.
+fn gather(rx: &Receiver<Job>, first: Job, defer: Option<Defer>) -> Vec<Job> {
+    let started = Instant::now();
+    let mut batch = Batch::default();
+    batch.push(first);
+    loop {
+        while !batch.full() {
+            match rx.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+        }
+        let Some(d) = defer else {
+            return batch.jobs;
+        };
+        if batch.waiting || batch.full() || started.elapsed() >= d.longest {
+            return batch.jobs;
+        }
+        match rx.recv_timeout(d.quiet.min(d.longest.saturating_sub(started.elapsed()))) {
+            Ok(j) => batch.push(j),
+            // A pause (or shutdown): commit what there is.
+            Err(_) => return batch.jobs,
+        }
+    }
 }
 
 /// Queues a job, waiting while the queue is full (back pressure on the senders).
@@ -234,6 +360,10 @@ const COMMITTER_NICE: i32 = 5;
 /// A batch is at most this many instances or bytes.
 const BATCH_INSTANCES: usize = 256;
 const BATCH_BYTES: usize = 256 << 20;
+/// While senders answered from the journal keep sending, their instances are committed once
+/// they pause this long, or once the oldest has waited [`DEFER_LONGEST`] (see [`gather`]).
+const DEFER_QUIET: Duration = Duration::from_millis(25);
+const DEFER_LONGEST: Duration = Duration::from_secs(1);
 /// How often the index records of changed studies are written: a crash loses at most this
 /// much of the records, which start-up then rebuilds from the store.
 const RECORD_EVERY: Duration = Duration::from_secs(1);
@@ -428,7 +558,41 @@ impl Service {
         file: impl Into<Bytes>,
         study: Option<String>,
     ) -> Result<Stored, IngestError> {
-        let file = file.into();
+        self.ingest_with(file.into(), study, None)
+    }
+
+    /// Starts taking in a C-STORE instance while it arrives: its data set is written into
+    /// the journal in parts as it grows ([`Incoming::grew`]), so that once the last
+    /// fragment is in, what the sender waits for is the rest and one flush
+    /// ([`Incoming::finish`]). `None` where the instance is to be taken whole
+    /// ([`Service::ingest`]): no journal, the index not built yet, or the claimed SOP
+    /// Instance UID stored or on its way already (the store then says whether it is the
+    /// same instance).
+    pub fn receive(&self, claimed_sop_instance_uid: &str) -> Option<Incoming> {
+        let journal = self.inner.journal.as_ref()?;
+        if !self.inner.ready.load(Ordering::Acquire) {
+            return None;
+        }
+        let writer = journal.begin(None)?;
+        if !self.inner.claim(claimed_sop_instance_uid) {
+            return None;
+        }
+        Some(Incoming {
+            service: self.clone(),
+            parts: Some(Parts {
+                writer,
+                written: 0,
+                claimed: claimed_sop_instance_uid.to_string(),
+            }),
+        })
+    }
+
+    fn ingest_with(
+        &self,
+        file: Bytes,
+        study: Option<String>,
+        parts: Option<Parts>,
+    ) -> Result<Stored, IngestError> {
         self.inner
             .metrics
             .instances_received
@@ -438,21 +602,26 @@ impl Service {
             .bytes_received
             .fetch_add(file.len() as u64, Ordering::Relaxed);
         self.inner.metrics.in_flight.fetch_add(1, Ordering::AcqRel);
-        let r = self.ingest_inner(file, study);
+        let r = self.ingest_inner(file, study, parts);
         self.inner.metrics.in_flight.fetch_sub(1, Ordering::AcqRel);
         r
     }
 
-    fn ingest_inner(&self, file: Bytes, study: Option<String>) -> Result<Stored, IngestError> {
-        let queue = self
+    fn ingest_inner(
+        &self,
+        file: Bytes,
+        study: Option<String>,
+        parts: Option<Parts>,
+    ) -> Result<Stored, IngestError> {
+        let queue = self.inner.queue.lock().expect("not poisoned").clone();
+        let Some(queue) = queue else {
+            self.inner.unclaim(parts);
+            return Err(IngestError::Unavailable("the node is shutting down".into()));
+        };
+        let (bytes, pre) = match self
             .inner
-            .queue
-            .lock()
-            .expect("not poisoned")
-            .as_ref()
-            .cloned()
-            .ok_or_else(|| IngestError::Unavailable("the node is shutting down".into()))?;
-        let (bytes, pre) = match self.inner.journaled_ingest(&queue, file, study.clone())? {
+            .journaled_ingest(&queue, file, study.clone(), parts)?
+        {
             Journaled::Acknowledged(s) => {
                 let m = &self.inner.metrics;
                 m.instances_journaled.fetch_add(1, Ordering::Relaxed);
@@ -619,39 +788,55 @@ impl Inner {
         queue: &SyncSender<Job>,
         bytes: Bytes,
         study: Option<String>,
+        parts: Option<Parts>,
     ) -> Result<Journaled, IngestError> {
         let Some(journal) = &self.journal else {
+            self.unclaim(parts);
             return Ok(Journaled::Not { bytes, pre: None });
         };
-        if !self.ready.load(Ordering::Acquire) {
+        if parts.is_none() && !self.ready.load(Ordering::Acquire) {
             // Until the index is built, whether the instance is new is not known.
             return Ok(Journaled::Not { bytes, pre: None });
         }
-        let (meta, ids) = Self::check(&bytes, study.as_deref())?;
-        let new = !self
-            .index
-            .read()
-            .expect("not poisoned")
-            .has_meta(View::Original, &ids.sop_instance_uid)
-            && self
-                .journaled
-                .lock()
-                .expect("not poisoned")
-                .insert(ids.sop_instance_uid.clone());
-        if !new {
-            // Stored or on its way already: the store says whether it is the same instance.
-            return Ok(Journaled::Not {
-                bytes,
-                pre: Some(Box::new(meta)),
-            });
-        }
+        let (meta, ids) = match Self::check(&bytes, study.as_deref()) {
+            Ok(v) => v,
+            Err(e) => {
+                self.unclaim(parts);
+                return Err(e);
+            }
+        };
+        // The parts count only if they are this instance's: the UID a C-STORE request
+        // claimed is the data set's, or the parts are left unfinished (never read back).
+        let parts = match parts {
+            Some(p) if p.claimed == ids.sop_instance_uid => Some(p),
+            other => {
+                self.unclaim(other);
+                if !self.claim(&ids.sop_instance_uid) {
+                    // Stored or on its way already: the store says whether it is the same
+                    // instance.
+                    return Ok(Journaled::Not {
+                        bytes,
+                        pre: Some(Box::new(meta)),
+                    });
+                }
+                None
+            }
+        };
         let forget = || {
             self.journaled
                 .lock()
                 .expect("not poisoned")
                 .remove(&ids.sop_instance_uid);
         };
-        let ticket = match journal.append(study.as_deref(), &bytes) {
+        let appended = match parts {
+            Some(p) => match journal.finish(p.writer, &bytes[p.written..]) {
+                // The parts could not go on in their segment: the whole instance again.
+                Ok(None) => journal.append(study.as_deref(), &bytes),
+                r => r,
+            },
+            None => journal.append(study.as_deref(), &bytes),
+        };
+        let ticket = match appended {
             Ok(Some(t)) => t,
             Ok(None) => {
                 forget();
@@ -691,6 +876,31 @@ impl Inner {
             tracing::warn!("an acknowledged instance waits in the journal: {e}");
         }
         Ok(Journaled::Acknowledged(stored))
+    }
+
+    /// Marks a SOP Instance UID as on its way through the journal; `false` if it is stored
+    /// or on its way already.
+    fn claim(&self, sop_instance_uid: &str) -> bool {
+        !self
+            .index
+            .read()
+            .expect("not poisoned")
+            .has_meta(View::Original, sop_instance_uid)
+            && self
+                .journaled
+                .lock()
+                .expect("not poisoned")
+                .insert(sop_instance_uid.to_string())
+    }
+
+    /// Gives up the claim of parts that will not be finished.
+    fn unclaim(&self, parts: Option<Parts>) {
+        if let Some(p) = parts {
+            self.journaled
+                .lock()
+                .expect("not poisoned")
+                .remove(&p.claimed);
+        }
     }
 
     /// The UID an original UID has in the de-identified derivative.
@@ -826,17 +1036,11 @@ impl Inner {
             lower_priority();
         }
         while let Ok(first) = rx.recv() {
-            let mut size = first.bytes.len();
-            let mut batch = vec![first];
-            while batch.len() < BATCH_INSTANCES && size < BATCH_BYTES {
-                match rx.try_recv() {
-                    Ok(j) => {
-                        size += j.bytes.len();
-                        batch.push(j);
-                    }
-                    Err(_) => break,
-                }
-            }
+            let defer = self.journal.is_some().then_some(Defer {
+                quiet: DEFER_QUIET,
+                longest: DEFER_LONGEST,
+            });
+            let batch = gather(&rx, first, defer);
             self.metrics.batches.fetch_add(1, Ordering::Relaxed);
             self.workers.install(|| self.commit(batch));
         }
@@ -1934,5 +2138,83 @@ impl Inner {
             },
         );
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn journalled(n: u8) -> Job {
+        Job {
+            bytes: Bytes::from(vec![n; 10]),
+            study: None,
+            pre: None,
+            reply: Reply::Journal {
+                ticket: crate::journal::Ticket::for_tests(),
+                sop_uid: None,
+                attempt: 0,
+            },
+        }
+    }
+
+    /// Sends `n` journalled jobs, `gap` apart.
+    fn sender(
+        tx: SyncSender<Job>,
+        n: u8,
+        gap: Duration,
+    ) -> std::thread::JoinHandle<SyncSender<Job>> {
+        std::thread::spawn(move || {
+            for i in 0..n {
+                std::thread::sleep(gap);
+                tx.send(journalled(i)).unwrap();
+            }
+            tx
+        })
+    }
+
+    #[test]
+    fn the_committer_waits_for_senders_to_pause_but_not_for_long_nor_for_a_waiting_one() {
+        let long = Defer {
+            quiet: Duration::from_millis(500),
+            longest: Duration::from_secs(20),
+        };
+        // Instances every 5 ms: one batch with them all, once they stop.
+        let (tx, rx) = sync_channel(QUEUE);
+        let t = sender(tx, 20, Duration::from_millis(5));
+        let batch = gather(&rx, journalled(100), Some(long));
+        assert_eq!(batch.len(), 21);
+        drop(t.join().unwrap());
+        // Without waiting (no journal): what is queued, not what comes later.
+        let (tx, rx) = sync_channel(QUEUE);
+        let t = sender(tx, 20, Duration::from_millis(50));
+        let batch = gather(&rx, journalled(100), None);
+        assert!(batch.len() < 21, "{} jobs", batch.len());
+        drop(t.join().unwrap());
+        // Not beyond `longest`, however steady the senders.
+        let (tx, rx) = sync_channel(QUEUE);
+        let t = sender(tx, 40, Duration::from_millis(5));
+        let started = Instant::now();
+        let short = Defer {
+            quiet: Duration::from_millis(500),
+            longest: Duration::from_millis(60),
+        };
+        let batch = gather(&rx, journalled(100), Some(short));
+        assert!(batch.len() < 41, "{} jobs", batch.len());
+        assert!(started.elapsed() < Duration::from_millis(500));
+        drop(t.join().unwrap());
+        // A sender waiting for its job to be stored: committed at once.
+        let (tx, rx) = sync_channel(QUEUE);
+        let t = sender(tx, 20, Duration::from_millis(50));
+        let (answer, _wait) = sync_channel(1);
+        let waiting = Job {
+            reply: Reply::Wait(answer),
+            ..journalled(100)
+        };
+        let started = Instant::now();
+        let batch = gather(&rx, waiting, Some(long));
+        assert_eq!(batch.len(), 1);
+        assert!(started.elapsed() < Duration::from_millis(40));
+        drop(t.join().unwrap());
     }
 }

@@ -7,8 +7,8 @@
 
 mod common;
 use common::{
-    Child, attr, chest_ct, dcmtk, free_port, get_json, http, kill_and_wait, medledger, network_up,
-    network_with, run, stow_body, text, wait_for,
+    Child, attr, chest_ct, dcmtk, free_port, get_json, http, kill_and_wait, medledger, metric,
+    network_up, network_with, run, stow_body, text, wait_for,
 };
 
 use std::net::SocketAddr;
@@ -124,18 +124,6 @@ fn stow_post(web: &str, boundary: &str, body: Vec<u8>) -> reqwest::blocking::Res
 /// Waits (at most 90 s) until every derived SOP Instance UID in `want` is visible to anonymous
 /// QIDO-RS; panics with the node's log if some are not.
 /// One of the node's metrics (`medledger_<name>`); `u64::MAX` when it cannot be read.
-fn metric(api: &str, name: &str) -> u64 {
-    let body = http()
-        .get(format!("{api}/metrics"))
-        .send()
-        .and_then(|r| r.text())
-        .unwrap_or_default();
-    body.lines()
-        .find_map(|l| l.strip_prefix(&format!("medledger_{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(u64::MAX)
-}
-
 /// The SOP Instance UIDs `files` have in the de-identified view (made with `key`).
 fn derived_sop_uids(files: &[Vec<u8>], key: &medledger_deid::DeidKey) -> Vec<String> {
     files

@@ -10,7 +10,8 @@
 
 mod common;
 use common::{
-    Child, attr, chest_ct, free_port, get_json, http, network, post_json, stow_body, text, wait_for,
+    Child, attr, chest_ct, free_port, get_json, http, metric, network, post_json, stow_body, text,
+    wait_for,
 };
 
 use std::path::{Path, PathBuf};
@@ -782,14 +783,4 @@ fn the_same_instance_sent_again_by_another_route_is_not_a_conflict() {
     wait_for("the instance registered", Duration::from_secs(60), || {
         node_instances(&web, &study_uid) == 2
     });
-}
-
-fn metric(api: &str, name: &str) -> u64 {
-    let body = reqwest::blocking::get(format!("{api}/metrics"))
-        .and_then(|r| r.text())
-        .unwrap_or_default();
-    body.lines()
-        .find_map(|l| l.strip_prefix(&format!("medledger_{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(u64::MAX)
 }

@@ -284,76 +284,74 @@ struct Record {
     next: u64,
 }
 
-/// Reads the record at `offset` of segment `id`; `None` at the end of what was written.
-fn read_record(
-    file: &File,
+/// A segment being read back.
+struct Reading<'a> {
+    file: &'a File,
     id: u64,
-    key: &SequenceKey,
-    expect: u64,
-    offset: u64,
+    key: &'a SequenceKey,
     len: u64,
-) -> Option<Record> {
-    let mut head = [0u8; RECORD_HEAD];
-    if offset + RECORD_HEAD as u64 > len {
-        return None;
-    }
-    file.read_exact_at(&mut head, offset).ok()?;
-    if &head[..4] != RECORD_MAGIC {
-        return None;
-    }
-    let counter = u64::from_be_bytes(head[4..12].try_into().ok()?);
-    let sealed = u32::from_be_bytes(head[12..16].try_into().ok()?) as u64;
-    if counter != expect || offset + RECORD_HEAD as u64 + sealed > len {
-        return None;
-    }
-    let place = Place {
-        segment: id,
-        offset,
-        entry: u64::from_be_bytes(head[16..24].try_into().ok()?),
-        part: u32::from_be_bytes(head[24..28].try_into().ok()?),
-        flags: u32::from_be_bytes(head[28..32].try_into().ok()?),
-    };
-    let mut data = vec![0u8; sealed as usize];
-    file.read_exact_at(&mut data, offset + RECORD_HEAD as u64)
-        .ok()?;
-    key.open_at(counter, &place.aad(), &mut data).ok()?;
-    Some(Record {
-        place,
-        data,
-        next: align(offset + RECORD_HEAD as u64 + sealed),
-    })
 }
 
-/// Reads the version 1 entry at `offset` of segment `id`; `None` at the end of what was
-/// written.
-fn read_entry_v1(
-    file: &File,
-    id: u64,
-    key: &SequenceKey,
-    expect: u64,
-    offset: u64,
-    len: u64,
-) -> Option<(Vec<u8>, u64)> {
-    let mut head = [0u8; ENTRY_HEAD_V1];
-    if offset + ENTRY_HEAD_V1 as u64 > len {
-        return None;
+impl Reading<'_> {
+    /// Reads the sealed record at `offset` whose head (`H` bytes) starts with `magic`, the
+    /// record's counter (`expect`, or it is not the next one) and the sealed length; opens
+    /// it under the associated data `aad` makes of the head. `None` at the end of what was
+    /// written. Returns the head, the opened data and where the next record starts.
+    fn sealed<const H: usize>(
+        &self,
+        magic: &[u8; 4],
+        expect: u64,
+        offset: u64,
+        aad: impl FnOnce(&[u8; H]) -> Vec<u8>,
+    ) -> Option<([u8; H], Vec<u8>, u64)> {
+        let mut head = [0u8; H];
+        if offset + H as u64 > self.len {
+            return None;
+        }
+        self.file.read_exact_at(&mut head, offset).ok()?;
+        if &head[..4] != magic {
+            return None;
+        }
+        let counter = u64::from_be_bytes(head[4..12].try_into().ok()?);
+        let sealed = u32::from_be_bytes(head[12..16].try_into().ok()?) as u64;
+        if counter != expect || offset + H as u64 + sealed > self.len {
+            return None;
+        }
+        let mut data = vec![0u8; sealed as usize];
+        self.file.read_exact_at(&mut data, offset + H as u64).ok()?;
+        self.key.open_at(counter, &aad(&head), &mut data).ok()?;
+        Some((head, data, align(offset + H as u64 + sealed)))
     }
-    file.read_exact_at(&mut head, offset).ok()?;
-    if &head[..4] != ENTRY_MAGIC_V1 {
-        return None;
+
+    /// The record at `offset`; `None` at the end of what was written.
+    fn record(&self, expect: u64, offset: u64) -> Option<Record> {
+        let place = |head: &[u8; RECORD_HEAD]| Place {
+            segment: self.id,
+            offset,
+            entry: u64::from_be_bytes(head[16..24].try_into().expect("8 bytes")),
+            part: u32::from_be_bytes(head[24..28].try_into().expect("4 bytes")),
+            flags: u32::from_be_bytes(head[28..32].try_into().expect("4 bytes")),
+        };
+        let (head, data, next) =
+            self.sealed(RECORD_MAGIC, expect, offset, |h| place(h).aad().to_vec())?;
+        Some(Record {
+            place: place(&head),
+            data,
+            next,
+        })
     }
-    let counter = u64::from_be_bytes(head[4..12].try_into().ok()?);
-    let sealed = u32::from_be_bytes(head[12..16].try_into().ok()?) as u64;
-    if counter != expect || offset + ENTRY_HEAD_V1 as u64 + sealed > len {
-        return None;
+
+    /// The version 1 entry at `offset`; `None` at the end of what was written.
+    fn entry_v1(&self, expect: u64, offset: u64) -> Option<(Vec<u8>, u64)> {
+        let (_, body, next) =
+            self.sealed::<ENTRY_HEAD_V1>(ENTRY_MAGIC_V1, expect, offset, |_| {
+                aad_v1(self.id, offset).to_vec()
+            })?;
+        Some((body, next))
     }
-    let mut body = vec![0u8; sealed as usize];
-    file.read_exact_at(&mut body, offset + ENTRY_HEAD_V1 as u64)
-        .ok()?;
-    key.open_at(counter, &aad_v1(id, offset), &mut body).ok()?;
-    Some((body, align(offset + ENTRY_HEAD_V1 as u64 + sealed)))
 }
 
+/// An entry's payload: the STOW-RS study (length-prefixed, empty for none) and the file.
 fn parse_payload(mut body: Vec<u8>) -> Option<(Option<String>, Vec<u8>)> {
     if body.len() < 2 {
         return None;
@@ -374,11 +372,12 @@ fn parse_payload(mut body: Vec<u8>) -> Option<(Option<String>, Vec<u8>)> {
 /// written; stops at the first record that does not open.
 fn read_segment(file: &File, id: u64, key: &SequenceKey, found: &mut impl FnMut(Vec<u8>)) {
     let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let reading = Reading { file, id, key, len };
     // Entries whose last part has not been read yet: the next part's number and the payload.
     let mut open: BTreeMap<u64, (u32, Vec<u8>)> = BTreeMap::new();
     let mut offset = HEAD;
     let mut counter = 0;
-    while let Some(r) = read_record(file, id, key, counter, offset, len) {
+    while let Some(r) = reading.record(counter, offset) {
         offset = r.next;
         counter += 1;
         let p = r.place;
@@ -417,9 +416,10 @@ fn read_segment(file: &File, id: u64, key: &SequenceKey, found: &mut impl FnMut(
 /// [`read_segment`] for a segment of version 1: one record per entry.
 fn read_segment_v1(file: &File, id: u64, key: &SequenceKey, found: &mut impl FnMut(Vec<u8>)) {
     let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let reading = Reading { file, id, key, len };
     let mut offset = HEAD;
     let mut counter = 0;
-    while let Some((body, next)) = read_entry_v1(file, id, key, counter, offset, len) {
+    while let Some((body, next)) = reading.entry_v1(counter, offset) {
         offset = next;
         counter += 1;
         found(body);

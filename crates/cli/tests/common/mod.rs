@@ -78,6 +78,19 @@ pub fn post_json(url: &str, body: &Value) -> (u16, Value) {
 }
 
 /// The first value of attribute `tag` (8 hex digits) in a DICOM JSON object.
+/// A node's Prometheus metric `medledger_<name>`; `u64::MAX` if unreadable.
+pub fn metric(api: &str, name: &str) -> u64 {
+    let body = http()
+        .get(format!("{api}/metrics"))
+        .send()
+        .and_then(|r| r.text())
+        .unwrap_or_default();
+    body.lines()
+        .find_map(|l| l.strip_prefix(&format!("medledger_{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(u64::MAX)
+}
+
 pub fn attr(v: &Value, tag: &str) -> Value {
     v[tag]["Value"][0].clone()
 }

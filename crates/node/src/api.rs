@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use medledger_ledger::{Ledger, Tx};
 use serde_json::{Value, json};
@@ -100,7 +101,17 @@ pub fn serve(
                         }
                     });
                 }
-                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+                // Nagle's algorithm off, as on the HTTPS side: a response written in several
+                // pieces (a multipart body, a chunked one) otherwise waits with its last piece
+                // for the client's delayed acknowledgement, some 40 ms, on a kept-alive
+                // connection.
+                let listener = tokio::net::TcpListener::from_std(listener)
+                    .expect("listener")
+                    .tap_io(|tcp| {
+                        if let Err(e) = tcp.set_nodelay(true) {
+                            tracing::debug!("TCP_NODELAY on an API connection: {e}");
+                        }
+                    });
                 if let Err(e) = axum::serve(listener, app).await {
                     tracing::error!("API server stopped: {e}");
                 }

@@ -1,8 +1,9 @@
-//! A bounded cache of objects already read, decrypted and verified, for a long-running reader
-//! (a node serving a viewer reads the same study's objects many times in a short while).
+//! A bounded cache of objects already read, decrypted and verified, or just sealed from their
+//! plaintext, for a long-running reader (a node serving a viewer reads the same study's
+//! objects many times in a short while, and mostly the studies it has just received).
 //!
 //! An entry is the plaintext of one object together with the whole [`ObjectRef`] it was
-//! verified against; a lookup hits only for an equal reference (same address, key, digest
+//! verified against (or sealed under: the reference is the one sealing made); a lookup hits only for an equal reference (same address, key, digest
 //! and length), so a reference that would fail verification on the store never hits. Objects
 //! are content-addressed and never change; the one way an entry can go stale is the object's
 //! deletion, and [`crate::Store`] clears the cache whenever it deletes objects. The cache

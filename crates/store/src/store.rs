@@ -539,7 +539,10 @@ impl Store {
 
     /// Keeps up to `bytes` of the objects [`Store::fetch_instance`] and its kin read, decrypted
     /// and verified, in memory, so that reading them again costs neither decryption nor
-    /// hashing (see `cache.rs` for why a hit is as good as a verified read). For a process
+    /// hashing (see `cache.rs` for why a hit is as good as a verified read). The objects
+    /// [`Store::stage_version`] seals are kept too, from the plaintext they were sealed from:
+    /// a study just received is the one most likely to be read next (a radiologist opens
+    /// what arrived), and its first reading then costs no disk read either. For a process
     /// that serves the same studies repeatedly; 0 keeps nothing.
     pub fn with_read_cache(mut self, bytes: u64) -> Store {
         self.cache = (bytes > 0).then(|| ObjectCache::new(bytes));
@@ -722,7 +725,7 @@ impl Store {
                     .into_par_iter()
                     .map(|(study, scanned, slot)| {
                         let [written, sealed_bytes, reused] = &counters[study];
-                        let out = seal_instance(scanned, slot, opts.reuse, reused)?;
+                        let out = seal_instance(scanned, slot, opts.reuse, reused, None)?;
                         written.fetch_add(out.len() as u64, Ordering::Relaxed);
                         sealed_bytes.fetch_add(
                             out.iter().map(|(_, b)| b.len() as u64).sum(),
@@ -927,7 +930,9 @@ impl Store {
         let reused = AtomicU64::new(0);
         let sealed: Vec<Vec<(String, Bytes)>> = work
             .into_par_iter()
-            .map(|(scanned, slot)| seal_instance(scanned, slot, opts.reuse, &reused))
+            .map(|(scanned, slot)| {
+                seal_instance(scanned, slot, opts.reuse, &reused, self.cache.as_ref())
+            })
             .collect::<Result<_, StoreError>>()?;
         let mut writes: Vec<(String, Bytes)> = sealed.into_iter().flatten().collect();
         let object_bytes: u64 = writes.iter().map(|(_, b)| b.len() as u64).sum();
@@ -1065,7 +1070,7 @@ impl Store {
                             .collect(),
                     };
                     let none = AtomicU64::new(0);
-                    let out = seal_instance(&scanned, &mut slot, None, &none)
+                    let out = seal_instance(&scanned, &mut slot, None, &none, None)
                         .map_err(|e| (name.clone(), e))?;
                     if let Some(file) = scanned.kept.take() {
                         crate::pool::give_bytes(file);
@@ -1986,11 +1991,15 @@ impl Store {
 
 /// Seals one instance's objects (reusing those in `reuse`), filling in its manifest entry;
 /// returns the objects to write.
+/// Seals one scanned instance's objects into `slot`. With `cache`, each object's plaintext
+/// is also kept there under its new reference (a copy, so that the instance's buffer can go
+/// back to the pool).
 fn seal_instance(
     scanned: &Scanned,
     slot: &mut InstanceEntry,
     reuse: Option<&HashMap<Digest, ObjectRef>>,
     reused: &AtomicU64,
+    cache: Option<&ObjectCache>,
 ) -> Result<Vec<(String, Bytes)>, StoreError> {
     let changed = || StoreError::Changed {
         source_name: scanned.source.name(),
@@ -2009,6 +2018,9 @@ fn seal_instance(
         return Err(changed());
     }
     slot.header = seal_object(&header, scanned.header.0, &mut out);
+    if let Some(c) = cache {
+        c.insert(&slot.header, Bytes::from(header));
+    }
     for (i, range) in scanned.split.pixels.iter().enumerate() {
         let expected = scanned.pixels[i].0;
         let plain = &file[range.clone()];
@@ -2022,6 +2034,9 @@ fn seal_instance(
             continue;
         }
         slot.pixels[i] = seal_object(plain, expected, &mut out);
+        if let Some(c) = cache {
+            c.insert(&slot.pixels[i], Bytes::copy_from_slice(plain));
+        }
     }
     Ok(out)
 }

@@ -531,6 +531,59 @@ fn the_read_cache_serves_verified_bytes_and_forgets_what_rekeying_deletes() {
     assert_eq!(get_all(&store, &root, &owner).unwrap().len(), 6);
 }
 
+/// A version staged through a store with a read cache leaves its objects' plaintext there:
+/// the first reading of a study just received is served from memory, and is what the store
+/// holds (a second store over the same files, without a cache, reads the same bytes).
+#[test]
+fn a_version_just_written_is_read_from_the_cache_and_equals_what_the_store_holds() {
+    let files = chest_files(4);
+    let owner = SecretKey::generate();
+    let (dir, store) = fs_store();
+    let store = store.with_read_cache(64 << 20);
+    let scanned: Vec<_> = files
+        .iter()
+        .map(|f| {
+            scan_memory(
+                f.display().to_string(),
+                Bytes::from(std::fs::read(f).unwrap()),
+            )
+            .unwrap()
+        })
+        .collect();
+    let (v, _) = store
+        .extend_study(None, scanned, &owner, &PutOptions::default())
+        .unwrap();
+    let objects: Vec<_> = v
+        .manifest
+        .instances()
+        .flat_map(|(_, i)| i.objects().cloned().collect::<Vec<_>>())
+        .collect();
+    let stats = store.read_cache_stats().unwrap();
+    assert_eq!(stats.entries, objects.len() as u64);
+    assert_eq!(stats.bytes, objects.iter().map(|o| o.len).sum::<u64>());
+    assert_eq!((stats.hits, stats.misses), (0, 0));
+    let originals: HashMap<String, Vec<u8>> = files
+        .iter()
+        .map(|f| {
+            let b = std::fs::read(f).unwrap();
+            (sop_uid(&b), b)
+        })
+        .collect();
+    for (_, i) in v.manifest.instances() {
+        assert!(store.fetch_instance(i).unwrap() == originals[&i.sop_instance_uid]);
+    }
+    let stats = store.read_cache_stats().unwrap();
+    assert_eq!(
+        (stats.hits, stats.misses),
+        (objects.len() as u64, 0),
+        "every object of the new version served from the cache"
+    );
+    let cold = Store::new(Box::new(FsBackend::open(dir.path().join("store")).unwrap()));
+    for (_, i) in v.manifest.instances() {
+        assert!(cold.fetch_instance(i).unwrap() == originals[&i.sop_instance_uid]);
+    }
+}
+
 #[test]
 fn a_study_grows_by_versions_that_write_only_what_is_new() {
     let dir = tempfile::tempdir().unwrap();

@@ -104,6 +104,17 @@ fn sop_uid(bytes: &[u8]) -> String {
         .sop_instance_uid
 }
 
+/// The files' bytes by SOP Instance UID.
+fn by_sop_uid(files: &[PathBuf]) -> HashMap<String, Vec<u8>> {
+    files
+        .iter()
+        .map(|f| {
+            let b = std::fs::read(f).unwrap();
+            (sop_uid(&b), b)
+        })
+        .collect()
+}
+
 #[test]
 fn chest_ct_round_trips_byte_for_byte_and_is_idempotent() {
     let files = files_under(&chest_ct_series_dir());
@@ -484,13 +495,7 @@ fn the_read_cache_serves_verified_bytes_and_forgets_what_rekeying_deletes() {
     let (_dir, store) = fs_store();
     let store = store.with_read_cache(64 << 20);
     let root = put_one(&store, &files, &owner).root;
-    let originals: HashMap<String, Vec<u8>> = files
-        .iter()
-        .map(|f| {
-            let b = std::fs::read(f).unwrap();
-            (sop_uid(&b), b)
-        })
-        .collect();
+    let originals = by_sop_uid(&files);
     let (_, manifest) = store.open_manifest(&root, &owner).unwrap();
     let objects = manifest
         .instances()
@@ -562,13 +567,7 @@ fn a_version_just_written_is_read_from_the_cache_and_equals_what_the_store_holds
     assert_eq!(stats.entries, objects.len() as u64);
     assert_eq!(stats.bytes, objects.iter().map(|o| o.len).sum::<u64>());
     assert_eq!((stats.hits, stats.misses), (0, 0));
-    let originals: HashMap<String, Vec<u8>> = files
-        .iter()
-        .map(|f| {
-            let b = std::fs::read(f).unwrap();
-            (sop_uid(&b), b)
-        })
-        .collect();
+    let originals = by_sop_uid(&files);
     for (_, i) in v.manifest.instances() {
         assert!(store.fetch_instance(i).unwrap() == originals[&i.sop_instance_uid]);
     }

@@ -210,8 +210,8 @@ fn qido_latency(http: &reqwest::blocking::Client, url: &str, n: usize) -> Result
 }
 
 /// WADO-RS study retrieval, five times on one kept-alive connection: the first rate and the
-/// best, in MB/s. The body is counted as it arrives, as a viewer consumes it (for both servers alike):
-/// the client does not spend the time of collecting 30 MB into one buffer.
+/// best, in MB/s. The body is counted as it arrives, as a viewer consumes it (for both servers
+/// alike): the client does not spend the time of collecting 30 MB into one buffer.
 ///
 /// The async client on the calling thread, not the blocking one: that hands every chunk from
 /// its runtime's thread to the caller's, and on two cores the handoff, not the server, bounded

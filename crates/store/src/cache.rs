@@ -3,11 +3,12 @@
 //! objects many times in a short while, and mostly the studies it has just received).
 //!
 //! An entry is the plaintext of one object together with the whole [`ObjectRef`] it was
-//! verified against (or sealed under: the reference is the one sealing made); a lookup hits only for an equal reference (same address, key, digest
-//! and length), so a reference that would fail verification on the store never hits. Objects
-//! are content-addressed and never change; the one way an entry can go stale is the object's
-//! deletion, and [`crate::Store`] clears the cache whenever it deletes objects. The cache
-//! holds plaintext in this process's memory only, never on disk.
+//! verified against (or sealed under: the reference is the one sealing made); a lookup hits
+//! only for an equal reference (same address, key, digest and length), so a reference that
+//! would fail verification on the store never hits. Objects are content-addressed and never
+//! change; the one way an entry can go stale is the object's deletion, and [`crate::Store`]
+//! clears the cache whenever it deletes objects. The cache holds plaintext in this process's
+//! memory only, never on disk.
 //!
 //! Least recently used entries go first once the byte budget is spent; an object larger than
 //! an eighth of the budget is not kept, so one large multi-frame object cannot flush a study.

@@ -1990,10 +1990,9 @@ impl Store {
 }
 
 /// Seals one instance's objects (reusing those in `reuse`), filling in its manifest entry;
-/// returns the objects to write.
-/// Seals one scanned instance's objects into `slot`. With `cache`, each object's plaintext
-/// is also kept there under its new reference (a copy, so that the instance's buffer can go
-/// back to the pool).
+/// returns the objects to write. With `cache`, each object sealed is also kept there, its
+/// plaintext copied (so that the instance's buffer can go back to the pool) under its new
+/// reference.
 fn seal_instance(
     scanned: &Scanned,
     slot: &mut InstanceEntry,

@@ -1333,7 +1333,10 @@ impl Inner {
                 &opts,
             ) {
                 Ok(d) => Some(d),
-                Err(e) => return fail(accepted, e.to_string()),
+                Err(e) => {
+                    self.store.abandon(staged_original);
+                    return fail(accepted, e.to_string());
+                }
             }
         } else {
             None
@@ -1341,6 +1344,11 @@ impl Inner {
         let mut both = vec![&staged_original];
         both.extend(staged_derivative.as_ref());
         if let Err(e) = self.store.write_staged(&both) {
+            // A retry seals again, under new keys: what this attempt cached is dead weight.
+            self.store.abandon(staged_original);
+            if let Some(d) = staged_derivative {
+                self.store.abandon(d);
+            }
             return fail(accepted, e.to_string());
         }
         let original = staged_original.into_outcome();

@@ -135,6 +135,17 @@ impl ObjectCache {
         }
     }
 
+    /// Forgets the objects at `addresses` (of a version that will not be written).
+    pub fn remove(&self, addresses: &[Digest]) {
+        let mut inner = self.inner.lock().expect("not poisoned");
+        for a in addresses {
+            if let Some(e) = inner.entries.remove(a) {
+                inner.by_use.remove(&e.used);
+                inner.bytes -= e.plain.len() as u64;
+            }
+        }
+    }
+
     /// Forgets everything (after objects were deleted).
     pub fn clear(&self) {
         let mut inner = self.inner.lock().expect("not poisoned");

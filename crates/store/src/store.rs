@@ -448,6 +448,9 @@ pub struct Staged {
     writes: Vec<(String, Bytes)>,
     /// The reference record, written once every object of every staged version is durable.
     record: Option<StudyRef>,
+    /// Addresses of the objects sealing put in the store's read cache: taken out again if
+    /// the version is never written (see [`Store::abandon`]).
+    cached: Vec<Digest>,
 }
 
 impl Staged {
@@ -725,7 +728,7 @@ impl Store {
                     .into_par_iter()
                     .map(|(study, scanned, slot)| {
                         let [written, sealed_bytes, reused] = &counters[study];
-                        let out = seal_instance(scanned, slot, opts.reuse, reused, None)?;
+                        let out = seal_instance(scanned, slot, opts.reuse, reused, None)?.writes;
                         written.fetch_add(out.len() as u64, Ordering::Relaxed);
                         sealed_bytes.fetch_add(
                             out.iter().map(|(_, b)| b.len() as u64).sum(),
@@ -777,7 +780,10 @@ impl Store {
         opts: &PutOptions<'_>,
     ) -> Result<(PutOutcome, Vec<Skipped>), StoreError> {
         let staged = self.stage_version(previous, new, owner, opts)?;
-        self.write_staged(&[&staged])?;
+        if let Err(e) = self.write_staged(&[&staged]) {
+            self.abandon(staged);
+            return Err(e);
+        }
         Ok((staged.outcome, staged.skipped))
     }
 
@@ -785,6 +791,8 @@ impl Store {
     /// batch made durable at once (on the filesystem, one pack), so several versions (an
     /// original and its derivative) cost one round of flushes between them. A record is never
     /// durable without the objects it names.
+    /// On an error, nothing of them may be durable: the caller retries or
+    /// [`abandon`](Store::abandon)s them.
     pub fn write_staged(&self, staged: &[&Staged]) -> Result<(), StoreError> {
         let mut batch = self.backend.batch();
         batch.add(
@@ -802,6 +810,18 @@ impl Store {
         )?;
         batch.commit()?;
         Ok(())
+    }
+
+    /// Drops a staged version that will not be written: its objects' plaintext leaves the
+    /// read cache (their addresses will never be read: a new attempt seals under new keys)
+    /// and its buffers go back to the pool.
+    pub fn abandon(&self, staged: Staged) {
+        if let Some(c) = &self.cache {
+            c.remove(&staged.cached);
+        }
+        for (_, b) in staged.writes {
+            crate::pool::give_bytes(b);
+        }
     }
 
     /// [`Store::extend_study`] up to the writes: the new version sealed in memory (its
@@ -911,6 +931,7 @@ impl Store {
                 skipped,
                 writes: Vec::new(),
                 record: None,
+                cached: Vec::new(),
             });
         }
         manifest
@@ -928,13 +949,18 @@ impl Store {
             .filter_map(|i| new_uids.get(i.sop_instance_uid.as_str()).map(|s| (*s, i)))
             .collect();
         let reused = AtomicU64::new(0);
-        let sealed: Vec<Vec<(String, Bytes)>> = work
+        let sealed: Vec<SealedObjects> = work
             .into_par_iter()
             .map(|(scanned, slot)| {
                 seal_instance(scanned, slot, opts.reuse, &reused, self.cache.as_ref())
             })
             .collect::<Result<_, StoreError>>()?;
-        let mut writes: Vec<(String, Bytes)> = sealed.into_iter().flatten().collect();
+        let mut writes = Vec::new();
+        let mut cached = Vec::new();
+        for s in sealed {
+            writes.extend(s.writes);
+            cached.extend(s.cached);
+        }
         let object_bytes: u64 = writes.iter().map(|(_, b)| b.len() as u64).sum();
         let objects_written = writes.len() as u64 + 1;
         let (manifest_object, record) =
@@ -952,6 +978,7 @@ impl Store {
             skipped,
             writes,
             record: Some(record),
+            cached,
         })
     }
 
@@ -1071,7 +1098,8 @@ impl Store {
                     };
                     let none = AtomicU64::new(0);
                     let out = seal_instance(&scanned, &mut slot, None, &none, None)
-                        .map_err(|e| (name.clone(), e))?;
+                        .map_err(|e| (name.clone(), e))?
+                        .writes;
                     if let Some(file) = scanned.kept.take() {
                         crate::pool::give_bytes(file);
                     }
@@ -1989,17 +2017,22 @@ impl Store {
     }
 }
 
-/// Seals one instance's objects (reusing those in `reuse`), filling in its manifest entry;
-/// returns the objects to write. With `cache`, each object sealed is also kept there, its
-/// plaintext copied (so that the instance's buffer can go back to the pool) under its new
-/// reference.
+/// One instance's sealed objects, to write, and the addresses of those put in the cache.
+struct SealedObjects {
+    writes: Vec<(String, Bytes)>,
+    cached: Vec<Digest>,
+}
+
+/// Seals one instance's objects (reusing those in `reuse`), filling in its manifest entry.
+/// With `cache`, each object sealed is also kept there, its plaintext copied (so that the
+/// instance's buffer can go back to the pool) under its new reference.
 fn seal_instance(
     scanned: &Scanned,
     slot: &mut InstanceEntry,
     reuse: Option<&HashMap<Digest, ObjectRef>>,
     reused: &AtomicU64,
     cache: Option<&ObjectCache>,
-) -> Result<Vec<(String, Bytes)>, StoreError> {
+) -> Result<SealedObjects, StoreError> {
     let changed = || StoreError::Changed {
         source_name: scanned.source.name(),
     };
@@ -2012,6 +2045,7 @@ fn seal_instance(
         return Err(changed());
     }
     let mut out = Vec::with_capacity(1 + scanned.pixels.len());
+    let mut cached = Vec::new();
     let header = scanned.split.header_object(&file);
     if check && Digest::of(&header) != scanned.header.0 {
         return Err(changed());
@@ -2019,6 +2053,7 @@ fn seal_instance(
     slot.header = seal_object(&header, scanned.header.0, &mut out);
     if let Some(c) = cache {
         c.insert(&slot.header, Bytes::from(header));
+        cached.push(slot.header.address);
     }
     for (i, range) in scanned.split.pixels.iter().enumerate() {
         let expected = scanned.pixels[i].0;
@@ -2035,9 +2070,13 @@ fn seal_instance(
         slot.pixels[i] = seal_object(plain, expected, &mut out);
         if let Some(c) = cache {
             c.insert(&slot.pixels[i], Bytes::copy_from_slice(plain));
+            cached.push(slot.pixels[i].address);
         }
     }
-    Ok(out)
+    Ok(SealedObjects {
+        writes: out,
+        cached,
+    })
 }
 
 fn seal_object(plain: &[u8], digest: Digest, out: &mut Vec<(String, Bytes)>) -> ObjectRef {

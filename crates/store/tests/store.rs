@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use bytes::Bytes;
 use medledger_crypto::{Digest, SecretKey};
 use medledger_store::{
-    PutOptions, Source, Store, StoreError, StudyPlan, backend::FsBackend, plan, scan_all,
+    PutOptions, Scanned, Source, Store, StoreError, StudyPlan, backend::FsBackend, plan, scan_all,
     scan_memory,
 };
 use medledger_testkit::{chest_ct_series_dir, test_data_dir};
@@ -79,6 +79,20 @@ fn fs_store() -> (tempfile::TempDir, Store) {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::new(Box::new(FsBackend::open(dir.path().join("store")).unwrap()));
     (dir, store)
+}
+
+/// Each file read and scanned in memory, as a node holds what it receives.
+fn scan_in_memory(files: &[PathBuf]) -> Vec<Scanned> {
+    files
+        .iter()
+        .map(|f| {
+            scan_memory(
+                f.display().to_string(),
+                Bytes::from(std::fs::read(f).unwrap()),
+            )
+            .unwrap()
+        })
+        .collect()
 }
 
 /// Gets a study and returns its files by SOP Instance UID.
@@ -545,18 +559,8 @@ fn a_version_just_written_is_read_from_the_cache_and_equals_what_the_store_holds
     let owner = SecretKey::generate();
     let (dir, store) = fs_store();
     let store = store.with_read_cache(64 << 20);
-    let scanned: Vec<_> = files
-        .iter()
-        .map(|f| {
-            scan_memory(
-                f.display().to_string(),
-                Bytes::from(std::fs::read(f).unwrap()),
-            )
-            .unwrap()
-        })
-        .collect();
     let (v, _) = store
-        .extend_study(None, scanned, &owner, &PutOptions::default())
+        .extend_study(None, scan_in_memory(&files), &owner, &PutOptions::default())
         .unwrap();
     let objects: Vec<_> = v
         .manifest
@@ -583,29 +587,62 @@ fn a_version_just_written_is_read_from_the_cache_and_equals_what_the_store_holds
     }
 }
 
+/// A version whose writing fails leaves nothing in the read cache: the objects it sealed
+/// are never written, and a new attempt seals under new keys, so their plaintext would only
+/// take the room of objects that can be read. Then, with the store back, the same instances
+/// are written and cached.
+#[test]
+fn a_version_that_cannot_be_written_leaves_nothing_in_the_read_cache() {
+    let files = chest_files(3);
+    let owner = SecretKey::generate();
+    let (dir, store) = fs_store();
+    let store = store.with_read_cache(64 << 20);
+    // The store's folder is gone, and a file stands where it was: every write fails.
+    let root = dir.path().join("store");
+    std::fs::rename(&root, dir.path().join("away")).unwrap();
+    std::fs::write(&root, b"not a folder").unwrap();
+    let opts = PutOptions::default();
+    assert!(
+        store
+            .extend_study(None, scan_in_memory(&files), &owner, &opts)
+            .is_err()
+    );
+    let stats = store.read_cache_stats().unwrap();
+    assert_eq!((stats.entries, stats.bytes), (0, 0), "{stats:?}");
+
+    std::fs::remove_file(&root).unwrap();
+    std::fs::rename(dir.path().join("away"), &root).unwrap();
+    let (v, _) = store
+        .extend_study(None, scan_in_memory(&files), &owner, &opts)
+        .unwrap();
+    let objects = v
+        .manifest
+        .instances()
+        .map(|(_, i)| i.objects().count())
+        .sum::<usize>();
+    assert_eq!(store.read_cache_stats().unwrap().entries, objects as u64);
+    let originals = by_sop_uid(&files);
+    for (_, i) in v.manifest.instances() {
+        assert!(store.fetch_instance(i).unwrap() == originals[&i.sop_instance_uid]);
+    }
+}
+
 #[test]
 fn a_study_grows_by_versions_that_write_only_what_is_new() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path().to_str().unwrap()).unwrap();
     let owner = SecretKey::generate();
     let files = chest_files(6);
-    let scan = |f: &PathBuf| {
-        scan_memory(
-            f.display().to_string(),
-            Bytes::from(std::fs::read(f).unwrap()),
-        )
-        .unwrap()
-    };
     let opts = PutOptions::default();
     let (v1, skipped) = store
-        .extend_study(None, files[..2].iter().map(scan).collect(), &owner, &opts)
+        .extend_study(None, scan_in_memory(&files[..2]), &owner, &opts)
         .unwrap();
     assert!(skipped.is_empty());
     assert_eq!(v1.manifest.instance_count(), 2);
     let (v2, _) = store
         .extend_study(
             Some(&v1.manifest),
-            files[1..5].iter().map(scan).collect(),
+            scan_in_memory(&files[1..5]),
             &owner,
             &opts,
         )
@@ -626,7 +663,7 @@ fn a_study_grows_by_versions_that_write_only_what_is_new() {
     let (again, skipped) = store
         .extend_study(
             Some(&v2.manifest),
-            files[3..5].iter().map(scan).collect(),
+            scan_in_memory(&files[3..5]),
             &owner,
             &opts,
         )
@@ -650,7 +687,12 @@ fn a_study_grows_by_versions_that_write_only_what_is_new() {
     assert!(skipped[0].reason.contains("other content"), "{skipped:?}");
     // The last version has the root of the whole study put at once, and reads back whole.
     let (v3, _) = store
-        .extend_study(Some(&v2.manifest), vec![scan(&files[5])], &owner, &opts)
+        .extend_study(
+            Some(&v2.manifest),
+            scan_in_memory(&files[5..6]),
+            &owner,
+            &opts,
+        )
         .unwrap();
     let whole = plans_for(&files).pop().unwrap();
     assert_eq!(v3.root, whole.root);

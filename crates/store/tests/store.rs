@@ -499,9 +499,8 @@ fn rekey_revokes_old_keys_and_keeps_derivatives_working() {
     assert!(report.unreferenced.is_empty(), "{report:#?}");
 }
 
-/// A study that arrives in parts (C-STORE, one instance at a time) becomes versions: each
-/// version writes only its new objects, resending changes nothing, a changed instance under a
-/// known SOP Instance UID is refused, and the last version equals the study put at once.
+/// The read cache serves what was verified once, only under the very reference verified,
+/// and forgets what re-keying deletes.
 #[test]
 fn the_read_cache_serves_verified_bytes_and_forgets_what_rekeying_deletes() {
     let files = chest_files(6);
@@ -627,6 +626,9 @@ fn a_version_that_cannot_be_written_leaves_nothing_in_the_read_cache() {
     }
 }
 
+/// A study that arrives in parts (C-STORE, one instance at a time) becomes versions: each
+/// version writes only its new objects, resending changes nothing, a changed instance under a
+/// known SOP Instance UID is refused, and the last version equals the study put at once.
 #[test]
 fn a_study_grows_by_versions_that_write_only_what_is_new() {
     let dir = tempfile::tempdir().unwrap();

@@ -156,6 +156,22 @@ fn bad_options_and_keys_are_explained() {
         .unwrap();
     assert!(String::from_utf8_lossy(&both.stderr).contains("exclude each other"));
 
+    // A missing file: named, with the reason, each once (the error's own message carries
+    // its cause, which the chain would otherwise repeat).
+    let missing = medledger(tmp.path())
+        .args(["node", "--config", "no-such-node.json"])
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert_eq!(stderr.matches("no-such-node.json").count(), 1, "{stderr}");
+    assert_eq!(
+        stderr.matches("No such file or directory").count(),
+        1,
+        "{stderr}"
+    );
+
     let generated = medledger(tmp.path())
         .args(["key", "generate"])
         .arg(tmp.path().join("new.key"))

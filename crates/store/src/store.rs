@@ -728,7 +728,7 @@ impl Store {
                     .into_par_iter()
                     .map(|(study, scanned, slot)| {
                         let [written, sealed_bytes, reused] = &counters[study];
-                        let out = seal_instance(scanned, slot, opts.reuse, reused, None)?.writes;
+                        let out = seal_instance(scanned, slot, opts.reuse, reused, false)?.writes;
                         written.fetch_add(out.len() as u64, Ordering::Relaxed);
                         sealed_bytes.fetch_add(
                             out.iter().map(|(_, b)| b.len() as u64).sum(),
@@ -791,7 +791,8 @@ impl Store {
     /// batch made durable at once (on the filesystem, one pack), so several versions (an
     /// original and its derivative) cost one round of flushes between them. A record is never
     /// durable without the objects it names.
-    /// On an error, nothing of them may be durable: the caller retries or
+    /// After an error no version is stored (objects already written are named by no record,
+    /// and [`Store::gc`] reclaims them): the caller retries, or
     /// [`abandon`](Store::abandon)s them.
     pub fn write_staged(&self, staged: &[&Staged]) -> Result<(), StoreError> {
         let mut batch = self.backend.batch();
@@ -949,17 +950,23 @@ impl Store {
             .filter_map(|i| new_uids.get(i.sop_instance_uid.as_str()).map(|s| (*s, i)))
             .collect();
         let reused = AtomicU64::new(0);
+        let keep = self.cache.is_some();
         let sealed: Vec<SealedObjects> = work
             .into_par_iter()
-            .map(|(scanned, slot)| {
-                seal_instance(scanned, slot, opts.reuse, &reused, self.cache.as_ref())
-            })
+            .map(|(scanned, slot)| seal_instance(scanned, slot, opts.reuse, &reused, keep))
             .collect::<Result<_, StoreError>>()?;
+        // Cached only once every instance is sealed, so that a version that fails here
+        // leaves nothing behind.
         let mut writes = Vec::new();
         let mut cached = Vec::new();
         for s in sealed {
             writes.extend(s.writes);
-            cached.extend(s.cached);
+            if let Some(c) = &self.cache {
+                for (object, plain) in s.plain {
+                    c.insert(&object, plain);
+                    cached.push(object.address);
+                }
+            }
         }
         let object_bytes: u64 = writes.iter().map(|(_, b)| b.len() as u64).sum();
         let objects_written = writes.len() as u64 + 1;
@@ -1097,7 +1104,7 @@ impl Store {
                             .collect(),
                     };
                     let none = AtomicU64::new(0);
-                    let out = seal_instance(&scanned, &mut slot, None, &none, None)
+                    let out = seal_instance(&scanned, &mut slot, None, &none, false)
                         .map_err(|e| (name.clone(), e))?
                         .writes;
                     if let Some(file) = scanned.kept.take() {
@@ -2017,21 +2024,22 @@ impl Store {
     }
 }
 
-/// One instance's sealed objects, to write, and the addresses of those put in the cache.
+/// One instance's sealed objects, to write, and with them, if asked for, the plaintext of
+/// each under its new reference, for the read cache.
 struct SealedObjects {
     writes: Vec<(String, Bytes)>,
-    cached: Vec<Digest>,
+    plain: Vec<(ObjectRef, Bytes)>,
 }
 
 /// Seals one instance's objects (reusing those in `reuse`), filling in its manifest entry.
-/// With `cache`, each object sealed is also kept there, its plaintext copied (so that the
-/// instance's buffer can go back to the pool) under its new reference.
+/// With `keep`, each new object's plaintext is copied out too (so that the instance's
+/// buffer can go back to the pool).
 fn seal_instance(
     scanned: &Scanned,
     slot: &mut InstanceEntry,
     reuse: Option<&HashMap<Digest, ObjectRef>>,
     reused: &AtomicU64,
-    cache: Option<&ObjectCache>,
+    keep: bool,
 ) -> Result<SealedObjects, StoreError> {
     let changed = || StoreError::Changed {
         source_name: scanned.source.name(),
@@ -2045,15 +2053,14 @@ fn seal_instance(
         return Err(changed());
     }
     let mut out = Vec::with_capacity(1 + scanned.pixels.len());
-    let mut cached = Vec::new();
+    let mut kept = Vec::new();
     let header = scanned.split.header_object(&file);
     if check && Digest::of(&header) != scanned.header.0 {
         return Err(changed());
     }
     slot.header = seal_object(&header, scanned.header.0, &mut out);
-    if let Some(c) = cache {
-        c.insert(&slot.header, Bytes::from(header));
-        cached.push(slot.header.address);
+    if keep {
+        kept.push((slot.header.clone(), Bytes::from(header)));
     }
     for (i, range) in scanned.split.pixels.iter().enumerate() {
         let expected = scanned.pixels[i].0;
@@ -2068,14 +2075,13 @@ fn seal_instance(
             continue;
         }
         slot.pixels[i] = seal_object(plain, expected, &mut out);
-        if let Some(c) = cache {
-            c.insert(&slot.pixels[i], Bytes::copy_from_slice(plain));
-            cached.push(slot.pixels[i].address);
+        if keep {
+            kept.push((slot.pixels[i].clone(), Bytes::copy_from_slice(plain)));
         }
     }
     Ok(SealedObjects {
         writes: out,
-        cached,
+        plain: kept,
     })
 }
 

@@ -820,9 +820,7 @@ impl Store {
         if let Some(c) = &self.cache {
             c.remove(&staged.cached);
         }
-        for (_, b) in staged.writes {
-            crate::pool::give_bytes(b);
-        }
+        staged.into_outcome();
     }
 
     /// [`Store::extend_study`] up to the writes: the new version sealed in memory (its

@@ -81,6 +81,12 @@ fn fs_store() -> (tempfile::TempDir, Store) {
     (dir, store)
 }
 
+/// [`fs_store`] with a 64 MiB read cache.
+fn cached_fs_store() -> (tempfile::TempDir, Store) {
+    let (dir, store) = fs_store();
+    (dir, store.with_read_cache(64 << 20))
+}
+
 /// Each file read and scanned in memory, as a node holds what it receives.
 fn scan_in_memory(files: &[PathBuf]) -> Vec<Scanned> {
     files
@@ -505,8 +511,7 @@ fn rekey_revokes_old_keys_and_keeps_derivatives_working() {
 fn the_read_cache_serves_verified_bytes_and_forgets_what_rekeying_deletes() {
     let files = chest_files(6);
     let owner = SecretKey::generate();
-    let (_dir, store) = fs_store();
-    let store = store.with_read_cache(64 << 20);
+    let (_dir, store) = cached_fs_store();
     let root = put_one(&store, &files, &owner).root;
     let originals = by_sop_uid(&files);
     let (_, manifest) = store.open_manifest(&root, &owner).unwrap();
@@ -556,8 +561,7 @@ fn the_read_cache_serves_verified_bytes_and_forgets_what_rekeying_deletes() {
 fn a_version_just_written_is_read_from_the_cache_and_equals_what_the_store_holds() {
     let files = chest_files(4);
     let owner = SecretKey::generate();
-    let (dir, store) = fs_store();
-    let store = store.with_read_cache(64 << 20);
+    let (dir, store) = cached_fs_store();
     let (v, _) = store
         .extend_study(None, scan_in_memory(&files), &owner, &PutOptions::default())
         .unwrap();
@@ -594,8 +598,7 @@ fn a_version_just_written_is_read_from_the_cache_and_equals_what_the_store_holds
 fn a_version_that_cannot_be_written_leaves_nothing_in_the_read_cache() {
     let files = chest_files(3);
     let owner = SecretKey::generate();
-    let (dir, store) = fs_store();
-    let store = store.with_read_cache(64 << 20);
+    let (dir, store) = cached_fs_store();
     // The store's folder is gone, and a file stands where it was: every write fails.
     let root = dir.path().join("store");
     std::fs::rename(&root, dir.path().join("away")).unwrap();
